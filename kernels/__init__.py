@@ -1,0 +1,1 @@
+"""Triton kernels of prefprune (installed as `prefprune.kernels`); import only when Triton exists."""

@@ -1,0 +1,1 @@
+"""Ops with one pure-PyTorch reference each and optional native/Triton fast paths."""
