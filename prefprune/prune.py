@@ -1,0 +1,372 @@
+"""Choose pairs to drop from a score table and write the pruned dataset plus the removed ids.
+
+Sign conventions (DESIGN.md §2): influence, grad_dot, grad_cos and margin are positive for helpful
+pairs, so the *harmful* end is the lowest scores; train_loss is high for suspect pairs, so its
+harmful end is the highest loss. `mode="helpful"` selects the other end (the "helpful arm" of the
+experiment removes it to show that a good detector of helpful pairs hurts accuracy most).
+`method="random"` needs no scores: a seeded uniform choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefprune.metrics import suspicion_order
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "ScoreTable",
+    "Selection",
+    "check_fraction",
+    "check_ids_match",
+    "higher_is_suspect",
+    "n_to_select",
+    "prune_dataset",
+    "prune_file",
+    "read_score_table",
+    "select_pairs",
+    "write_ids",
+]
+
+MODES = ("harmful", "helpful")
+#: Columns whose harmful end is the lowest value (positive = helpful).
+LOW_IS_SUSPECT = ("influence", "grad_dot", "grad_cos", "margin")
+#: Columns whose harmful end is the highest value.
+HIGH_IS_SUSPECT = ("train_loss",)
+
+
+def higher_is_suspect(column: str) -> bool:
+    """Whether a high value of `column` marks a suspect (harmful) pair.
+
+    `influence` and any `influence_<curvature>` column count as influence.
+    """
+    if column in HIGH_IS_SUSPECT:
+        return True
+    if column in LOW_IS_SUSPECT or column.startswith("influence_"):
+        return False
+    raise ValueError(
+        f"unknown score column {column!r}: expected one of {LOW_IS_SUSPECT + HIGH_IS_SUSPECT}, "
+        "an influence_<curvature> column, or the method 'random'"
+    )
+
+
+def check_fraction(fraction: float, *, what: str = "fraction") -> float:
+    """Return `fraction` as a float if 0 < fraction < 1, else raise ValueError quoting it."""
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in (0, 1), got {fraction!r}") from None
+    if not (0.0 < f < 1.0) or math.isnan(f):
+        raise ValueError(f"{what} must be in the open interval (0, 1), got {fraction!r}")
+    return f
+
+
+def n_to_select(n: int, fraction: float) -> int:
+    """round(fraction · n), rounding halves up; raises when that selects no pair or every pair."""
+    check_fraction(fraction)
+    k = int(math.floor(fraction * n + 0.5))
+    if k < 1 or k >= n:
+        raise ValueError(f"fraction {fraction} of {n} pairs selects {k} pairs; "
+                         f"need at least 1 and fewer than {n}")
+    return k
+
+
+@dataclass
+class ScoreTable:
+    """Per-pair scores: one entry per training pair, columns aligned with `ids`.
+
+    Attributes:
+        ids: (n,) pair ids.
+        columns: name → (n,) float64 array (influence, grad_dot, grad_cos, train_loss, margin, ...).
+        metadata: the score run's settings and solver status (the sidecar JSON), when known.
+        source: where the table came from, for error messages.
+    """
+
+    ids: list[str]
+    columns: dict[str, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        self.ids = [str(i) for i in self.ids]
+        n = len(self.ids)
+        cols = {}
+        for name, values in self.columns.items():
+            arr = np.asarray(values, dtype=np.float64).reshape(-1)
+            if arr.shape[0] != n:
+                raise ValueError(f"{self.source}: column {name!r} has {arr.shape[0]} values for {n} ids")
+            cols[name] = arr
+        self.columns = cols
+        if len(set(self.ids)) != n:
+            seen: set[str] = set()
+            dup = next(i for i in self.ids if i in seen or seen.add(i))
+            raise ValueError(f"{self.source}: duplicate id {dup!r} in the score table")
+
+    def column(self, name: str) -> np.ndarray:
+        """The (n,) values of one column; ValueError naming the available ones when missing."""
+        if name not in self.columns:
+            raise ValueError(f"{self.source}: no score column {name!r}; available: {sorted(self.columns)}")
+        return self.columns[name]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (inverse: `ScoreTable.from_json`)."""
+        return {
+            "ids": self.ids,
+            "columns": {k: [float(x) for x in v] for k, v in self.columns.items()},
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], *, source: str = "<json>") -> ScoreTable:
+        return cls(ids=list(obj["ids"]), columns={k: np.asarray(v, dtype=np.float64)
+                                                  for k, v in obj["columns"].items()},
+                   metadata=dict(obj.get("metadata", {})), source=source)
+
+
+def _table_from_records(records: list[dict[str, Any]], source: str) -> ScoreTable:
+    if not records:
+        raise ValueError(f"{source}: the score file has no rows")
+    if "id" not in records[0]:
+        raise ValueError(f"{source}: the score file has no 'id' column (columns: {sorted(records[0])})")
+    names = [k for k in records[0] if k != "id"]
+    cols: dict[str, list[float]] = {k: [] for k in names}
+    ids = []
+    for line, rec in enumerate(records, start=1):
+        ids.append(str(rec["id"]))
+        for k in names:
+            v = rec.get(k)
+            try:
+                cols[k].append(float("nan") if v is None or v == "" else float(v))
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: row {line}, column {k!r}: not a number: {v!r}") from None
+    numeric = {k: v for k, v in cols.items()}
+    return ScoreTable(ids=ids, columns=numeric, source=source)
+
+
+def read_score_table(path: str | os.PathLike) -> ScoreTable:
+    """Read a score file (.parquet, .jsonl or .csv with an `id` column) and its `<file>.json` sidecar.
+
+    Non-numeric columns other than `id` are rejected with the row and column named.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"score file not found: {p}")
+    suffix = p.suffix.lower()
+    src = str(p)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        tab = pq.read_table(p)
+        if "id" not in tab.column_names:
+            raise ValueError(f"{src}: the score file has no 'id' column (columns: {tab.column_names})")
+        ids = [str(x) for x in tab.column("id").to_pylist()]
+        cols = {}
+        for name in tab.column_names:
+            if name == "id":
+                continue
+            try:
+                cols[name] = np.asarray(tab.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"{src}: column {name!r} is not numeric") from None
+        table = ScoreTable(ids=ids, columns=cols, source=src)
+    elif suffix in (".jsonl", ".json"):
+        records = []
+        with open(p, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{src}: line {line_no}: invalid JSON ({exc.msg})") from None
+        table = _table_from_records(records, src)
+    elif suffix == ".csv":
+        with open(p, encoding="utf-8", newline="") as fh:
+            table = _table_from_records(list(csv.DictReader(fh)), src)
+    else:
+        raise ValueError(f"{src}: unsupported score file extension {suffix!r} (use .parquet, .jsonl or .csv)")
+    sidecar = Path(str(p) + ".json")
+    if sidecar.is_file():
+        with open(sidecar, encoding="utf-8") as fh:
+            table.metadata = json.load(fh)
+    return table
+
+
+def check_ids_match(dataset_ids: Sequence[str], table: ScoreTable) -> None:
+    """Raise ValueError unless the score table covers exactly the dataset's pairs (order free)."""
+    want, have = set(dataset_ids), set(table.ids)
+    if want == have:
+        return
+    missing = sorted(want - have)
+    extra = sorted(have - want)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} dataset ids have no score (e.g. {missing[:3]})")
+    if extra:
+        parts.append(f"{len(extra)} scored ids are not in the dataset (e.g. {extra[:3]})")
+    raise ValueError(f"score file {table.source} does not match the dataset ({len(want)} pairs vs "
+                     f"{len(have)} scores): " + "; ".join(parts))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The pairs a pruning rule picked.
+
+    Attributes:
+        method: score column, or "random".
+        fraction: requested share of the dataset.
+        mode: "harmful" (the suspect end) or "helpful" (the other end).
+        seed: the seed of a random selection (None otherwise).
+        ids: the selected ids, most extreme first (random: in draw order).
+        n_total: number of pairs the selection was made from.
+    """
+
+    method: str
+    fraction: float
+    mode: str
+    seed: int | None
+    ids: tuple[str, ...]
+    n_total: int
+
+
+def select_pairs(ids: Sequence[str], scores: Sequence[float] | np.ndarray | None, *, method: str,
+                 fraction: float, mode: str = "harmful", seed: int = 0) -> Selection:
+    """Pick round(fraction · n) pairs: the harmful (or helpful) end of `scores`, or a random draw.
+
+    Args:
+        ids: (n,) pair ids.
+        scores: (n,) values of column `method` aligned with `ids` (None for "random").
+        method: the column name (sets the direction, see `higher_is_suspect`) or "random".
+        fraction: share to select, in (0, 1).
+        mode: "harmful" or "helpful".
+        seed: seed of the random draw (method "random" only).
+
+    Returns:
+        The Selection; ties in the score are broken by id so results do not depend on row order.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    ids = [str(i) for i in ids]
+    k = n_to_select(len(ids), fraction)
+    if method == "random":
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(len(ids), size=k, replace=False)
+        return Selection(method, float(fraction), mode, int(seed), tuple(ids[i] for i in picked), len(ids))
+    if scores is None:
+        raise ValueError(f"method {method!r} needs scores")
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.shape[0] != len(ids):
+        raise ValueError(f"{s.shape[0]} scores for {len(ids)} ids")
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise ValueError(f"column {method!r} has {bad.size} non-finite scores (e.g. id {ids[bad[0]]!r}: "
+                         f"{s[bad[0]]}); fix the score run before pruning")
+    suspect_high = higher_is_suspect(method)
+    order = suspicion_order(s, higher_is_suspect=suspect_high if mode == "harmful" else not suspect_high,
+                            ids=ids)
+    return Selection(method, float(fraction), mode, None, tuple(ids[i] for i in order[:k]), len(ids))
+
+
+def prune_dataset(dataset, table: ScoreTable | None, *, method: str, fraction: float, mode: str = "harmful",
+                  keep: bool = False, seed: int = 0):
+    """Drop (or, with `keep=True`, keep only) the pairs `select_pairs` picks.
+
+    Args:
+        dataset: a `prefprune.data.PreferenceDataset`.
+        table: its score table (ids must match the dataset exactly); None for "random".
+        method, fraction, mode, seed: see `select_pairs`.
+        keep: keep the selected pairs instead of removing them (e.g. mode="helpful", keep=True keeps
+            the most helpful fraction).
+
+    Returns:
+        (pruned dataset, Selection). With keep=False the pruned set is `dataset.exclude(selection.ids)`.
+    """
+    ids = list(dataset.ids)
+    if method == "random":
+        scores = None
+    else:
+        higher_is_suspect(method)  # unknown method names fail here, before any id bookkeeping
+        if table is None:
+            raise ValueError(f"method {method!r} needs a score table")
+        check_ids_match(ids, table)
+        by_id = dict(zip(table.ids, table.column(method), strict=True))
+        scores = np.asarray([by_id[i] for i in ids], dtype=np.float64)
+    sel = select_pairs(ids, scores, method=method, fraction=fraction, mode=mode, seed=seed)
+    out = dataset.select(list(sel.ids)) if keep else dataset.exclude(list(sel.ids))
+    return out, sel
+
+
+def write_ids(ids: Sequence[str], path: str | os.PathLike) -> None:
+    """Write one id per line (atomically: a temporary file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def prune_file(data: str | os.PathLike, scores: str | os.PathLike | None, output: str | os.PathLike, *,
+               method: str, fraction: float, mode: str = "harmful", keep: bool = False, seed: int = 0,
+               schema: str = "auto", split: str = "train", name: str | None = None,
+               removed_ids: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Load a dataset and its scores, prune, write the result in the input's schema and the ids.
+
+    Args:
+        data: dataset path or hub name (as for `prefprune.data.load_preferences`).
+        scores: score file (None only for method "random").
+        output: where to write the pruned dataset; the format follows the extension.
+        removed_ids: where to write the selected ids (default: `<output>.removed.txt`; with
+            keep=True the file still lists the *dropped* pairs).
+        method, fraction, mode, keep, seed: see `prune_dataset`.
+        schema, split, name: passed to `load_preferences`.
+
+    Returns:
+        A summary dict (counts, paths, settings).
+    """
+    from prefprune.data import load_preferences
+
+    check_fraction(fraction)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if method != "random":
+        higher_is_suspect(method)
+    table = None
+    if method != "random":
+        if scores is None:
+            raise ValueError(f"method {method!r} needs --scores")
+        table = read_score_table(scores)
+        table.column(method)
+    dataset = load_preferences(data, schema=schema, split=split, name=name)
+    pruned, sel = prune_dataset(dataset, table, method=method, fraction=fraction, mode=mode, keep=keep,
+                                seed=seed)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pruned.save(out)
+    kept = set(pruned.ids)
+    dropped = [i for i in dataset.ids if i not in kept]
+    if not keep:
+        # Most suspect first, the order a person reviewing the removals wants.
+        dropped = list(sel.ids)
+    ids_path = Path(removed_ids) if removed_ids is not None else out.with_name(out.name + ".removed.txt")
+    write_ids(dropped, ids_path)
+    summary = {
+        "data": str(data), "scores": None if scores is None else str(scores), "output": str(out),
+        "removed_ids": str(ids_path), "method": method, "fraction": sel.fraction, "mode": mode, "keep": keep,
+        "seed": sel.seed, "n_input": len(dataset), "n_output": len(pruned), "n_removed": len(dropped),
+        "n_flipped_removed": len(set(dropped) & set(dataset.flipped_ids)),
+    }
+    logger.info("pruned %s: %d -> %d pairs (%s, %s, %.3g)", data, len(dataset), len(pruned), method, mode,
+                fraction)
+    return summary
