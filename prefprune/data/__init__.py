@@ -1,0 +1,18 @@
+"""Preference data: pairs and datasets, loading in three schemas, tokenization, collation, synthetic data."""
+
+from prefprune.data.encode import EncodedPair, collate_pairs, encode_pairs, special_tokens_layout
+from prefprune.data.loading import SCHEMAS, PreferenceDataset, PreferencePair, load_preferences, tldr_prompt
+from prefprune.data.synthetic import make_synthetic
+
+__all__ = [
+    "SCHEMAS",
+    "EncodedPair",
+    "PreferenceDataset",
+    "PreferencePair",
+    "collate_pairs",
+    "encode_pairs",
+    "load_preferences",
+    "make_synthetic",
+    "special_tokens_layout",
+    "tldr_prompt",
+]
