@@ -143,3 +143,161 @@ def cg_reference(
         curvature=curvature,
         history=torch.stack(history) if history is not None else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmented per-example gradients (packed X, dY, offsets): projection and fused dot products
+# ---------------------------------------------------------------------------------------------
+
+# Elements of scratch a chunk of padded segments may use (fp32: 4 bytes each): bounds the reference's memory
+# whatever T_total and N are, while keeping the number of Python-level chunks small.
+SEGMENT_CHUNK_ELEMENTS = 1 << 25
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16/32-bit inputs (accumulate in fp32), fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segment_chunks(bounds: list[int], per_row: int, per_segment: int) -> list[tuple[int, int, int]]:
+    """Split segments into consecutive chunks (s0, s1, L) whose padded scratch fits SEGMENT_CHUNK_ELEMENTS.
+
+    A chunk of n segments padded to its longest length L needs n*L*per_row + n*per_segment elements.
+    """
+    chunks = []
+    n_seg = len(bounds) - 1
+    s0 = 0
+    while s0 < n_seg:
+        s1, longest = s0 + 1, bounds[s0 + 1] - bounds[s0]
+        while s1 < n_seg:
+            cand = max(longest, bounds[s1 + 1] - bounds[s1])
+            if (s1 + 1 - s0) * (cand * per_row + per_segment) > SEGMENT_CHUNK_ELEMENTS:
+                break
+            s1, longest = s1 + 1, cand
+        chunks.append((s0, s1, longest))
+        s0 = s1
+    return chunks
+
+
+def _pad_segments(rows: Tensor, offsets_chunk: Tensor, longest: int) -> Tensor:
+    """Scatter packed rows (t, d) of n consecutive segments into a zero-padded (n, longest, d) block."""
+    n = offsets_chunk.numel() - 1
+    lengths = offsets_chunk[1:] - offsets_chunk[:-1]
+    seg = torch.repeat_interleave(torch.arange(n, device=rows.device), lengths, output_size=rows.shape[0])
+    pos = torch.arange(rows.shape[0], device=rows.device) - (offsets_chunk[:-1] - offsets_chunk[0])[seg]
+    out = rows.new_zeros((n, longest, rows.shape[1]))
+    out[seg, pos] = rows
+    return out
+
+
+def _segment_outer_sums(
+    A: Tensor, B: Tensor, offsets: Tensor, *, map_a: Callable[[Tensor], Tensor], map_b: Callable[[Tensor], Tensor],
+    k_a: int, k_b: int, consume: Callable[[int, int, Tensor], None],
+) -> None:
+    """For chunks of segments, form M_i = map_a(A_seg)ᵀ map_b(B_seg) (n, k_a, k_b) and hand it to consume.
+
+    The per-token maps (casts, projections) run inside the chunk so that no full-size upcast copy of A or B
+    is ever held; segments are zero-padded to the chunk's longest one and reduced with one batched matmul.
+    """
+    bounds = offsets.tolist()
+    for s0, s1, longest in _segment_chunks(bounds, per_row=k_a + k_b + A.shape[1] + B.shape[1],
+                                           per_segment=k_a * k_b):
+        t0, t1 = bounds[s0], bounds[s1]
+        a, b = map_a(A[t0:t1]), map_b(B[t0:t1])
+        if s1 - s0 == 1:
+            M = (a.T @ b).unsqueeze(0)
+        else:
+            oc = offsets[s0 : s1 + 1]
+            M = torch.bmm(_pad_segments(a, oc, longest).transpose(1, 2), _pad_segments(b, oc, longest))
+        consume(s0, s1, M)
+
+
+def segment_project_reference(
+    X: Tensor, dY: Tensor, offsets: Tensor, P_in: Tensor | None, P_out: Tensor | None
+) -> Tensor:
+    """Projected per-segment weight gradients Φ_i = P_out (dY_iᵀ X_i) P_inᵀ, flattened row-major.
+
+    Args:
+        X: (T, d_in) layer inputs of all segments, packed.
+        dY: (T, d_out) gradients of the layer outputs, packed like X.
+        offsets: (N+1,) int64, segment i is rows offsets[i]:offsets[i+1].
+        P_in: (k_in, d_in) or None (identity, k_in = d_in).
+        P_out: (k_out, d_out) or None (identity, k_out = d_out).
+
+    Returns:
+        (N, k_out*k_in) in fp32 (fp64 for fp64 inputs); with both projections None, row i is the
+        per-segment gradient dY_iᵀ X_i in nn.Linear weight layout (d_out, d_in) flattened.
+
+    Tokens are projected first (X P_inᵀ, dY P_outᵀ: two GEMMs on T rows), then the per-segment outer-product
+    sums are one padded batched matmul per chunk of segments.
+    """
+    ct = _compute_dtype(X.dtype)
+    k_in = X.shape[1] if P_in is None else P_in.shape[0]
+    k_out = dY.shape[1] if P_out is None else P_out.shape[0]
+    pin = None if P_in is None else P_in.to(ct)
+    pout = None if P_out is None else P_out.to(ct)
+    out = torch.zeros((offsets.numel() - 1, k_out * k_in), dtype=ct, device=X.device)
+
+    def consume(s0: int, s1: int, M: Tensor) -> None:
+        out[s0:s1] = M.reshape(s1 - s0, -1)
+
+    _segment_outer_sums(
+        dY, X, offsets,
+        map_a=lambda a: a.to(ct) if pout is None else a.to(ct) @ pout.T,
+        map_b=lambda b: b.to(ct) if pin is None else b.to(ct) @ pin.T,
+        k_a=k_out, k_b=k_in, consume=consume,
+    )
+    return out
+
+
+def segment_grad_dot_reference(
+    X: Tensor, dY: Tensor, offsets: Tensor, Q: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Dots of per-segment gradients with m queries and their squared norms.
+
+    Args:
+        X: (T, d_in), dY: (T, d_out), offsets: (N+1,) int64 as in segment_project_reference.
+        Q: (m, d_out, d_in) queries in nn.Linear weight layout, or None (m = 0).
+
+    Returns:
+        S (N, m) with S[i, j] = ⟨dY_iᵀ X_i, Q_j⟩ and sqnorm (N,) = ‖dY_iᵀ X_i‖²_F, fp32 (fp64 for fp64
+        inputs). This reference materialises G_i = dY_iᵀ X_i for a chunk of segments at a time.
+    """
+    ct = _compute_dtype(X.dtype)
+    n_seg = offsets.numel() - 1
+    m = 0 if Q is None else Q.shape[0]
+    d_out, d_in = dY.shape[1], X.shape[1]
+    q = None if Q is None else Q.to(ct).reshape(m, d_out * d_in)
+    S = torch.zeros((n_seg, m), dtype=ct, device=X.device)
+    sq = torch.zeros((n_seg,), dtype=ct, device=X.device)
+
+    def consume(s0: int, s1: int, G: Tensor) -> None:
+        flat = G.reshape(s1 - s0, -1)
+        sq[s0:s1] = flat.pow(2).sum(1)
+        if q is not None:
+            S[s0:s1] = flat @ q.T
+
+    _segment_outer_sums(dY, X, offsets, map_a=lambda a: a.to(ct), map_b=lambda b: b.to(ct),
+                        k_a=d_out, k_b=d_in, consume=consume)
+    return S, sq
+
+
+def segment_grad_dot_grouped_reference(
+    Xs: list[Tensor], dYs: list[Tensor], offsets: Tensor, Qs: list[Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """segment_grad_dot_reference summed over layers that share the segments (offsets).
+
+    Args:
+        Xs, dYs: per layer (T, d_in_l), (T, d_out_l). offsets: (N+1,) shared.
+        Qs: per layer (m, d_out_l, d_in_l) with the same m for every layer, or None (norms only).
+
+    Returns:
+        S (N, m) = Σ_l ⟨G_il, Q_jl⟩ and sqnorm (N,) = Σ_l ‖G_il‖², i.e. the dots and squared norm of the
+        concatenated gradient over all layers.
+    """
+    S_total, sq_total = None, None
+    for i, (X, dY) in enumerate(zip(Xs, dYs, strict=True)):
+        S, sq = segment_grad_dot_reference(X, dY, offsets, None if Qs is None else Qs[i])
+        S_total = S if S_total is None else S_total + S
+        sq_total = sq if sq_total is None else sq_total + sq
+    return S_total, sq_total
