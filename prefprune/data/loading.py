@@ -4,7 +4,8 @@ Schemas (auto-detected from the first record, or named):
 
 * ``"tldr"``: OpenAI's ``summarize_from_feedback`` comparisons: ``info.{id,post,title,subreddit}``,
   ``summaries[i].text``, ``choice``. The prompt uses the layout
-  ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"`` and the post is the truncatable span.
+  ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``; the post is the truncatable
+  span.
 * ``"prompt_chosen_rejected"``: ``{prompt, chosen, rejected}`` (optionally ``id``).
 * ``"hh"``: ``{chosen, rejected}`` full dialogues (Anthropic HH-RLHF); the longest shared prefix, cut back to
   its last ``"\\n\\nAssistant:"`` turn marker, is the prompt.
@@ -184,8 +185,8 @@ class PreferenceDataset(Sequence[PreferencePair]):
     def split(self, fractions: Sequence[float], *, seed: int) -> list[PreferenceDataset]:
         """Disjoint random subsets with the given fractions of the pairs.
 
-        Assignment depends only on ``seed`` and the pair ids (each id gets a seeded hash rank), so the split of a
-        pair does not change when the input is shuffled. Sizes are ``round(cumsum(fractions) * n)``
+        Assignment depends only on ``seed`` and the pair ids (each id gets a seeded hash rank), so the part a
+        pair lands in does not change when the input is shuffled. Sizes are ``round(cumsum(fractions) * n)``
         differences; within a part the dataset order is kept.
 
         Args:
@@ -619,7 +620,8 @@ def load_preferences(
             under ``split`` or ``"data"``; JSON lines also accepted), ``.parquet`` or ``.csv`` file (nested
             fields as JSON text or dotted headers such as ``info.post``); a local directory or a hub id
             (e.g. ``"openai/summarize_from_feedback"``) is read with ``datasets.load_dataset``.
-        schema: ``"auto"`` (detect from the first record), ``"tldr"``, ``"prompt_chosen_rejected"`` or ``"hh"``.
+        schema: ``"auto"`` (detect from the first record), ``"tldr"``, ``"prompt_chosen_rejected"`` or
+            ``"hh"``.
         split: Split for ``datasets.load_dataset`` (and the key of a JSON object); ignored for other files.
         name: Dataset config for ``datasets.load_dataset`` (e.g. ``"comparisons"``).
         skip_bad: Skip records that cannot be read (counted in ``stats["skipped_bad"]`` and logged) instead of
@@ -694,9 +696,9 @@ def load_preferences(
             schema = _detect_schema(rec) or ""
             if not schema:
                 raise ValueError(
-                    f"{where}: {unit} {num}: cannot detect the schema from fields {sorted(rec)[:12]}; expected "
-                    "'info'+'summaries' (tldr), 'prompt'+'chosen'+'rejected' or 'chosen'+'rejected' (hh); "
-                    "or pass schema="
+                    f"{where}: {unit} {num}: cannot detect the schema from fields {sorted(rec)[:12]}; "
+                    "expected 'info'+'summaries' (tldr), 'prompt'+'chosen'+'rejected' or "
+                    "'chosen'+'rejected' (hh); or pass schema="
                 )
             parse = _PARSERS[schema]
         try:
@@ -731,8 +733,9 @@ def load_preferences(
         raise ValueError(f"{where}: no records (empty file or dataset)")
     if not pairs:
         raise ValueError(
-            f"{where}: no usable pairs among {stats['records']} records (skipped bad: {stats['skipped_bad']}, "
-            f"identical: {stats['dropped_identical']}, duplicates: {stats['dropped_duplicate']})"
+            f"{where}: no usable pairs among {stats['records']} records "
+            f"(skipped bad: {stats['skipped_bad']}, identical: {stats['dropped_identical']}, "
+            f"duplicates: {stats['dropped_duplicate']})"
         )
     if stats["skipped_bad"]:
         logger.warning("%s: skipped %d bad record(s) of %d", where, stats["skipped_bad"], stats["records"])

@@ -341,7 +341,8 @@ def make_synthetic(n_pairs: int, *, label_noise: float = 0.0, seed: int = 0) -> 
     Args:
         n_pairs: Number of pairs.
         label_noise: Fraction of pairs whose chosen and rejected summaries are swapped; exactly
-            ``round(label_noise * n_pairs)`` pairs, chosen with the seed.
+            ``round(label_noise * n_pairs)`` pairs, chosen with the seed. The texts do not depend on it: the
+            noisy dataset is the clean one (same seed) with those pairs swapped.
         seed: Seed; the same seed gives the same dataset (texts, ids, flips).
 
     Returns:
@@ -355,7 +356,9 @@ def make_synthetic(n_pairs: int, *, label_noise: float = 0.0, seed: int = 0) -> 
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise!r}")
     rng = random.Random(seed)
     n_flip = round(label_noise * n_pairs)
-    flipped = set(rng.sample(range(n_pairs), n_flip))
+    # A separate stream picks the flips, so the texts do not depend on label_noise: the noisy dataset is the
+    # clean one with some labels swapped (the ground truth for noise-detection experiments).
+    flipped = set(random.Random(f"prefprune-synthetic-flips-{seed}").sample(range(n_pairs), n_flip))
     width = max(6, len(str(n_pairs - 1)))
     pairs: list[PreferencePair] = []
     seen: set[tuple[str, str, str]] = set()
