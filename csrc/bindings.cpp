@@ -1,8 +1,93 @@
-// pybind11 entry point of prefprune._C.
+// pybind11 entry point of prefprune._C: the native CG solver and build information.
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include <optional>
+#include <string>
+
+#include "cg.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using prefprune::CGOutput;
+
+// Runs the C++ loop without the GIL and takes it back only around each call of `fn`, so other
+// Python threads run while the vector updates do.
+CGOutput cg_callable(const py::function& fn, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
+                     int64_t max_iter, bool record_history, bool fused) {
+  prefprune::check_solve_args("cg_callable", B, diag, tol, max_iter);
+  // The loop runs under NoGradGuard; the operator (autograd HVPs) gets the caller's mode back.
+  const bool grad_enabled = c10::GradMode::is_enabled();
+  const int64_t k = B.size(0), m = B.size(1);
+  prefprune::ApplyFn apply = [&](const at::Tensor& P, at::Tensor& out) {
+    py::gil_scoped_acquire gil;
+    at::Tensor Q;
+    {
+      c10::AutoGradMode mode(grad_enabled);
+      const at::Tensor block = P.t().contiguous();
+      py::object res = fn(block);
+      TORCH_CHECK(THPVariable_Check(res.ptr()), "cg_callable: the operator must return a Tensor, got ",
+                  std::string(py::str(py::type::handle_of(res).attr("__name__"))));
+      Q = THPVariable_Unpack(res.ptr()).detach();
+    }
+    TORCH_CHECK(Q.dim() == 2 && Q.size(0) == k && Q.size(1) == m, "cg_callable: the operator returned shape ",
+                Q.sizes(), " for a [", k, ", ", m, "] block; expected [", k, ", ", m, "]");
+    TORCH_CHECK(Q.scalar_type() == B.scalar_type(), "cg_callable: the operator returned dtype ", Q.scalar_type(),
+                "; expected ", B.scalar_type());
+    TORCH_CHECK(Q.device() == B.device(), "cg_callable: the operator returned a tensor on ", Q.device(),
+                "; expected ", B.device());
+    out.copy_(Q.t());
+  };
+  CGOutput result;
+  {
+    py::gil_scoped_release nogil;
+    result = prefprune::cg_solve(apply, B, diag, tol, max_iter, record_history, fused);
+  }
+  return result;
+}
+
+std::string build_info() {
+#ifdef WITH_CUDA
+  return "prefprune._C: CPU + CUDA (fused CG kernels)";
+#else
+  return "prefprune._C: CPU only";
+#endif
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "prefprune native ops";
-  m.def("build_info", []() { return std::string("prefprune._C cpu"); },
-        "Describe how this extension was built.");
+  m.doc() = "prefprune native ops: a conjugate-gradient solver for many right-hand sides.";
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("build_info", &build_info, "Describe how this extension was built (CPU only, or CPU + CUDA).");
+  m.def("cg_factored", &prefprune::cg_factored, py::call_guard<py::gil_scoped_release>(),
+        R"doc(Solve (Gᵀ diag(w) G / n + λI) X = B by conjugate gradient, every column on its own.
+
+Args:
+    G: (n, k) factor; w: (n,) row weights; damping: λ.
+    B: (k, m) right-hand sides (float32 or float64; any strides).
+    diag: (k,) diagonal of A for the Jacobi preconditioner, or None.
+    tol: a column stops when ||r|| <= tol ||b||; max_iter: A-products per column at most.
+    record_history: also return the (iters + 1, m) relative residuals.
+    fused: use the fused CPU/CUDA update (False: composite ATen ops, for testing).
+
+Returns:
+    (x (k, m), status (m,) int64, iterations (m,) int64, residual (m,), curvature (m,), history or None),
+    the fields of prefprune.ops.reference.CGResult. Same algorithm as cg_reference.)doc",
+        py::arg("G"), py::arg("w"), py::arg("damping"), py::arg("B"), py::arg("diag"), py::arg("tol"),
+        py::arg("max_iter"), py::arg("record_history"), py::kw_only(), py::arg("fused") = true);
+  m.def("cg_callable", &cg_callable,
+        R"doc(Solve A X = B by conjugate gradient with A given as a Python callable on (k, m) blocks.
+
+The loop runs in C++ without the GIL; `fn` is called with the GIL held and the caller's grad
+mode (so it may compute autograd Hessian-vector products). It must return a (k, m) tensor of
+B's dtype and device. Other arguments and the result as for cg_factored.)doc",
+        py::arg("fn"), py::arg("B"), py::arg("diag"), py::arg("tol"), py::arg("max_iter"),
+        py::arg("record_history"), py::kw_only(), py::arg("fused") = true);
 }

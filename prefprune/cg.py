@@ -104,6 +104,8 @@ def _reference(operator, B, *, tol, max_iter, diag, record_history) -> CGResult:
 
 def _native(operator, B, *, tol, max_iter, diag, record_history) -> CGResult:
     mod = _ext.require_native()
+    if B.dim() == 1:
+        B = B.unsqueeze(1)
     if diag is not None:
         # The reference casts the diagonal to B's dtype; the native checks equal dtypes.
         diag = diag.to(B.dtype)

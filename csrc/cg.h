@@ -1,0 +1,57 @@
+// Native conjugate gradient for many right-hand sides (prefprune._C), shared declarations.
+//
+// The loop (cg.cpp) is written once against ATen tensors; the per-iteration vector update has
+// three implementations: a fused CPU loop, a fused CUDA kernel (cg_kernels.cu, CUDA builds
+// only) and a composite of ATen ops that runs on any device. All follow cg_reference in
+// prefprune/ops/reference.py step for step.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <optional>
+#include <tuple>
+
+#include "cg_status.h"
+
+namespace prefprune {
+
+// (x, status, iterations, residual, curvature, history-or-None), the fields of CGResult.
+using CGOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>>;
+
+// Maps P to A P. Both are (m, k) row-major blocks whose row j is column j of the problem (so
+// that every column is contiguous); `out` is preallocated and must be fully written.
+using ApplyFn = std::function<void(const at::Tensor& P, at::Tensor& out)>;
+
+// Per-column solver state; vectors are (m, k), scalars per column are (m,).
+struct CGState {
+  at::Tensor x, r, p, q;
+  at::Tensor inv_diag;  // (k,) 1 / diag(A), undefined without a preconditioner
+  at::Tensor rz;        // rᵀz of the current residual, B's dtype
+  at::Tensor rel;       // ||r|| / ||b||, B's dtype
+  at::Tensor safe_b;    // ||b||, 1 where b = 0
+  at::Tensor curvature; // pᵀAp that stopped a column, NaN otherwise
+  at::Tensor status;    // int64, kRunning while the column is active
+  at::Tensor iterations;  // int64, A-products used per column
+};
+
+// Generic loop; `fused` = false forces the composite-ATen update on every device (tests use it
+// to check that path on CPU).
+CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
+                  int64_t max_iter, bool record_history, bool fused);
+
+// A = Gᵀ diag(w) G / n + λI applied natively (two GEMMs per iteration).
+CGOutput cg_factored(const at::Tensor& G, const at::Tensor& w, double damping, const at::Tensor& B,
+                     const std::optional<at::Tensor>& diag, double tol, int64_t max_iter, bool record_history,
+                     bool fused);
+
+// Validation shared by both operators (TORCH_CHECK with the actual values).
+void check_solve_args(const char* op, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
+                      int64_t max_iter);
+
+#ifdef WITH_CUDA
+// One fused launch per iteration on the current CUDA stream (cg_cuda.cpp).
+void cg_step_cuda(CGState& s, double tol, const at::Tensor& hist_row);
+#endif
+
+}  // namespace prefprune
