@@ -130,10 +130,16 @@ def _segment_grad_dot_kernel(
         rows = t0 + rt
         mask_t = rows < end
         # A is loaded transposed (BLOCK_A × BLOCK_T) so the token sum is a plain matrix product.
-        a = tl.load(a_ptr + rows[None, :] * s_a_t + ra[:, None] * s_a_d,
-                    mask=mask_a[:, None] & mask_t[None, :], other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * s_b_t + rb[None, :] * s_b_d,
-                    mask=mask_t[:, None] & mask_b[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[None, :] * s_a_t + ra[:, None] * s_a_d,
+            mask=mask_a[:, None] & mask_t[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rows[:, None] * s_b_t + rb[None, :] * s_b_d,
+            mask=mask_t[:, None] & mask_b[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out = tile * N + seg
@@ -180,22 +186,35 @@ def segment_grad_dot_grouped_triton(
         groups.setdefault(X.dtype, []).append(i)
     for dtype, idx in groups.items():
         gS, gsq = _grad_dot_launch(
-            [Xs[i] for i in idx], [dYs[i] for i in idx], offsets, None if Qs is None else [Qs[i] for i in idx],
-            dtype=dtype, n_seg=n_seg, m=m,
+            [Xs[i] for i in idx],
+            [dYs[i] for i in idx],
+            offsets,
+            None if Qs is None else [Qs[i] for i in idx],
+            dtype=dtype,
+            n_seg=n_seg,
+            m=m,
         )
         S += gS
         sq += gsq
     return S, sq
 
 
-def segment_grad_dot_triton(X: Tensor, dY: Tensor, offsets: Tensor, Q: Tensor | None) -> tuple[Tensor, Tensor]:
+def segment_grad_dot_triton(
+    X: Tensor, dY: Tensor, offsets: Tensor, Q: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Single-layer form of segment_grad_dot_grouped_triton; Q (m, d_out, d_in) or None."""
     return segment_grad_dot_grouped_triton([X], [dY], offsets, None if Q is None else [Q])
 
 
 def _grad_dot_launch(
-    Xs: list[Tensor], dYs: list[Tensor], offsets: Tensor, Qs: list[Tensor] | None, *,
-    dtype: torch.dtype, n_seg: int, m: int,
+    Xs: list[Tensor],
+    dYs: list[Tensor],
+    offsets: Tensor,
+    Qs: list[Tensor] | None,
+    *,
+    dtype: torch.dtype,
+    n_seg: int,
+    m: int,
 ) -> tuple[Tensor, Tensor]:
     device = Xs[0].device
     qs = None if Qs is None else [Q.to(torch.float32) for Q in Qs]  # no copy when already fp32
@@ -209,22 +228,59 @@ def _grad_dot_launch(
         sq_m, sq_o, sq_i = (0, 0, 0) if Q is None else Q.stride()
         q_addr = 0 if Q is None else Q.data_ptr()
         if d_out <= d_in:  # G' = G = dYᵀ X
-            meta.append([dY.data_ptr(), X.data_ptr(), q_addr, d_out, d_in, *dY.stride(), *X.stride(), sq_m, sq_o, sq_i])
+            meta.append(
+                [
+                    dY.data_ptr(),
+                    X.data_ptr(),
+                    q_addr,
+                    d_out,
+                    d_in,
+                    *dY.stride(),
+                    *X.stride(),
+                    sq_m,
+                    sq_o,
+                    sq_i,
+                ]
+            )
             da, db = d_out, d_in
         else:  # G' = Gᵀ = Xᵀ dY, queries read transposed through their strides
-            meta.append([X.data_ptr(), dY.data_ptr(), q_addr, d_in, d_out, *X.stride(), *dY.stride(), sq_m, sq_i, sq_o])
+            meta.append(
+                [
+                    X.data_ptr(),
+                    dY.data_ptr(),
+                    q_addr,
+                    d_in,
+                    d_out,
+                    *X.stride(),
+                    *dY.stride(),
+                    sq_m,
+                    sq_i,
+                    sq_o,
+                ]
+            )
             da, db = d_in, d_out
         tiles.extend([layer, a0, b0] for a0 in range(0, da, block_a) for b0 in range(0, db, block_b))
     # One host-to-device copy per call: the addresses change with every batch.
     table = torch.tensor([v for r in meta + tiles for v in r], dtype=torch.int64).to(device)
-    meta_t, tiles_t = table[: _META_COLS * len(meta)], table[_META_COLS * len(meta):]
+    meta_t, tiles_t = table[: _META_COLS * len(meta)], table[_META_COLS * len(meta) :]
     n_tiles = len(tiles)
     dots = torch.empty((n_tiles, n_seg, max(m, 1)), dtype=torch.float32, device=device)
     sqp = torch.empty((n_tiles, n_seg), dtype=torch.float32, device=device)
     _segment_grad_dot_kernel[(n_tiles * n_seg,)](
-        meta_t, tiles_t, offsets, dots, sqp, n_seg, m, n_tiles,
-        DTYPE=_TL_DTYPES[dtype], HAS_Q=Qs is not None and m > 0, PRECISION=_dot_precision(dtype),
-        BLOCK_T=64 if not _interpreting() else 16, BLOCK_A=block_a, BLOCK_B=block_b,
+        meta_t,
+        tiles_t,
+        offsets,
+        dots,
+        sqp,
+        n_seg,
+        m,
+        n_tiles,
+        DTYPE=_TL_DTYPES[dtype],
+        HAS_Q=Qs is not None and m > 0,
+        PRECISION=_dot_precision(dtype),
+        BLOCK_T=64 if not _interpreting() else 16,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
         num_warps=4,
     )
     return dots[:, :, :m].sum(0), sqp.sum(0)
@@ -300,28 +356,46 @@ def _segment_project_kernel(
             for d0 in range(0, d_in, BLOCK_D):
                 cols = d0 + rd
                 mask_d = cols < d_in
-                x = tl.load(x_ptr + rows[:, None] * stride_x_t + cols[None, :] * stride_x_d,
-                            mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-                p = tl.load(pin_ptr + cols[:, None] * stride_pin_d + rki[None, :] * stride_pin_k,
-                            mask=mask_d[:, None] & mask_ki[None, :], other=0.0)
+                x = tl.load(
+                    x_ptr + rows[:, None] * stride_x_t + cols[None, :] * stride_x_d,
+                    mask=mask_t[:, None] & mask_d[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                p = tl.load(
+                    pin_ptr + cols[:, None] * stride_pin_d + rki[None, :] * stride_pin_k,
+                    mask=mask_d[:, None] & mask_ki[None, :],
+                    other=0.0,
+                )
                 xt = tl.dot(x, p, xt, input_precision=PRECISION)
         else:
-            xt = tl.load(x_ptr + rows[:, None] * stride_x_t + rki[None, :] * stride_x_d,
-                         mask=mask_t[:, None] & mask_ki[None, :], other=0.0).to(tl.float32)
+            xt = tl.load(
+                x_ptr + rows[:, None] * stride_x_t + rki[None, :] * stride_x_d,
+                mask=mask_t[:, None] & mask_ki[None, :],
+                other=0.0,
+            ).to(tl.float32)
         if HAS_POUT:
             # Projected dY rows are built transposed (BLOCK_KO × BLOCK_T) for the outer-product sum below.
             yt = tl.zeros((BLOCK_KO, BLOCK_T), dtype=tl.float32)
             for d0 in range(0, d_out, BLOCK_D):
                 cols = d0 + rd
                 mask_d = cols < d_out
-                p = tl.load(pout_ptr + rko[:, None] * stride_pout_k + cols[None, :] * stride_pout_d,
-                            mask=mask_ko[:, None] & mask_d[None, :], other=0.0)
-                dy = tl.load(dy_ptr + rows[None, :] * stride_dy_t + cols[:, None] * stride_dy_d,
-                             mask=mask_d[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+                p = tl.load(
+                    pout_ptr + rko[:, None] * stride_pout_k + cols[None, :] * stride_pout_d,
+                    mask=mask_ko[:, None] & mask_d[None, :],
+                    other=0.0,
+                )
+                dy = tl.load(
+                    dy_ptr + rows[None, :] * stride_dy_t + cols[:, None] * stride_dy_d,
+                    mask=mask_d[:, None] & mask_t[None, :],
+                    other=0.0,
+                ).to(tl.float32)
                 yt = tl.dot(p, dy, yt, input_precision=PRECISION)
         else:
-            yt = tl.load(dy_ptr + rows[None, :] * stride_dy_t + rko[:, None] * stride_dy_d,
-                         mask=mask_ko[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+            yt = tl.load(
+                dy_ptr + rows[None, :] * stride_dy_t + rko[:, None] * stride_dy_d,
+                mask=mask_ko[:, None] & mask_t[None, :],
+                other=0.0,
+            ).to(tl.float32)
         acc = tl.dot(yt, xt, acc, input_precision=PRECISION)
 
     out = out_ptr + s * stride_out_s + seg * stride_out_n + rko[:, None] * k_in + rki[None, :]
@@ -329,13 +403,19 @@ def _segment_project_kernel(
 
 
 def segment_project_triton(
-    X: Tensor, dY: Tensor, offsets: Tensor, P_in: Tensor | None, P_out: Tensor | None, *,
+    X: Tensor,
+    dY: Tensor,
+    offsets: Tensor,
+    P_in: Tensor | None,
+    P_out: Tensor | None,
+    *,
     split: int | None = None,
 ) -> Tensor:
     """Φ (N, k_out*k_in) fp32 with Φ_i = P_out (dY_iᵀ X_i) P_inᵀ flattened row-major.
 
     Args:
-        X: (T, d_in), dY: (T, d_out) same dtype (fp32/fp16/bf16), any strides; offsets (N+1,) int64, validated.
+        X: (T, d_in), dY: (T, d_out), one dtype (fp32/fp16/bf16), any strides.
+        offsets: (N+1,) int64, validated.
         P_in: (k_in, d_in) or None (identity); P_out: (k_out, d_out) or None (identity).
         split: token splits per segment (None: enough programs to fill the GPU; 1 under the interpreter).
     """
@@ -370,14 +450,37 @@ def segment_project_triton(
     pin_arg = pin if pin is not None else out
     pout_arg = pout if pout is not None else out
     _segment_project_kernel[(n_seg * split * n_tiles,)](
-        X, dY, pin_arg, pout_arg, offsets, out,
-        n_seg, d_in, d_out, k_in, k_out, n_tiles, n_tiles_in, split,
-        X.stride(0), X.stride(1), dY.stride(0), dY.stride(1),
-        pin.stride(0) if pin is not None else 0, pin.stride(1) if pin is not None else 0,
-        pout.stride(0) if pout is not None else 0, pout.stride(1) if pout is not None else 0,
-        stride_out_s, stride_out_n,
-        HAS_PIN=pin is not None, HAS_POUT=pout is not None, PRECISION=_dot_precision(X.dtype),
-        BLOCK_T=block_t, BLOCK_KO=block_ko, BLOCK_KI=block_ki, BLOCK_D=32 if interp else 64,
+        X,
+        dY,
+        pin_arg,
+        pout_arg,
+        offsets,
+        out,
+        n_seg,
+        d_in,
+        d_out,
+        k_in,
+        k_out,
+        n_tiles,
+        n_tiles_in,
+        split,
+        X.stride(0),
+        X.stride(1),
+        dY.stride(0),
+        dY.stride(1),
+        pin.stride(0) if pin is not None else 0,
+        pin.stride(1) if pin is not None else 0,
+        pout.stride(0) if pout is not None else 0,
+        pout.stride(1) if pout is not None else 0,
+        stride_out_s,
+        stride_out_n,
+        HAS_PIN=pin is not None,
+        HAS_POUT=pout is not None,
+        PRECISION=_dot_precision(X.dtype),
+        BLOCK_T=block_t,
+        BLOCK_KO=block_ko,
+        BLOCK_KI=block_ki,
+        BLOCK_D=32 if interp else 64,
         num_warps=4,
     )
     return out.sum(0) if split > 1 else out

@@ -191,8 +191,15 @@ def _pad_segments(rows: Tensor, offsets_chunk: Tensor, longest: int) -> Tensor:
 
 
 def _segment_outer_sums(
-    A: Tensor, B: Tensor, offsets: Tensor, *, map_a: Callable[[Tensor], Tensor], map_b: Callable[[Tensor], Tensor],
-    k_a: int, k_b: int, consume: Callable[[int, int, Tensor], None],
+    A: Tensor,
+    B: Tensor,
+    offsets: Tensor,
+    *,
+    map_a: Callable[[Tensor], Tensor],
+    map_b: Callable[[Tensor], Tensor],
+    k_a: int,
+    k_b: int,
+    consume: Callable[[int, int, Tensor], None],
 ) -> None:
     """For chunks of segments, form M_i = map_a(A_seg)ᵀ map_b(B_seg) (n, k_a, k_b) and hand it to consume.
 

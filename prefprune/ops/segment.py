@@ -57,7 +57,9 @@ def _triton_reasons(tensors: Sequence[Tensor]) -> list[str]:
     for dev in sorted({str(t.device) for t in tensors}):
         kind = torch.device(dev).type
         if kind == "cpu" and not interp:
-            reasons.append(f"tensors are on {dev}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
+            reasons.append(
+                f"tensors are on {dev}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+            )
         elif kind not in ("cpu", "cuda"):
             reasons.append(f"tensors are on {dev}; the Triton kernels run on CUDA devices only")
     dtypes = {t.dtype for t in tensors}
@@ -143,7 +145,8 @@ def _check_pair(X: Tensor, dY: Tensor, where: str = "") -> None:
             raise ValueError(f"{name}{where} must be floating point, got {t.dtype}")
     if X.shape[0] != dY.shape[0]:
         raise ValueError(
-            f"X{where} and dY{where} must have the same number of rows (tokens), got {X.shape[0]} and {dY.shape[0]}"
+            f"X{where} and dY{where} must have the same number of rows (tokens), "
+            f"got {X.shape[0]} and {dY.shape[0]}"
         )
     if X.device != dY.device:
         raise ValueError(f"X{where} is on {X.device} but dY{where} is on {dY.device}")
@@ -185,7 +188,13 @@ def _check_projection(P: Tensor | None, d: int, name: str, device: torch.device)
 
 
 def segment_project(
-    X: Tensor, dY: Tensor, offsets: Tensor, P_in: Tensor | None, P_out: Tensor | None, *, impl: str | None = None
+    X: Tensor,
+    dY: Tensor,
+    offsets: Tensor,
+    P_in: Tensor | None,
+    P_out: Tensor | None,
+    *,
+    impl: str | None = None,
 ) -> Tensor:
     """Kronecker-projected per-segment weight gradients Φ_i = P_out (dY_iᵀ X_i) P_inᵀ.
 
@@ -230,7 +239,11 @@ def segment_grad_dot(
 
 
 def segment_grad_dot_grouped(
-    Xs: Sequence[Tensor], dYs: Sequence[Tensor], offsets: Tensor, Qs: Sequence[Tensor] | None, *,
+    Xs: Sequence[Tensor],
+    dYs: Sequence[Tensor],
+    offsets: Tensor,
+    Qs: Sequence[Tensor] | None,
+    *,
     impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`segment_grad_dot` summed over several layers that share the segments, in one launch (per dtype).
@@ -262,7 +275,9 @@ def segment_grad_dot_grouped(
     for i, (X, dY) in enumerate(zip(Xs, dYs, strict=True)):
         _check_pair(X, dY, where=f"[{i}]")
         if X.shape[0] != total:
-            raise ValueError(f"all layers must have the same T_total: Xs[0] has {total} rows, Xs[{i}] has {X.shape[0]}")
+            raise ValueError(
+                f"all layers must have the same T_total: Xs[0] has {total} rows, Xs[{i}] has {X.shape[0]}"
+            )
         if X.device != device:
             raise ValueError(f"all layers must be on one device: Xs[0] is on {device}, Xs[{i}] on {X.device}")
         if Qs is not None:
@@ -270,8 +285,10 @@ def segment_grad_dot_grouped(
             if Qs[i] is None:
                 raise ValueError(f"Qs[{i}] is None; pass Qs=None for norms only, or a query for every layer")
             if Qs[i].shape[0] != Qs[0].shape[0]:
-                raise ValueError(f"every layer needs the same number of queries m: Qs[0] has {Qs[0].shape[0]}, "
-                                 f"Qs[{i}] has {Qs[i].shape[0]}")
+                raise ValueError(
+                    f"every layer needs the same number of queries m: Qs[0] has {Qs[0].shape[0]}, "
+                    f"Qs[{i}] has {Qs[i].shape[0]}"
+                )
     offsets = _check_offsets(offsets, total, device)
     sel = select_segment_impl("segment_grad_dot_grouped", Xs + dYs, impl=impl)
     return sel.fn(Xs, dYs, offsets, Qs)
@@ -283,7 +300,12 @@ def segment_grad_dot_grouped(
 
 
 def projection_matrix(
-    k: int, d: int, *, seed: int, kind: str = "gaussian", dtype: torch.dtype = torch.float32,
+    k: int,
+    d: int,
+    *,
+    seed: int,
+    kind: str = "gaussian",
+    dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Tensor:
     """A (k, d) random projection with E[PᵀP] = I, identical on every device and rank for a seed.
@@ -323,12 +345,18 @@ def lift_query(Q: Tensor, P_in: Tensor | None, P_out: Tensor | None) -> Tensor:
     k_out = None if P_out is None else P_out.shape[0]
     if Q.dim() == 2:
         if k_in is None or k_out is None:
-            raise ValueError("lift_query with a flat (m, k) Q needs both projections to know (k_out, k_in); "
-                             f"got Q of shape {tuple(Q.shape)} with an identity side")
+            raise ValueError(
+                "lift_query with a flat (m, k) Q needs both projections to know (k_out, k_in); "
+                f"got Q of shape {tuple(Q.shape)} with an identity side"
+            )
         if Q.shape[1] != k_out * k_in:
             raise ValueError(f"Q must have k_out*k_in = {k_out * k_in} columns, got shape {tuple(Q.shape)}")
         Q = Q.reshape(Q.shape[0], k_out, k_in)
-    if Q.dim() != 3 or (k_out is not None and Q.shape[1] != k_out) or (k_in is not None and Q.shape[2] != k_in):
+    if (
+        Q.dim() != 3
+        or (k_out is not None and Q.shape[1] != k_out)
+        or (k_in is not None and Q.shape[2] != k_in)
+    ):
         raise ValueError(f"Q must be (m, k_out, k_in) = (m, {k_out}, {k_in}), got {tuple(Q.shape)}")
     out = Q if P_out is None else torch.matmul(P_out.T.to(Q.dtype), Q)
     return out if P_in is None else torch.matmul(out, P_in.to(Q.dtype))
@@ -340,7 +368,7 @@ def _layer_seed(seed: int, layer: int, side: int) -> int:
 
 
 class KroneckerProjector:
-    """Per-layer Kronecker projections (P_in, P_out) from one seed, projecting a batch into one (N, dim) block.
+    """Per-layer Kronecker projections (P_in, P_out) from one seed; projects a batch to one (N, dim) block.
 
     Layer l's block is P_out,l G_il P_in,lᵀ flattened (k_out_l·k_in_l columns); a side whose requested k is
     None or >= its dimension is left unprojected (identity: exact and cheaper). The matrices depend only on
@@ -356,8 +384,14 @@ class KroneckerProjector:
     """
 
     def __init__(
-        self, shapes: Sequence[tuple[int, int]], *, k_out: int | None, k_in: int | None, seed: int,
-        kind: str = "gaussian", device: str | torch.device = "cpu",
+        self,
+        shapes: Sequence[tuple[int, int]],
+        *,
+        k_out: int | None,
+        k_in: int | None,
+        seed: int,
+        kind: str = "gaussian",
+        device: str | torch.device = "cpu",
     ) -> None:
         self.shapes = [(int(o), int(i)) for o, i in shapes]
         if not self.shapes:
@@ -370,13 +404,21 @@ class KroneckerProjector:
         self.P_out: list[Tensor | None] = []
         self.dims: list[int] = []
         for layer, (d_out, d_in) in enumerate(self.shapes):
-            pin = (projection_matrix(k_in, d_in, seed=_layer_seed(seed, layer, 0), kind=kind, device=device)
-                   if k_in is not None and k_in < d_in else None)
-            pout = (projection_matrix(k_out, d_out, seed=_layer_seed(seed, layer, 1), kind=kind, device=device)
-                    if k_out is not None and k_out < d_out else None)
+            pin = (
+                projection_matrix(k_in, d_in, seed=_layer_seed(seed, layer, 0), kind=kind, device=device)
+                if k_in is not None and k_in < d_in
+                else None
+            )
+            pout = (
+                projection_matrix(k_out, d_out, seed=_layer_seed(seed, layer, 1), kind=kind, device=device)
+                if k_out is not None and k_out < d_out
+                else None
+            )
             self.P_in.append(pin)
             self.P_out.append(pout)
-            self.dims.append((d_out if pout is None else pout.shape[0]) * (d_in if pin is None else pin.shape[0]))
+            self.dims.append(
+                (d_out if pout is None else pout.shape[0]) * (d_in if pin is None else pin.shape[0])
+            )
         bounds = np.cumsum([0, *self.dims]).tolist()
         self.slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -404,12 +446,21 @@ class KroneckerProjector:
         blocks = []
         for layer, (X, dY) in enumerate(zip(Xs, dYs, strict=True)):
             if (dY.shape[-1], X.shape[-1]) != self.shapes[layer]:
-                raise ValueError(f"layer {layer}: (d_out, d_in) = {(dY.shape[-1], X.shape[-1])} does not match "
-                                 f"the projector's {self.shapes[layer]}")
+                raise ValueError(
+                    f"layer {layer}: (d_out, d_in) = {(dY.shape[-1], X.shape[-1])} does not match "
+                    f"the projector's {self.shapes[layer]}"
+                )
             pin, pout = self.P_in[layer], self.P_out[layer]
-            blocks.append(segment_project(X, dY, offsets,
-                                          None if pin is None else pin.to(X.device),
-                                          None if pout is None else pout.to(X.device), impl=impl))
+            blocks.append(
+                segment_project(
+                    X,
+                    dY,
+                    offsets,
+                    None if pin is None else pin.to(X.device),
+                    None if pout is None else pout.to(X.device),
+                    impl=impl,
+                )
+            )
         return torch.cat(blocks, dim=1)
 
     def project_query(self, Qs: Sequence[Tensor]) -> Tensor:
@@ -418,8 +469,10 @@ class KroneckerProjector:
         rows = []
         for layer, Q in enumerate(Qs):
             if Q.dim() != 3 or tuple(Q.shape[1:]) != self.shapes[layer]:
-                raise ValueError(f"Qs[{layer}] must be (m, {self.shapes[layer][0]}, {self.shapes[layer][1]}), "
-                                 f"got {tuple(Q.shape)}")
+                raise ValueError(
+                    f"Qs[{layer}] must be (m, {self.shapes[layer][0]}, {self.shapes[layer][1]}), "
+                    f"got {tuple(Q.shape)}"
+                )
             pin, pout = self.P_in[layer], self.P_out[layer]
             q = Q if pout is None else torch.matmul(pout.to(Q), Q)
             q = q if pin is None else torch.matmul(q, pin.to(Q).T)
@@ -427,7 +480,7 @@ class KroneckerProjector:
         return torch.cat(rows, dim=1)
 
     def lift(self, Qp: Tensor) -> list[Tensor]:
-        """Projected-space queries (m, dim) → per-layer weight-space queries for `segment_grad_dot_grouped`."""
+        """Projected-space queries (m, dim) → per-layer weight-space queries for segment_grad_dot_grouped."""
         if Qp.dim() != 2 or Qp.shape[1] != self.dim:
             raise ValueError(f"Qp must be (m, {self.dim}), got {tuple(Qp.shape)}")
         out = []
@@ -437,8 +490,13 @@ class KroneckerProjector:
             k_out = d_out if pout is None else pout.shape[0]
             k_in = d_in if pin is None else pin.shape[0]
             q = Qp[:, sl].reshape(Qp.shape[0], k_out, k_in)
-            out.append(lift_query(q, None if pin is None else pin.to(Qp.device),
-                                  None if pout is None else pout.to(Qp.device)))
+            out.append(
+                lift_query(
+                    q,
+                    None if pin is None else pin.to(Qp.device),
+                    None if pout is None else pout.to(Qp.device),
+                )
+            )
         return out
 
 
@@ -451,7 +509,9 @@ class ProjectedGradientStore:
         resume: reopen an existing file of the same shape instead of overwriting it.
     """
 
-    def __init__(self, n_rows: int, dim: int, *, path: str | os.PathLike | None = None, resume: bool = False) -> None:
+    def __init__(
+        self, n_rows: int, dim: int, *, path: str | os.PathLike | None = None, resume: bool = False
+    ) -> None:
         if n_rows < 0 or dim < 1:
             raise ValueError(f"ProjectedGradientStore needs n_rows >= 0 and dim >= 1, got {n_rows}, {dim}")
         self.path = None if path is None else Path(path)
@@ -460,11 +520,15 @@ class ProjectedGradientStore:
         elif resume and self.path.exists():
             self.array = np.load(self.path, mmap_mode="r+")
             if self.array.shape != (n_rows, dim) or self.array.dtype != np.float32:
-                raise ValueError(f"{self.path}: holds {self.array.dtype} {self.array.shape}, "
-                                 f"expected float32 {(n_rows, dim)}")
+                raise ValueError(
+                    f"{self.path}: holds {self.array.dtype} {self.array.shape}, "
+                    f"expected float32 {(n_rows, dim)}"
+                )
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+            self.array = np.lib.format.open_memmap(
+                self.path, mode="w+", dtype=np.float32, shape=(n_rows, dim)
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -475,7 +539,9 @@ class ProjectedGradientStore:
         if rows.dim() != 2 or rows.shape[1] != self.array.shape[1]:
             raise ValueError(f"rows must be (b, {self.array.shape[1]}), got {tuple(rows.shape)}")
         if start < 0 or start + rows.shape[0] > self.array.shape[0]:
-            raise ValueError(f"rows {start}..{start + rows.shape[0]} fall outside the store's {self.array.shape[0]}")
+            raise ValueError(
+                f"rows {start}..{start + rows.shape[0]} fall outside the store's {self.array.shape[0]}"
+            )
         self.array[start : start + rows.shape[0]] = rows.detach().to("cpu", torch.float32).numpy()
 
     def flush(self) -> None:
