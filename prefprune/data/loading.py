@@ -226,11 +226,13 @@ class PreferenceDataset(Sequence[PreferencePair]):
         fmt = _format_of(path)
         records = self.to_records()
         path.parent.mkdir(parents=True, exist_ok=True)
+        keys: list[str] = list(dict.fromkeys(k for r in records for k in r))
         if fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(records), path)
+            # from_pylist takes its columns from the first record only: give every record every key.
+            pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), path)
             return
         if fmt in ("jsonl", "json"):
             if fmt == "jsonl":
@@ -239,9 +241,6 @@ class PreferenceDataset(Sequence[PreferencePair]):
                 text = json.dumps(records, ensure_ascii=False)
         else:
             buf = io.StringIO()
-            keys: list[str] = []
-            for r in records:
-                keys.extend(k for k in r if k not in keys)
             writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
             writer.writeheader()
             for r in records:
@@ -424,6 +423,8 @@ def _to_record(p: PreferencePair, schema: str) -> dict[str, Any]:
     rec: dict[str, Any] = dict(src) if isinstance(src, Mapping) else {}
     if p.meta.get("flipped"):
         rec["flipped"] = True
+    elif "flipped" in rec:
+        rec["flipped"] = False
     if schema == "prompt_chosen_rejected":
         rec.update(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected)
         if not isinstance(src, Mapping):
@@ -723,7 +724,7 @@ def load_preferences(
         seen_content.add(key)
         seen_ids[pid] = num
         meta: dict[str, Any] = {"record": rec, "line": num}
-        if rec.get("flipped") is True:
+        if rec.get("flipped") in (True, "True", "true", 1):
             meta["flipped"] = True
         pairs.append(PreferencePair(pid, prompt, chosen, rejected, span, meta))
         if max_pairs is not None and len(pairs) >= max_pairs:

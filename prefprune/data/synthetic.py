@@ -397,9 +397,9 @@ def make_synthetic(n_pairs: int, *, label_noise: float = 0.0, seed: int = 0) -> 
             "summaries": summaries,
             "choice": choice,
             "extra": {"kind": kind},
+            # Every record carries the flag so columnar formats (parquet, CSV) keep one schema.
+            "flipped": flip,
         }
-        if flip:
-            record["flipped"] = True
         meta = {"record": record, "kind": kind, "line": len(pairs) + 1}
         if flip:
             meta["flipped"] = True
