@@ -197,6 +197,22 @@ def test_prompt_chosen_rejected_ids(tmp_path):
     assert a.ids != b.ids  # the order changed, the ids per pair did not
 
 
+@pytest.mark.parametrize("sep", ["\n", "\n\n"])
+def test_prompt_in_tldr_layout_gets_post_span(tmp_path, sep):
+    post = "I moved out.\n\nNow my cat is sad."
+    prompt = f"SUBREDDIT: r/cats{sep}TITLE: Sad cat{sep}POST: {post}{sep}TL;DR:"
+    recs = [{"prompt": prompt, "chosen": " cat sad after move", "rejected": " dogs"}, *pcr_records()]
+    ds = load_preferences(write(recs, tmp_path / "a.jsonl"))
+    a, b = ds[0].truncatable
+    assert ds[0].prompt[a:b] == post
+    assert all(p.truncatable is None for p in ds[1:])
+
+
+def test_json_file_with_one_record(tmp_path):
+    (tmp_path / "one.json").write_text(json.dumps(pcr_records()[0]))
+    assert load_preferences(tmp_path / "one.json").ids == ["q0"]
+
+
 def test_hh_prompt_is_shared_prefix_cut_at_assistant_turn(tmp_path):
     recs = hh_records()
     ds = load_preferences(write(recs, tmp_path / "hh.jsonl"))

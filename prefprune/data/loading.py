@@ -6,7 +6,9 @@ Schemas (auto-detected from the first record, or named):
   ``summaries[i].text``, ``choice``. The prompt uses the layout
   ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``; the post is the truncatable
   span.
-* ``"prompt_chosen_rejected"``: ``{prompt, chosen, rejected}`` (optionally ``id``).
+* ``"prompt_chosen_rejected"``: ``{prompt, chosen, rejected}`` (optionally ``id``). A prompt in the TL;DR
+  layout (single or blank-line separated fields, as in CarperAI's and trl-lib's TL;DR sets) gets its post
+  as the truncatable span; other prompts are cut from the left.
 * ``"hh"``: ``{chosen, rejected}`` full dialogues (Anthropic HH-RLHF); the longest shared prefix, cut back to
   its last ``"\\n\\nAssistant:"`` turn marker, is the prompt.
 
@@ -43,6 +45,9 @@ SCHEMAS = ("tldr", "prompt_chosen_rejected", "hh")
 _SCHEMA_ALIASES = {"pcr": "prompt_chosen_rejected", "hh-rlhf": "hh", "summarize_from_feedback": "tldr"}
 _ASSISTANT = "\n\nAssistant:"
 _TLDR_HEAD = re.compile(r"SUBREDDIT: r/(.*)\nTITLE: (.*)\nPOST: ", re.S)
+# TL;DR prompts stored as plain text (CarperAI, trl-lib): single or blank-line separated fields.
+_TLDR_TEXT = re.compile(r"SUBREDDIT: r/[^\n]*\n+TITLE: [^\n]*\n+POST: (?P<post>.*?)\s*\n+TL;DR:\s*", re.S)
+_SURROGATE = re.compile("[\udc80-\udcff]")
 _FORMATS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz")
 # Upper bound on how many per-record problems are logged individually when skip_bad=True.
 _LOG_BAD = 5
@@ -304,11 +309,12 @@ def _require_str(obj: Mapping[str, Any], key: str, where: str, *, what: str = "t
 
 def _check_utf8(v: str, where: str) -> None:
     # Text decoded with surrogateescape carries undecodable bytes as lone surrogates U+DC80..U+DCFF.
-    for pos, ch in enumerate(v):
-        if "\udc80" <= ch <= "\udcff":
-            raise _BadRecord(
-                where, f"non-UTF-8 byte 0x{ord(ch) - 0xDC00:02x} in field {where!r} at character {pos}"
-            )
+    m = _SURROGATE.search(v)
+    if m is not None:
+        raise _BadRecord(
+            where,
+            f"non-UTF-8 byte 0x{ord(m.group()) - 0xDC00:02x} in field {where!r} at character {m.start()}",
+        )
 
 
 def _record_source_id(rec: Mapping[str, Any]) -> str | None:
@@ -367,7 +373,7 @@ def _parse_tldr(rec: Mapping[str, Any]) -> tuple[str | None, str, str, str, tupl
     return sid, prompt, chosen, rejected, span
 
 
-def _parse_pcr(rec: Mapping[str, Any]) -> tuple[str | None, str, str, str, None]:
+def _parse_pcr(rec: Mapping[str, Any]) -> tuple[str | None, str, str, str, tuple[int, int] | None]:
     prompt = rec.get("prompt")
     if prompt is None:
         raise _BadRecord("prompt", "missing field 'prompt'")
@@ -376,7 +382,10 @@ def _parse_pcr(rec: Mapping[str, Any]) -> tuple[str | None, str, str, str, None]
     _check_utf8(prompt, "prompt")
     chosen = _require_str(rec, "chosen", "chosen", what="response")
     rejected = _require_str(rec, "rejected", "rejected", what="response")
-    return _record_source_id(rec), prompt, chosen, rejected, None
+    # A TL;DR prompt in plain text still gets its post as the truncatable span (never cut the summary).
+    m = _TLDR_TEXT.fullmatch(prompt)
+    span = m.span("post") if m is not None else None
+    return _record_source_id(rec), prompt, chosen, rejected, span
 
 
 def _split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -514,6 +523,8 @@ def _json_records(data: bytes, path: Path, split: str) -> RecordStream:
             yield from _jsonl_records(data, path)
             return
         raise ValueError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(doc, Mapping) and _detect_schema(doc) is not None:
+        doc = [doc]  # a file holding one record
     if isinstance(doc, Mapping):
         for key in (split, "data", "rows", "records"):
             if isinstance(doc.get(key), list):
