@@ -1,0 +1,370 @@
+"""Validation gradient and the curvature solve q = (H + λI)⁻¹ ∇L_V (exact, Gauss–Newton or identity).
+
+H is the Hessian of the mean training loss L(θ) = mean_i softplus(−m_i) over the curvature set
+(DESIGN §2), applied to vectors in the flat layout of `prefprune.grads`:
+
+- ``exact``: Hessian–vector products by double backward. Fused attention kernels (sdpa, flash)
+  have no double backward, so the model runs with eager attention while the solve runs.
+- ``ggn``: Gauss–Newton products H_GN V = mean_i w_i ∇m_i (∇m_iᵀ V), w_i = σ(m_i)σ(−m_i), from one
+  ordinary forward+backward of Σ m_i per batch: ∇m_iᵀ V are fused segment dots of the captured
+  (X, Δ), and the sum Σ_i c_i ∇m_i is Σ_t c_{i(t)} Δ_tᵀ X_t per layer. PSD by construction.
+- ``identity``: q = ∇L_V (influence reduces to grad_dot).
+
+The solve is `prefprune.cg.solve` on a callable operator; its status per column is turned into a
+`SolveInfo`, and non-positive curvature raises `NonPositiveCurvatureError` unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prefprune import cg
+from prefprune.grads import (
+    LinearSite,
+    SegmentCapture,
+    capture_pairs,
+    flatten_site_matrices,
+    pair_dots,
+    pair_margins,
+    split_flat,
+)
+from prefprune.ops import dispatch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CURVATURES",
+    "NonPositiveCurvatureError",
+    "PairBatches",
+    "SolveInfo",
+    "eager_attention",
+    "exact_hvp",
+    "ggn_product",
+    "mean_gradient",
+    "solve_query",
+]
+
+CURVATURES = ("exact", "ggn", "identity")
+
+
+class NonPositiveCurvatureError(RuntimeError):
+    """CG met pᵀ(H + λI)p <= 0: the damped Hessian is not positive definite along p."""
+
+
+class PairBatches:
+    """A re-iterable sequence of collated pair batches (collated on the fly, moved to `device`).
+
+    Args:
+        encoded: `EncodedPair`s in scoring order.
+        batch_size: pairs per batch.
+        pad_token_id: padding id.
+        padding_side: "right" or "left".
+        device: where batches go.
+    """
+
+    def __init__(
+        self,
+        encoded: Sequence,
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        padding_side: str = "right",
+        device: torch.device | str = "cpu",
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.encoded = list(encoded)
+        self.batch_size = int(batch_size)
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.device = torch.device(device)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.encoded)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.encoded) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        from prefprune.data import collate_pairs
+
+        for start in range(0, len(self.encoded), self.batch_size):
+            chunk = self.encoded[start : start + self.batch_size]
+            batch = collate_pairs(chunk, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+
+def _params(sites: Sequence[LinearSite]) -> list[nn.Parameter]:
+    return [p for s in sites for p in s.parameters()]
+
+
+def _flat_grads(sites: Sequence[LinearSite], grads: Sequence[Tensor | None]) -> Tensor:
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(_params(sites), grads, strict=True)]
+    mats, k = [], 0
+    for s in sites:
+        n_p = len(s.parameters())
+        mats.append(s.augmented(grads[k : k + n_p]))
+        k += n_p
+    return flatten_site_matrices(mats)
+
+
+def mean_gradient(
+    model: nn.Module, sites: Sequence[LinearSite], batches: PairBatches, *, desc: str | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """∇ mean_i softplus(−m_i) over all pairs of `batches` (e.g. ∇L_V), in the flat layout.
+
+    Returns:
+        (p,) mean gradient and (n,) margins.
+    """
+    if batches.n_pairs == 0:
+        raise ValueError("cannot take the mean gradient of an empty set of pairs")
+    params = _params(sites)
+    total: Tensor | None = None
+    margins = []
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        with torch.enable_grad():
+            m = pair_margins(model, batch)
+            grads = torch.autograd.grad(F.softplus(-m).sum(), params, allow_unused=True)
+        flat = _flat_grads(sites, grads)
+        total = flat if total is None else total + flat
+        margins.append(m.detach())
+    return total / batches.n_pairs, torch.cat(margins)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run `model` with eager attention inside the block (fused kernels cannot double-backward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = before is not None and before != "eager" and hasattr(base, "set_attn_implementation")
+    if switch:
+        logger.debug("switching attention from %s to eager for double backward", before)
+        base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            base.set_attn_implementation(before)
+
+
+def exact_hvp(
+    model: nn.Module, sites: Sequence[LinearSite], batches: PairBatches
+) -> Callable[[Tensor], Tensor]:
+    """V ↦ H V for the Hessian of the mean loss over `batches`, by double backward.
+
+    Call the result inside `eager_attention(model)`, with right-padded batches (eager attention
+    produces NaN for fully masked left-padding rows).
+
+    Returns:
+        A function mapping (p, m) to (p, m).
+    """
+    params = _params(sites)
+    n = batches.n_pairs
+
+    def apply(V: Tensor) -> Tensor:
+        Vs = split_flat(V, sites)  # per site (m, d_out, d_in')
+        out = torch.zeros_like(V)
+        for batch in batches:
+            with torch.enable_grad():
+                loss = F.softplus(-pair_margins(model, batch)).sum() / n
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                gflat = _flat_grads(sites, grads)
+                for j in range(V.shape[1]):
+                    v = flatten_site_matrices([q[j] for q in Vs])
+                    hv = torch.autograd.grad(
+                        gflat @ v, params, retain_graph=j + 1 < V.shape[1], allow_unused=True
+                    )
+                    out[:, j] += _flat_grads(sites, hv)
+        return out
+
+    return apply
+
+
+def ggn_product(
+    model: nn.Module, sites: Sequence[LinearSite], batches: PairBatches, *, impl: str | None = None
+) -> Callable[[Tensor], Tensor]:
+    """V ↦ H_GN V = mean_i σ(m_i)σ(−m_i) ∇m_i ∇m_iᵀ V over `batches`, without double backward.
+
+    Returns:
+        A function mapping (p, m) to (p, m).
+    """
+    n = batches.n_pairs
+
+    def apply(V: Tensor) -> Tensor:
+        Qs = split_flat(V, sites)
+        acc = [torch.zeros_like(q) for q in Qs]
+        with SegmentCapture(sites) as cap:
+            for batch in batches:
+                margins, packed = capture_pairs(model, cap, batch, lambda m: m)
+                jv, _ = pair_dots(packed, Qs, impl=impl)  # (N, m) = ∇m_iᵀ V
+                w = torch.sigmoid(margins) * torch.sigmoid(-margins)
+                c = (w.unsqueeze(1) * jv.to(V.dtype) / n).to(V.dtype)
+                for k, layer in enumerate(packed):
+                    if layer.X.shape[0] == 0:
+                        continue
+                    ct = c[layer.segment_ids()]  # (T, m)
+                    # Σ_t c_{i(t),j} Δ_tᵀ X_t for every column j at once.
+                    acc[k] += torch.einsum("tj,to,ti->joi", ct, layer.dY.to(V.dtype), layer.X.to(V.dtype))
+        return flatten_site_matrices(acc)
+
+    return apply
+
+
+@dataclass
+class SolveInfo:
+    """How the query q = (H + λI)⁻¹ ∇L_V was obtained.
+
+    Attributes:
+        curvature: "exact", "ggn" or "identity".
+        damping: λ.
+        status: "converged", "max_iter", "nonpositive_curvature" or "not_solved" (identity).
+        iterations: operator products used.
+        residual: final relative residual ||b − A q|| / ||b|| as CG tracked it.
+        nonpositive_value: pᵀAp that stopped CG on non-positive curvature (None otherwise).
+        nonpositive_iteration: the iteration at which that happened (None otherwise).
+        n_curvature: pairs in the curvature set.
+        tol: CG tolerance.
+        max_iter: CG iteration cap.
+        impl: CG implementation used ("reference" or "native"; "none" for identity).
+        seconds: wall time of the solve.
+    """
+
+    curvature: str
+    damping: float
+    status: str
+    iterations: int
+    residual: float
+    nonpositive_value: float | None
+    nonpositive_iteration: int | None
+    n_curvature: int
+    tol: float
+    max_iter: int
+    impl: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cg_impl_name(operator: Callable, B: Tensor, impl: str | None) -> str:
+    want = dispatch.requested_impl(impl)
+    if want in ("auto", "native") and not cg.native_reasons(operator, B):
+        return "native"
+    return "reference"
+
+
+def solve_query(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    b: Tensor,
+    curvature_batches: PairBatches | None,
+    *,
+    curvature: str,
+    damping: float,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    on_nonpositive: str = "raise",
+    impl: str | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, SolveInfo]:
+    """Solve (H + λI) q = b for one right-hand side.
+
+    Args:
+        b: (p,) right-hand side, e.g. ∇L_V.
+        curvature_batches: the curvature set (unused for "identity").
+        curvature: "exact", "ggn" or "identity".
+        damping: λ (> 0 for exact, >= 0 for ggn).
+        tol, max_iter: CG stopping rule (relative residual, iteration cap).
+        on_nonpositive: "raise" (NonPositiveCurvatureError) or "nan" (q filled with NaN, status kept).
+        impl: CG implementation request (see `prefprune.cg.solve`).
+
+    Returns:
+        (p,) q and the `SolveInfo`.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if on_nonpositive not in ("raise", "nan"):
+        raise ValueError(f"on_nonpositive must be 'raise' or 'nan', got {on_nonpositive!r}")
+    if not math.isfinite(damping) or damping < 0 or (curvature == "exact" and damping <= 0):
+        need = "> 0 with curvature=exact" if curvature == "exact" else ">= 0"
+        raise ValueError(f"damping must be {need}, got {damping!r}")
+    t0 = time.perf_counter()
+    n_curv = 0 if curvature_batches is None else curvature_batches.n_pairs
+    if curvature == "identity":
+        return b.clone(), SolveInfo(
+            curvature, float(damping), "not_solved", 0, 0.0, None, None, n_curv, tol, max_iter, "none",
+            time.perf_counter() - t0,
+        )
+    if curvature_batches is None or n_curv == 0:
+        raise ValueError(f"curvature={curvature!r} needs a non-empty curvature set")
+
+    if curvature == "exact":
+        # Eager attention turns a fully masked query row (a left-padding position) into NaN, which
+        # 0·NaN then spreads to real tokens; with right padding no row is fully masked, and rewards
+        # do not depend on the padding side (see `pair_margins`).
+        right = PairBatches(curvature_batches.encoded, batch_size=curvature_batches.batch_size,
+                            pad_token_id=curvature_batches.pad_token_id, padding_side="right",
+                            device=curvature_batches.device)
+        product, ctx = exact_hvp(model, sites, right), eager_attention(model)
+    else:
+        product, ctx = ggn_product(model, sites, curvature_batches, impl=impl), contextlib.nullcontext()
+    bar = tqdm(total=max_iter, desc=f"CG ({curvature})", disable=not progress, leave=False)
+
+    def operator(V: Tensor) -> Tensor:
+        bar.update(1)
+        return product(V) + damping * V
+
+    B = b.unsqueeze(1)
+    cg_impl = _cg_impl_name(operator, B, impl)
+    try:
+        with ctx:
+            res = cg.solve(operator, B, tol=tol, max_iter=max_iter, impl=impl)
+    finally:
+        bar.close()
+    status = res.status_names()[0]
+    iters = int(res.iterations[0])
+    q = res.x[:, 0]
+    info = SolveInfo(
+        curvature=curvature,
+        damping=float(damping),
+        status=status,
+        iterations=iters,
+        residual=float(res.residual[0]),
+        nonpositive_value=float(res.curvature[0]) if status == "nonpositive_curvature" else None,
+        nonpositive_iteration=iters if status == "nonpositive_curvature" else None,
+        n_curvature=n_curv,
+        tol=float(tol),
+        max_iter=int(max_iter),
+        impl=cg_impl,
+        seconds=time.perf_counter() - t0,
+    )
+    if status == "nonpositive_curvature":
+        msg = (
+            f"CG met non-positive curvature pᵀ(H + λI)p = {info.nonpositive_value:.6g} at iteration {iters} "
+            f"(curvature={curvature!r}, damping={damping!r}): the damped Hessian is not positive definite, "
+            "so its inverse is not what influence needs; increase damping or use curvature='ggn'"
+        )
+        if on_nonpositive == "raise":
+            raise NonPositiveCurvatureError(msg)
+        logger.warning("%s; the influence column is NaN", msg)
+        q = torch.full_like(q, float("nan"))
+    elif status == "max_iter":
+        logger.warning(
+            "CG stopped at the iteration cap %d with relative residual %.3g > tol %.3g "
+            "(curvature=%r, damping=%r)",
+            max_iter, info.residual, tol, curvature, damping,
+        )
+    return q, info

@@ -1,0 +1,438 @@
+"""Per-pair gradients of a LoRA reward model from linear-layer captures, and the single-pair-loop oracle.
+
+Every trainable parameter is the weight (and maybe bias) of an `nn.Linear`. For such a layer with
+inputs X (T×d_in) and output-gradients Δ (T×d_out) of one pair's tokens, the pair's weight gradient
+is Δᵀ X (DESIGN §3); a bias is handled by appending a column of ones to X, so each layer's gradient
+is one augmented (d_out × d_in') matrix [∇W | ∇b].
+
+Flat parameter layout (used by every vector in this package): layers in `model.named_modules()`
+order, each layer's augmented matrix flattened row-major. `flatten_site_matrices` and
+`split_flat` convert between the two views.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LinearSite",
+    "PackedLayer",
+    "SegmentCapture",
+    "capture_pairs",
+    "flatten_site_matrices",
+    "num_params",
+    "oracle_pair_gradients",
+    "pair_dots",
+    "pair_margins",
+    "split_flat",
+    "trainable_linears",
+]
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A trainable `nn.Linear` whose per-pair gradients are captured.
+
+    Attributes:
+        name: module name in `model.named_modules()`.
+        module: the layer.
+    """
+
+    name: str
+    module: nn.Linear
+
+    @property
+    def has_bias(self) -> bool:
+        """True when the layer has a trainable bias (an extra ones column in X)."""
+        return self.module.bias is not None and self.module.bias.requires_grad
+
+    @property
+    def d_out(self) -> int:
+        return int(self.module.weight.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        """Input width including the ones column of a trainable bias."""
+        return int(self.module.weight.shape[1]) + int(self.has_bias)
+
+    @property
+    def numel(self) -> int:
+        return self.d_out * self.d_in
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The layer's trainable parameters in flat-layout order (weight, then bias)."""
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    def augmented(self, grads: Sequence[Tensor]) -> Tensor:
+        """Stack (∇W, ∇b) given in `parameters()` order into the (d_out, d_in') matrix."""
+        if self.has_bias:
+            return torch.cat([grads[0], grads[1].unsqueeze(1)], dim=1)
+        return grads[0]
+
+
+def trainable_linears(model: nn.Module) -> list[LinearSite]:
+    """The trainable linear layers of `model`, checked to cover every trainable parameter.
+
+    Raises:
+        ValueError: the model has no trainable parameters, or a trainable parameter is not the
+            weight/bias of an `nn.Linear` (e.g. a DoRA magnitude vector), or a linear layer has a
+            trainable bias but a frozen weight.
+    """
+    sites: list[LinearSite] = []
+    covered: set[int] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        w_train = mod.weight.requires_grad
+        b_train = mod.bias is not None and mod.bias.requires_grad
+        if b_train and not w_train:
+            raise ValueError(f"linear layer {name!r} has a trainable bias but a frozen weight; unsupported")
+        if w_train:
+            site = LinearSite(name, mod)
+            sites.append(site)
+            covered.update(id(p) for p in site.parameters())
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (expected LoRA adapters and a score head)")
+    stray = [n for n, p in trainable if id(p) not in covered]
+    if stray:
+        raise ValueError(
+            f"trainable parameters that are not nn.Linear weights/biases are not supported: {stray[:5]}"
+            + (f" (+{len(stray) - 5} more)" if len(stray) > 5 else "")
+        )
+    return sites
+
+
+def num_params(sites: Sequence[LinearSite]) -> int:
+    """Length p of the flat parameter vector."""
+    return sum(s.numel for s in sites)
+
+
+def flatten_site_matrices(mats: Sequence[Tensor]) -> Tensor:
+    """Concatenate per-layer matrices into the flat layout.
+
+    Args:
+        mats: per layer (d_out, d_in') or (m, d_out, d_in').
+
+    Returns:
+        (p,) or (p, m).
+    """
+    if mats[0].dim() == 2:
+        return torch.cat([m.reshape(-1) for m in mats])
+    return torch.cat([m.reshape(m.shape[0], -1) for m in mats], dim=1).T
+
+
+def split_flat(vec: Tensor, sites: Sequence[LinearSite]) -> list[Tensor]:
+    """Inverse of `flatten_site_matrices`: (p,) → [(d_out, d_in')], (p, m) → [(m, d_out, d_in')]."""
+    p = num_params(sites)
+    if vec.shape[0] != p:
+        raise ValueError(f"flat vector has {vec.shape[0]} rows, the model has {p} trainable parameters")
+    out, start = [], 0
+    for s in sites:
+        chunk = vec[start : start + s.numel]
+        start += s.numel
+        if vec.dim() == 1:
+            out.append(chunk.reshape(s.d_out, s.d_in))
+        else:
+            out.append(chunk.T.reshape(vec.shape[1], s.d_out, s.d_in))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass of a pair batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "position_ids" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def pair_margins(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Margins m_i = r(chosen_i) − r(rejected_i) of a collated pair batch.
+
+    Position ids are derived from the attention mask (first real token = 0) so a pair's reward
+    does not depend on how much padding sits on its left; with right padding this equals the
+    models' default positions.
+
+    Args:
+        batch: {"input_ids": (2B, L), "attention_mask": (2B, L)}, rows 0..B-1 chosen, B..2B-1 rejected.
+
+    Returns:
+        (B,) margins.
+    """
+    kwargs = dict(batch)
+    if "position_ids" not in kwargs and _accepts_position_ids(model):
+        mask = batch["attention_mask"]
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    rewards = model(**kwargs).logits[:, 0]
+    n = rewards.shape[0] // 2
+    return rewards[:n] - rewards[n:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture of (X, Δ) per trainable linear, packed per pair
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedLayer:
+    """One layer's tokens, grouped by pair (chosen tokens, then rejected tokens).
+
+    Attributes:
+        X: (T, d_in') layer inputs (with a ones column for a trainable bias).
+        dY: (T, d_out) gradients of the objective w.r.t. the layer outputs.
+        offsets: (N+1,) int64; pair i owns rows offsets[i]:offsets[i+1].
+    """
+
+    X: Tensor
+    dY: Tensor
+    offsets: Tensor
+
+    def segment_ids(self) -> Tensor:
+        """(T,) pair index of every row."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+
+class SegmentCapture:
+    """Context manager recording every trainable linear's input and output during a forward.
+
+    Only one forward may run between `reset()` calls; `output_grads` then returns Δ for each layer
+    from one backward of a scalar objective, and `pack` groups rows per pair, dropping padding.
+    """
+
+    def __init__(self, sites: Sequence[LinearSite]):
+        self.sites = list(sites)
+        self._handles: list = []
+        self._inputs: list[Tensor | None] = [None] * len(self.sites)
+        self._outputs: list[Tensor | None] = [None] * len(self.sites)
+
+    def __enter__(self) -> SegmentCapture:
+        for k, site in enumerate(self.sites):
+            self._handles.append(site.module.register_forward_hook(self._make_hook(k)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def _make_hook(self, k: int) -> Callable:
+        def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if self._outputs[k] is not None:
+                raise RuntimeError(
+                    f"linear layer {self.sites[k].name!r} ran twice in one forward; "
+                    "weight sharing is unsupported"
+                )
+            self._inputs[k] = inputs[0].detach()
+            self._outputs[k] = output
+
+        return hook
+
+    def reset(self) -> None:
+        """Forget the last forward's tensors."""
+        self._inputs = [None] * len(self.sites)
+        self._outputs = [None] * len(self.sites)
+
+    def output_grads(self, objective: Tensor) -> list[Tensor | None]:
+        """Δ of every layer from one backward of `objective` (None for a layer that did not run).
+
+        Gradients are taken w.r.t. the layer outputs only, so parameter `.grad` fields are untouched
+        and no weight-gradient products are computed.
+        """
+        idx = [k for k, o in enumerate(self._outputs) if o is not None and o.requires_grad]
+        if not idx:
+            raise RuntimeError("no trainable linear layer ran with gradients enabled in the last forward")
+        grads = torch.autograd.grad(objective, [self._outputs[k] for k in idx], allow_unused=True)
+        out: list[Tensor | None] = [None] * len(self.sites)
+        for k, g in zip(idx, grads, strict=True):
+            out[k] = torch.zeros_like(self._outputs[k]) if g is None else g
+        return out
+
+    def pack(self, dys: Sequence[Tensor | None], attention_mask: Tensor) -> list[PackedLayer]:
+        """Group each layer's rows per pair, chosen tokens then rejected tokens, without padding.
+
+        Token-level layers (input (2B, L, d)) keep the rows where `attention_mask` is 1 and Δ is
+        not identically zero (a decoder score head's Δ is nonzero only at the pooled token; dropping
+        exact-zero rows changes no dot product or norm). Sequence-level layers (input (2B, d), e.g.
+        BERT's classifier on the pooled output) keep one row per sequence.
+
+        Args:
+            dys: output of `output_grads`.
+            attention_mask: (2B, L) of the batch.
+
+        Returns:
+            One `PackedLayer` per site.
+        """
+        two_b, length = attention_mask.shape
+        n = two_b // 2
+        packed = []
+        for site, x, dy in zip(self.sites, self._inputs, dys, strict=True):
+            dev = attention_mask.device
+            if x is None or dy is None:
+                X = torch.zeros(0, site.d_in, dtype=site.module.weight.dtype, device=dev)
+                dY = torch.zeros(0, site.d_out, dtype=site.module.weight.dtype, device=dev)
+                packed.append(PackedLayer(X, dY, torch.zeros(n + 1, dtype=torch.int64, device=dev)))
+                continue
+            lead = tuple(x.shape[:-1])
+            if lead == (two_b, length) or lead == (two_b * length,):
+                x = x.reshape(2, n, length, -1).transpose(0, 1).reshape(n, 2 * length, -1)
+                dy = dy.reshape(2, n, length, -1).transpose(0, 1).reshape(n, 2 * length, -1)
+                keep = attention_mask.reshape(2, n, length).transpose(0, 1).reshape(n, 2 * length).bool()
+                keep = keep & (dy != 0).any(-1)
+                counts = keep.sum(1)
+                x, dy = x[keep], dy[keep]
+            elif lead == (two_b,):
+                x = x.reshape(2, n, -1).transpose(0, 1).reshape(two_b, -1)
+                dy = dy.reshape(2, n, -1).transpose(0, 1).reshape(two_b, -1)
+                counts = torch.full((n,), 2, dtype=torch.int64, device=dev)
+            else:
+                raise ValueError(
+                    f"layer {site.name!r} saw inputs of shape {tuple(x.shape)}; expected (2B, L, d) or "
+                    f"(2B, d) with 2B={two_b}, L={length}"
+                )
+            if site.has_bias:
+                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            offsets = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+            offsets[1:] = counts.cumsum(0)
+            packed.append(PackedLayer(x.contiguous(), dy.contiguous(), offsets))
+        return packed
+
+
+def capture_pairs(
+    model: nn.Module,
+    capture: SegmentCapture,
+    batch: dict[str, Tensor],
+    objective: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, list[PackedLayer]]:
+    """One forward + backward of Σ_i f(m_i) over a pair batch, packed per pair.
+
+    Because a transformer couples no two sequences, Δ restricted to pair i's rows is exactly the
+    output-gradient of f(m_i) alone, so each packed segment holds the exact ∇f(m_i) (DESIGN §3).
+
+    Args:
+        capture: an entered `SegmentCapture` for `model`.
+        batch: collated pairs (see `pair_margins`).
+        objective: elementwise f applied to the (B,) margins, e.g. softplus(−m) for the loss.
+
+    Returns:
+        (B,) margins (detached) and one `PackedLayer` per site.
+    """
+    capture.reset()
+    with torch.enable_grad():
+        margins = pair_margins(model, batch)
+        dys = capture.output_grads(objective(margins).sum())
+    packed = capture.pack(dys, batch["attention_mask"])
+    capture.reset()
+    return margins.detach(), packed
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: a loop of single-pair backward passes
+# ---------------------------------------------------------------------------------------------
+
+
+def oracle_pair_gradients(
+    model: nn.Module,
+    encoded: Sequence,
+    *,
+    pad_token_id: int,
+    of: str = "loss",
+) -> tuple[Tensor, Tensor]:
+    """Per-pair gradients by one backward per pair over the trainable parameters (the test oracle).
+
+    Args:
+        encoded: `EncodedPair`s.
+        pad_token_id: padding id used to collate chosen and rejected of one pair.
+        of: "loss" for ∇ℓ_i = ∇softplus(−m_i), "margin" for ∇m_i.
+
+    Returns:
+        (N, p) gradients in the flat layout, and (N,) margins.
+    """
+    from prefprune.data import collate_pairs
+
+    if of not in ("loss", "margin"):
+        raise ValueError(f"of must be 'loss' or 'margin', got {of!r}")
+    sites = trainable_linears(model)
+    params = [p for s in sites for p in s.parameters()]
+    dev = params[0].device
+    rows, margins = [], []
+    for pair in encoded:
+        batch = {k: v.to(dev) for k, v in collate_pairs([pair], pad_token_id=pad_token_id).items()}
+        with torch.enable_grad():
+            m = pair_margins(model, batch)[0]
+            target = F.softplus(-m) if of == "loss" else m
+            grads = torch.autograd.grad(target, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        mats, k = [], 0
+        for s in sites:
+            n_p = len(s.parameters())
+            mats.append(s.augmented(grads[k : k + n_p]))
+            k += n_p
+        rows.append(flatten_site_matrices(mats))
+        margins.append(m.detach())
+    if not rows:
+        p = num_params(sites)
+        return torch.zeros(0, p, dtype=params[0].dtype, device=dev), torch.zeros(0, device=dev)
+    return torch.stack(rows), torch.stack(margins)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-pair dots and norms from packed layers
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_dots(
+    packed: Sequence[PackedLayer], queries: Sequence[Tensor] | None, *, impl: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dots of every pair's full gradient with m queries, and its squared norm, summed over layers.
+
+    Layers that share the same segment offsets go through one grouped fused call; the rest one
+    call each. Per-pair gradients are never formed outside the fused op.
+
+    Args:
+        packed: one `PackedLayer` per site (see `SegmentCapture.pack`).
+        queries: per site (m, d_out, d_in') in the flat layout's per-layer view, or None (norms only).
+        impl: segment-op implementation request (`PREFPRUNE_IMPL` when None).
+
+    Returns:
+        S (N, m) with S[i, j] = ∇_iᵀ q_j, and sqnorm (N,) = ‖∇_i‖², accumulated in fp32 (fp64 for fp64).
+    """
+    from prefprune.ops.segment import segment_grad_dot_grouped
+
+    groups: list[list[int]] = []
+    for k, layer in enumerate(packed):
+        if layer.X.shape[0] == 0:
+            continue
+        for g in groups:
+            ref = packed[g[0]].offsets
+            if ref.shape == layer.offsets.shape and torch.equal(ref, layer.offsets):
+                g.append(k)
+                break
+        else:
+            groups.append([k])
+    n = packed[0].offsets.numel() - 1
+    wide = torch.float64 if packed[0].X.dtype == torch.float64 else torch.float32
+    m = 0 if queries is None else int(queries[0].shape[0])
+    dev = packed[0].offsets.device
+    S = torch.zeros(n, m, dtype=wide, device=dev)
+    sq = torch.zeros(n, dtype=wide, device=dev)
+    for g in groups:
+        Xs = [packed[k].X for k in g]
+        dYs = [packed[k].dY for k in g]
+        Qs = None if queries is None else [queries[k] for k in g]
+        s_g, sq_g = segment_grad_dot_grouped(Xs, dYs, packed[g[0]].offsets, Qs, impl=impl)
+        S += s_g.to(wide)
+        sq += sq_g.to(wide)
+    return S, sq
