@@ -255,24 +255,60 @@ def tiny_config(family: str, **overrides: Any):
 
     common = dict(vocab_size=_TINY_VOCAB, pad_token_id=0, bos_token_id=2, eos_token_id=3, num_labels=1)
     if family == "gpt_neox":
-        cls, kw = GPTNeoXConfig, dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=512, hidden_dropout=0.0, attention_dropout=0.0, use_cache=False,
+        cls, kw = (
+            GPTNeoXConfig,
+            dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=512,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                use_cache=False,
+            ),
         )
     elif family == "llama":
-        cls, kw = LlamaConfig, dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            intermediate_size=64, max_position_embeddings=512, attention_dropout=0.0, use_cache=False,
+        cls, kw = (
+            LlamaConfig,
+            dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=512,
+                attention_dropout=0.0,
+                use_cache=False,
+            ),
         )
     elif family == "bert":
-        cls, kw = BertConfig, dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        cls, kw = (
+            BertConfig,
+            dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=512,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
         )
     elif family == "gpt2":
-        cls, kw = GPT2Config, dict(
-            n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=512,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        cls, kw = (
+            GPT2Config,
+            dict(
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_inner=64,
+                n_positions=512,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                use_cache=False,
+            ),
         )
     else:
         raise ValueError(f"unknown tiny model family {family!r}; choose gpt_neox, llama, bert or gpt2")
@@ -456,14 +492,23 @@ def reward_forward(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     Args:
         model: A reward model (one output logit).
         batch: ``input_ids`` and ``attention_mask``, both (2B, L) int64 (rows 0..B-1 chosen, B..2B-1
-            rejected, as from ``prefprune.data.collate_pairs``); ``token_type_ids`` is passed on if present.
+            rejected, as from ``prefprune.data.collate_pairs``); ``token_type_ids`` and ``position_ids``
+            are passed on if present. Left-padded batches get ``position_ids`` counted from each row's
+            first real token, so left and right padding give the same rewards.
 
     Returns:
         (2B,) rewards ``model(**batch).logits[:, 0]``.
     """
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    mask = batch["attention_mask"]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask}
     if "token_type_ids" in batch:
         kwargs["token_type_ids"] = batch["token_type_ids"]
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    elif mask.shape[1] > 0 and not bool(mask[:, 0].all()):
+        # Left padding: without explicit positions the real tokens would start at position > 0, which
+        # changes the reward of models with absolute position embeddings (GPT-2, BERT).
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(**kwargs).logits
     if logits.ndim != 2 or logits.shape[1] != 1:
         raise ValueError(
@@ -581,7 +626,7 @@ def _check_adapter_fits(
     modules = dict(base.named_modules())
     prefix = "base_model.model."
     for key, shape in shapes.items():
-        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = key[len(prefix) :] if key.startswith(prefix) else key
         parts = name.split(".")
         lora_at = next((i for i, p in enumerate(parts) if p.startswith("lora_")), None)
         mod_name = ".".join(parts[:lora_at] if lora_at is not None else parts[:-1])
