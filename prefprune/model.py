@@ -83,6 +83,8 @@ _DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 # Families whose classifier reads a pooler over [CLS]; the pooler is trained with the head (see module doc).
 _POOLER_FAMILIES = {"bert", "roberta", "xlm-roberta"}
+# Encoders whose classifier reads the *first* position ([CLS]): they need right padding.
+_FIRST_TOKEN_FAMILIES = {"bert", "roberta", "xlm-roberta", "electra", "distilbert"}
 # Families whose weights are Conv1D (transposed); peft needs fan_in_fan_out=True for them.
 _CONV1D_FAMILIES = {"gpt2"}
 
@@ -346,8 +348,13 @@ def _fix_pad_token(config: Any, tokenizer: Any) -> None:
     """Give the tokenizer a pad token (EOS when missing) and tell the config which id it is.
 
     Decoder classifiers read the logit of the rightmost token that is not ``pad_token_id`` (this works
-    for either padding side), so the config must know the pad id and the pad id must exist.
+    for either padding side), so the config must know the pad id and the pad id must exist. Encoder
+    classifiers read position 0 ([CLS]), so their tokenizer is switched to right padding.
     """
+    if tokenizer is not None and config.model_type in _FIRST_TOKEN_FAMILIES:
+        if tokenizer.padding_side != "right":
+            logger.info("%s reads the first token: switching to right padding", config.model_type)
+            tokenizer.padding_side = "right"
     if tokenizer is not None:
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
