@@ -206,6 +206,18 @@ def segment_grad_dot_triton(
     return segment_grad_dot_grouped_triton([X], [dY], offsets, None if Q is None else [Q])
 
 
+@functools.lru_cache(maxsize=64)
+def _tile_table(dims: tuple[tuple[int, int], ...], block_a: int, block_b: int, device: str) -> Tensor:
+    """(n_tiles, 3) int64 rows (layer, a0, b0) covering every layer's oriented (da, db) gradient."""
+    rows = [
+        (layer, a0, b0)
+        for layer, (da, db) in enumerate(dims)
+        for a0 in range(0, da, block_a)
+        for b0 in range(0, db, block_b)
+    ]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+
+
 def _grad_dot_launch(
     Xs: list[Tensor],
     dYs: list[Tensor],
@@ -221,49 +233,26 @@ def _grad_dot_launch(
     small = max(min(X.shape[1], dY.shape[1]) for X, dY in zip(Xs, dYs, strict=True))
     block_a = _pow2_clamp(small, 16, 64)
     block_b = 128 if block_a <= 32 else 64
-    meta, tiles = [], []
+    meta, dims = [], []
     for layer, (X, dY) in enumerate(zip(Xs, dYs, strict=True)):
         Q = None if qs is None else qs[layer]
         d_in, d_out = X.shape[1], dY.shape[1]
         sq_m, sq_o, sq_i = (0, 0, 0) if Q is None else Q.stride()
         q_addr = 0 if Q is None else Q.data_ptr()
         if d_out <= d_in:  # G' = G = dYᵀ X
-            meta.append(
-                [
-                    dY.data_ptr(),
-                    X.data_ptr(),
-                    q_addr,
-                    d_out,
-                    d_in,
-                    *dY.stride(),
-                    *X.stride(),
-                    sq_m,
-                    sq_o,
-                    sq_i,
-                ]
-            )
-            da, db = d_out, d_in
+            a, b, q_strides = dY, X, (sq_m, sq_o, sq_i)
         else:  # G' = Gᵀ = Xᵀ dY, queries read transposed through their strides
-            meta.append(
-                [
-                    X.data_ptr(),
-                    dY.data_ptr(),
-                    q_addr,
-                    d_in,
-                    d_out,
-                    *X.stride(),
-                    *dY.stride(),
-                    sq_m,
-                    sq_i,
-                    sq_o,
-                ]
-            )
-            da, db = d_in, d_out
-        tiles.extend([layer, a0, b0] for a0 in range(0, da, block_a) for b0 in range(0, db, block_b))
-    # One host-to-device copy per call: the addresses change with every batch.
-    table = torch.tensor([v for r in meta + tiles for v in r], dtype=torch.int64).to(device)
-    meta_t, tiles_t = table[: _META_COLS * len(meta)], table[_META_COLS * len(meta) :]
-    n_tiles = len(tiles)
+            a, b, q_strides = X, dY, (sq_m, sq_i, sq_o)
+        meta.extend(
+            [a.data_ptr(), b.data_ptr(), q_addr, a.shape[1], b.shape[1], *a.stride(), *b.stride(), *q_strides]
+        )
+        dims.append((a.shape[1], b.shape[1]))
+    # The addresses change with every batch (one small copy); the tile list only with the shapes (cached).
+    meta_t = torch.tensor(meta, dtype=torch.int64).to(device)
+    tiles_t = _tile_table(tuple(dims), block_a, block_b, str(device))
+    n_tiles = tiles_t.shape[0]
+    if n_tiles == 0:  # every layer has a zero-sized side: all gradients are empty
+        return torch.zeros((n_seg, m), dtype=torch.float32, device=device), torch.zeros(n_seg, device=device)
     dots = torch.empty((n_tiles, n_seg, max(m, 1)), dtype=torch.float32, device=device)
     sqp = torch.empty((n_tiles, n_seg), dtype=torch.float32, device=device)
     _segment_grad_dot_kernel[(n_tiles * n_seg,)](
@@ -281,7 +270,8 @@ def _grad_dot_launch(
         BLOCK_T=64 if not _interpreting() else 16,
         BLOCK_A=block_a,
         BLOCK_B=block_b,
-        num_warps=4,
+        # 64×64 fp32 tiles need 8 warps to stay clear of the 255-register cap (ptxas -v, sm_90a).
+        num_warps=8 if block_a * block_b >= 64 * 64 else 4,
     )
     return dots[:, :, :m].sum(0), sqp.sum(0)
 
@@ -480,7 +470,9 @@ def segment_project_triton(
         BLOCK_T=block_t,
         BLOCK_KO=block_ko,
         BLOCK_KI=block_ki,
-        BLOCK_D=32 if interp else 64,
-        num_warps=4,
+        BLOCK_D=32,
+        # Register budget checked with ptxas -v for sm_90a: 8 warps with 32×32 token/feature blocks compile
+        # without spills for every HAS_PIN/HAS_POUT combination (4 warps or BLOCK_D=64 spill).
+        num_warps=8,
     )
     return out.sum(0) if split > 1 else out
