@@ -1,0 +1,530 @@
+"""Streaming influence and gradient-similarity scores of every training pair, written to a score file.
+
+Two passes (DESIGN §3): (1) the validation gradient ∇L_V and the curvature solve
+q = (H + λI)⁻¹ ∇L_V; (2) one forward+backward per training batch whose captured (X, Δ) give, per
+pair and without forming its gradient, the dots with both queries (q, ∇L_V) and the gradient norm
+from one fused call. Columns (positive = helpful for all but train_loss, DESIGN §2):
+
+- ``influence`` = qᵀ∇ℓ_i,
+- ``grad_dot`` = ∇L_Vᵀ∇ℓ_i, ``grad_cos`` = its cosine (0 for a zero gradient),
+- ``train_loss`` = softplus(−m_i), ``margin`` = m_i, ``truncated`` = 1 when the prompt was cut.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import io
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prefprune.curvature import CURVATURES, PairBatches, SolveInfo, mean_gradient, solve_query
+from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat, trainable_linears
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COLUMNS",
+    "OUTPUT_EXTENSIONS",
+    "ScoreConfig",
+    "ScoreResult",
+    "check_output_path",
+    "score_model",
+    "score_pairs",
+    "write_scores",
+]
+
+# Sequence classifiers of these families pool the first position, so left padding would feed a pad
+# token to the head: their rewards are only defined with right padding.
+_FIRST_TOKEN_POOLING = (
+    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet", "roberta",
+    "xlm-roberta",
+)
+COLUMNS = ("influence", "grad_dot", "grad_cos", "train_loss", "margin", "truncated")
+OUTPUT_EXTENSIONS = (".parquet", ".jsonl", ".csv")
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of a scoring run (all recorded in the sidecar)."""
+
+    curvature: str = field(
+        default="ggn",
+        metadata={"help": "Hessian used by influence: exact (double-backward HVPs, the paper's method), ggn "
+                          "(Gauss–Newton, PSD, no double backward) or identity (influence = grad_dot)."},
+    )
+    damping: float = field(
+        default=1.0,
+        metadata={"help": "λ added to the Hessian. Not a detail: on a tiny LoRA model λ=1 tracked "
+                          "leave-one-out retraining far better than 0.1 or 0.01 (DESIGN §2); sweep it. "
+                          "Must be > 0 for exact."},
+    )
+    tol: float = field(default=1e-6, metadata={"help": "CG stops when ||r|| <= tol·||∇L_V||."})
+    max_iter: int = field(default=100, metadata={"help": "CG iteration cap (operator products)."})
+    hessian_samples: int | None = field(
+        default=None,
+        metadata={"help": "Curvature set size: a seeded uniform subsample of the training pairs "
+                          "(None: every training pair)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the hessian_samples subsample."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward batch."})
+    max_length: int = field(default=512, metadata={"help": "Longest sequence in tokens."})
+    truncation: str = field(
+        default="prompt",
+        metadata={"help": "Training pairs longer than max_length: 'prompt' (cut the prompt) or 'error'. "
+                          "Validation pairs are never cut: a too-long one is an error."},
+    )
+    padding_side: str | None = field(
+        default=None, metadata={"help": "'right' or 'left'; None: the tokenizer's own (else right)."}
+    )
+    on_nonpositive: str = field(
+        default="raise",
+        metadata={"help": "When CG meets non-positive curvature: 'raise' an error, or 'nan' (influence "
+                          "column NaN, status recorded in the sidecar)."},
+    )
+    impl: str | None = field(
+        default=None,
+        metadata={"help": "auto|triton|native|reference for the fused ops and CG (None: PREFPRUNE_IMPL)."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid setting (before any heavy work)."""
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        try:
+            damping = float(self.damping)
+        except (TypeError, ValueError):
+            raise ValueError(f"damping must be a number, got {self.damping!r}") from None
+        if not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be finite and >= 0, got {self.damping!r}")
+        if self.curvature == "exact" and damping <= 0:
+            raise ValueError(
+                "damping must be > 0 with curvature='exact' (an exact Hessian can be singular or "
+                f"indefinite), got {self.damping!r}"
+            )
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
+        if int(self.max_iter) != self.max_iter or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.hessian_samples is not None and (
+            int(self.hessian_samples) != self.hessian_samples or self.hessian_samples < 1
+        ):
+            raise ValueError(f"hessian_samples must be None or an integer >= 1, got {self.hessian_samples!r}")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if int(self.max_length) != self.max_length or self.max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
+        if self.truncation not in ("prompt", "error"):
+            raise ValueError(f"truncation must be 'prompt' or 'error', got {self.truncation!r}")
+        if self.padding_side not in (None, "right", "left"):
+            raise ValueError(f"padding_side must be None, 'right' or 'left', got {self.padding_side!r}")
+        if self.on_nonpositive not in ("raise", "nan"):
+            raise ValueError(f"on_nonpositive must be 'raise' or 'nan', got {self.on_nonpositive!r}")
+        if self.impl is not None:
+            from prefprune.ops.dispatch import requested_impl
+
+            requested_impl(self.impl)
+
+
+@dataclass
+class ScoreResult:
+    """Scores of every training pair, in training-set order.
+
+    Attributes:
+        ids: (n,) pair ids.
+        columns: name → (n,) float64 array, names in `COLUMNS`.
+        solve: how the influence query was solved.
+        metadata: settings, versions, timings, implementations (the sidecar's content).
+    """
+
+    ids: list[str]
+    columns: dict[str, np.ndarray]
+    solve: SolveInfo
+    metadata: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the score file (format by extension) and its `<path>.json` sidecar."""
+        write_scores(self, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before any heavy work
+# ---------------------------------------------------------------------------------------------
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The output path, checked: known extension, existing folder, not a folder itself."""
+    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_EXTENSIONS:
+        raise ValueError(f"output {str(p)!r}: unknown extension {p.suffix!r}; use one of {OUTPUT_EXTENSIONS}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"output {str(p)!r}: folder {str(parent)!r} does not exist")
+    if p.is_dir():
+        raise ValueError(f"output {str(p)!r} is a folder")
+    return p
+
+
+def _check_ids(ids: Sequence[str], what: str) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"{what}: duplicate pair id {i!r}; score rows are keyed by id")
+        seen.add(i)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "prefprune"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _segment_impl_name(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """Name of the fused-dot implementation the dispatcher picks for activations of this device/dtype."""
+    from prefprune.ops.segment import select_segment_impl
+
+    probe = torch.zeros(1, 1, dtype=dtype, device=device)
+    return select_segment_impl("segment_grad_dot_grouped", [probe, probe], impl=impl).name
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def score_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    train: Sequence,
+    val: Sequence,
+    *,
+    config: ScoreConfig | None = None,
+) -> ScoreResult:
+    """Score every training pair against the validation set.
+
+    Args:
+        model: a LoRA reward model (trainable parameters = LoRA and head `nn.Linear`s).
+        tokenizer: its tokenizer (with a pad token).
+        train: training `PreferencePair`s (a `PreferenceDataset` or any sequence).
+        val: validation pairs (must fit `max_length` uncut).
+        config: settings (default `ScoreConfig()`).
+
+    Returns:
+        `ScoreResult`, rows in training order.
+
+    Raises:
+        ValueError: empty training or validation set, duplicate training ids, a validation pair
+            longer than max_length, a model without trainable parameters, invalid settings.
+        prefprune.curvature.NonPositiveCurvatureError: CG met non-positive curvature (on_nonpositive="raise").
+    """
+    from prefprune.data import encode_pairs
+
+    config = config or ScoreConfig()
+    config.validate()
+    t_start = time.perf_counter()
+    if len(val) == 0:
+        raise ValueError("the validation set is empty; influence needs a validation gradient")
+    if len(train) == 0:
+        raise ValueError("the training set is empty; nothing to score")
+    sites = trainable_linears(model)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token")
+    padding_side = config.padding_side or getattr(tokenizer, "padding_side", None) or "right"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if padding_side == "left" and model_type in _FIRST_TOKEN_POOLING:
+        raise ValueError(
+            f"padding_side='left' with a {model_type!r} model: its classifier reads the first position, "
+            "which would be padding; use padding_side='right'"
+        )
+    n_h = config.hessian_samples
+    if n_h is not None and n_h > len(train) and config.curvature != "identity":
+        raise ValueError(
+            f"hessian_samples={config.hessian_samples} exceeds the {len(train)} training pairs"
+        )
+
+    t0 = time.perf_counter()
+    val_enc = encode_pairs(val, tokenizer, max_length=config.max_length, truncation="error")
+    train_enc = encode_pairs(train, tokenizer, max_length=config.max_length, truncation=config.truncation)
+    _check_ids([e.id for e in train_enc], "training set")
+    t_encode = time.perf_counter() - t0
+
+    first = next(iter(model.parameters()))
+    device, dtype = first.device, sites[0].module.weight.dtype
+    seg_impl = _segment_impl_name(config.impl, device, dtype)
+
+    def batches(enc: Sequence) -> PairBatches:
+        return PairBatches(enc, batch_size=config.batch_size, pad_token_id=pad_id, padding_side=padding_side,
+                           device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        g_val, val_margins = mean_gradient(model, sites, batches(val_enc), desc="pass 1: validation gradient",
+                                           progress=config.progress)
+        t_pass1 = time.perf_counter() - t0
+
+        if config.curvature == "identity":
+            curv_enc = None
+        elif config.hessian_samples is None or config.hessian_samples == len(train_enc):
+            curv_enc = train_enc
+        else:
+            gen = torch.Generator().manual_seed(int(config.seed))
+            pick = torch.randperm(len(train_enc), generator=gen)[: config.hessian_samples].sort().values
+            curv_enc = [train_enc[int(i)] for i in pick]
+        q, info = solve_query(
+            model, sites, g_val, None if curv_enc is None else batches(curv_enc),
+            curvature=config.curvature, damping=float(config.damping), tol=config.tol,
+            max_iter=config.max_iter, on_nonpositive=config.on_nonpositive, impl=config.impl,
+            progress=config.progress,
+        )
+
+        t0 = time.perf_counter()
+        cols = _stream_scores(model, sites, batches(train_enc), q, g_val, impl=config.impl,
+                              progress=config.progress)
+        t_pass2 = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    cols["truncated"] = np.asarray([float(e.truncated) for e in train_enc], dtype=np.float64)
+
+    val_m = val_margins.double()
+    metadata = {
+        "format": "prefprune.scores/1",
+        "columns": list(COLUMNS),
+        "sign_convention": "influence, grad_dot, grad_cos, margin: positive = helpful; "
+        "train_loss: high = suspect",
+        "config": asdict(config),
+        "solve": info.to_dict(),
+        "n_train": len(train_enc),
+        "n_train_truncated": int(sum(e.truncated for e in train_enc)),
+        "n_val": len(val_enc),
+        "n_params": int(g_val.numel()),
+        "padding_side": padding_side,
+        "validation": {
+            "loss": float(F.softplus(-val_m).mean()),
+            "accuracy": float((val_m > 0).double().mean()),
+            "grad_norm": float(g_val.double().norm()),
+            "query_norm": float(q.double().norm()),
+        },
+        "timings_s": {
+            "encode": t_encode,
+            "pass1_validation_gradient": t_pass1,
+            "solve": info.seconds,
+            "pass2_scores": t_pass2,
+            "total": time.perf_counter() - t_start,
+        },
+        "impl": {"segment_grad_dot": seg_impl, "cg": info.impl},
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": _versions(),
+        "model": getattr(model, "prefprune_info", None),
+    }
+    return ScoreResult(ids=[e.id for e in train_enc], columns=cols, solve=info, metadata=metadata)
+
+
+def _stream_scores(
+    model: nn.Module,
+    sites: Sequence,
+    batches: PairBatches,
+    q: Tensor,
+    g_val: Tensor,
+    *,
+    impl: str | None,
+    progress: bool,
+) -> dict[str, np.ndarray]:
+    """Pass 2: per-pair influence, grad_dot, grad_cos, train_loss and margin, batch by batch."""
+    # Both queries go through the fused dot at once: column 0 = q, column 1 = ∇L_V.
+    queries = split_flat(torch.stack([q, g_val], dim=1), sites)
+    g_norm = float(g_val.double().norm())
+    infl, dot, sqn, marg = [], [], [], []
+    with SegmentCapture(sites) as cap:
+        for batch in tqdm(batches, desc="pass 2: training scores", disable=not progress, leave=False):
+            margins, packed = capture_pairs(model, cap, batch, lambda m: F.softplus(-m))
+            S, sq = pair_dots(packed, queries, impl=impl)
+            infl.append(S[:, 0].double().cpu())
+            dot.append(S[:, 1].double().cpu())
+            sqn.append(sq.double().cpu())
+            marg.append(margins.double().cpu())
+    influence, grad_dot = torch.cat(infl), torch.cat(dot)
+    norms = torch.cat(sqn).clamp(min=0).sqrt()
+    margin = torch.cat(marg)
+    denom = norms * g_norm
+    grad_cos = torch.where(denom > 0, grad_dot / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                           torch.zeros_like(denom))
+    return {
+        "influence": influence.numpy(),
+        "grad_dot": grad_dot.numpy(),
+        "grad_cos": grad_cos.numpy(),
+        "train_loss": F.softplus(-margin).numpy(),
+        "margin": margin.numpy(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_number(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _encode_table(result: ScoreResult, suffix: str) -> bytes:
+    names = [c for c in COLUMNS if c in result.columns]
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrays = [pa.array(result.ids, type=pa.string())]
+        for c in names:
+            arr = result.columns[c]
+            arrays.append(pa.array(arr.astype(np.int64) if c == "truncated" else arr))
+        table = pa.Table.from_arrays(arrays, names=["id", *names])
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        return sink.getvalue()
+    if suffix == ".jsonl":
+        lines = []
+        for r, pid in enumerate(result.ids):
+            rec: dict[str, Any] = {"id": pid}
+            for c in names:
+                v = float(result.columns[c][r])
+                rec[c] = int(v) if c == "truncated" else _json_number(v)
+            lines.append(json.dumps(rec, allow_nan=False))
+        return ("\n".join(lines) + "\n").encode()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", *names])
+    for r, pid in enumerate(result.ids):
+        row = [pid]
+        for c in names:
+            v = float(result.columns[c][r])
+            row.append(str(int(v)) if c == "truncated" else ("" if math.isnan(v) else repr(v)))
+        w.writerow(row)
+    return buf.getvalue().encode()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_scores(result: ScoreResult, path: str | os.PathLike) -> None:
+    """Write `result` to `path` (.parquet, .jsonl or .csv) and the sidecar `<path>.json`.
+
+    Each file is written under a temporary name in the same folder and renamed into place, so a
+    crash never leaves a half-written file under the final name.
+    """
+    p = check_output_path(path)
+    data = _encode_table(result, p.suffix.lower())
+    sidecar = json.dumps(_jsonable(result.metadata), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    _atomic_write(p, data)
+    _atomic_write(Path(str(p) + ".json"), sidecar.encode())
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, str | int | bool) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def score_model(
+    model_dir: str | os.PathLike,
+    train: str | os.PathLike | Sequence,
+    val: str | os.PathLike | Sequence,
+    output: str | os.PathLike,
+    *,
+    config: ScoreConfig | None = None,
+    schema: str = "auto",
+    train_split: str = "train",
+    val_split: str = "train",
+    max_pairs: int | None = None,
+    device: str | None = None,
+) -> ScoreResult:
+    """Load a saved reward model and the data, score, and write `output` plus its sidecar.
+
+    Args:
+        model_dir: folder written by `prefprune.model.save_reward_model` / `prefprune train`.
+        train: training data source (file, folder, hub id) or pairs.
+        val: validation data source or pairs.
+        output: score file (.parquet, .jsonl or .csv); the sidecar is `<output>.json`.
+        config: scoring settings.
+        schema: data schema for `load_preferences` ("auto" detects it).
+        train_split, val_split: dataset splits to read from each source.
+        max_pairs: read at most this many training pairs.
+        device: where to run (default CPU).
+
+    Returns:
+        The `ScoreResult` that was written.
+    """
+    from prefprune.data import load_preferences
+    from prefprune.model import load_reward_model
+
+    config = config or ScoreConfig()
+    config.validate()
+    out = check_output_path(output)
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"model folder {str(model_dir)!r} does not exist")
+    train_src = str(train) if isinstance(train, str | os.PathLike) else "<pairs>"
+    val_src = str(val) if isinstance(val, str | os.PathLike) else "<pairs>"
+    if isinstance(train, str | os.PathLike):
+        train = load_preferences(train, schema=schema, split=train_split, max_pairs=max_pairs)
+    if isinstance(val, str | os.PathLike):
+        val = load_preferences(val, schema=schema, split=val_split)
+    if len(val) == 0:
+        raise ValueError(f"the validation set {val_src!r} is empty")
+    model, tokenizer = load_reward_model(model_dir, device=device)
+    if tokenizer is None:
+        raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
+    result = score_pairs(model, tokenizer, train, val, config=config)
+    result.metadata["sources"] = {
+        "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,
+        "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
+    }
+    write_scores(result, out)
+    return result
+
+
+def config_fields_help() -> dict[str, str]:
+    """Field name → help text of `ScoreConfig` (for the CLI)."""
+    return {f.name: f.metadata.get("help", "") for f in fields(ScoreConfig)}
