@@ -1,0 +1,546 @@
+"""Reward-model training and evaluation: Bradley–Terry loss, AdamW with warm-up, seeded and reproducible.
+
+The loss of a pair is ``softplus(-m)`` with ``m = r(prompt, chosen) - r(prompt, rejected)`` (DESIGN.md §2);
+a batch is the mean over its pairs. Gradient accumulation weighs every pair of an optimiser step equally
+(the accumulated gradient is the mean over all pairs of the step, whatever the micro-batch sizes).
+
+Reproducibility: on CPU, one seed fixes the data order and every dropout mask, so two runs with the same
+model, data and config give bitwise-identical weights and metrics. The caller's global RNG state is
+restored afterwards. On CUDA, bf16 autocast (on by default there) and non-deterministic kernels make runs
+close, not identical.
+
+Sequences that cannot fit ``max_length`` even with the whole prompt cut (a response longer than the
+limit) are skipped by default, counted and logged with their ids (``too_long="skip"``), or raise
+(``too_long="error"``); the response itself is never truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prefprune.data import EncodedPair, PreferencePair, collate_pairs, encode_pairs
+from prefprune.model import reward_forward, save_reward_model
+
+__all__ = [
+    "TrainConfig",
+    "bradley_terry_loss",
+    "encode_for_training",
+    "evaluate",
+    "lr_factor",
+    "resolve_device",
+    "train_reward_model",
+    "write_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+_SCHEDULES = ("linear", "cosine", "constant")
+_TOO_LONG = ("skip", "error")
+# How many skipped ids a log line quotes (the full list goes to the metrics).
+_LOG_IDS = 5
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Every field has a ``help`` entry (the CLI shows it)."""
+
+    epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per micro-batch (2x sequences)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate of AdamW"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warm-up from 0"})
+    schedule: str = field(
+        default="linear", metadata={"help": "decay after warm-up: linear | cosine | constant"}
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (matrices only, not biases)"}
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "clip the global gradient norm to this; None/0 = no clipping"}
+    )
+    max_length: int = field(default=512, metadata={"help": "max tokens per sequence (the prompt is cut)"})
+    truncation: str = field(
+        default="prompt", metadata={"help": "prompt = cut the prompt when too long; error = raise"}
+    )
+    too_long: str = field(
+        default="skip", metadata={"help": "pairs whose response alone exceeds max_length: skip | error"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of data order and dropout"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
+    device: str | None = field(
+        default=None, metadata={"help": "cuda | cpu | cuda:N; None = cuda if available"}
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "batch pairs of similar length (less padding; order still seeded-random)"},
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
+    eval_batch_size: int = field(default=32, metadata={"help": "pairs per evaluation batch"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            positive(name, getattr(self, name))
+        if self.max_steps is not None:
+            positive("max_steps", self.max_steps)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}")
+        if self.truncation not in ("prompt", "error"):
+            raise ValueError(f"TrainConfig.truncation must be 'prompt' or 'error', got {self.truncation!r}")
+        if self.too_long not in _TOO_LONG:
+            raise ValueError(f"TrainConfig.too_long must be one of {_TOO_LONG}, got {self.too_long!r}")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Help text of every field, by name."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def bradley_terry_loss(margins: Tensor) -> Tensor:
+    """Mean Bradley–Terry loss ``softplus(-m)`` = ``-log sigmoid(m)``.
+
+    Args:
+        margins: (B,) reward margins chosen − rejected.
+
+    Returns:
+        Scalar loss (softplus is the numerically stable form: no overflow for large |m|).
+    """
+    if margins.ndim != 1 or margins.numel() == 0:
+        raise ValueError(f"margins must be a non-empty 1-D tensor, got shape {tuple(margins.shape)}")
+    return F.softplus(-margins).mean()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return dev
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based).
+
+    Linear warm-up reaches 1 at step ``warmup_steps - 1`` (the first step already gets a non-zero rate),
+    then ``linear`` decays to 0 after the last step, ``cosine`` follows half a cosine, ``constant`` stays 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def encode_for_training(
+    data: Sequence[PreferencePair],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: str = "prompt",
+    too_long: str = "skip",
+) -> tuple[list[EncodedPair], list[str]]:
+    """Encode pairs with ``prefprune.data.encode_pairs``, skipping pairs that cannot fit.
+
+    Args:
+        data: Pairs.
+        tokenizer: The model's tokenizer.
+        max_length: Token limit per sequence.
+        truncation: Passed to ``encode_pairs``.
+        too_long: ``"skip"``: pairs that ``encode_pairs`` rejects are left out, logged and returned;
+            ``"error"``: the first such pair raises.
+
+    Returns:
+        ``(encoded, skipped_ids)`` with ``encoded`` in data order.
+    """
+    if too_long not in _TOO_LONG:
+        raise ValueError(f"too_long must be one of {_TOO_LONG}, got {too_long!r}")
+    if too_long == "error":
+        return encode_pairs(data, tokenizer, max_length=max_length, truncation=truncation), []
+    try:
+        return encode_pairs(data, tokenizer, max_length=max_length, truncation=truncation), []
+    except ValueError:
+        pass
+    # Some pair does not fit: encode one by one to find which (rare, so the slower path is fine).
+    encoded, skipped, reasons = [], [], []
+    for pair in data:
+        try:
+            encoded.extend(encode_pairs([pair], tokenizer, max_length=max_length, truncation=truncation))
+        except ValueError as err:
+            skipped.append(pair.id)
+            reasons.append(str(err))
+    if skipped:
+        logger.warning(
+            "skipped %d of %d pairs that do not fit max_length=%d (e.g. %s)",
+            len(skipped),
+            len(data),
+            max_length,
+            "; ".join(reasons[:_LOG_IDS]),
+        )
+    return encoded, skipped
+
+
+def _batches(
+    encoded: Sequence[EncodedPair],
+    *,
+    batch_size: int,
+    generator: torch.Generator | None,
+    group_by_length: bool,
+) -> list[list[int]]:
+    """Index batches: seeded shuffle (or data order when ``generator`` is None), optionally length-grouped.
+
+    Length grouping sorts windows of 50 batches by length and shuffles the resulting batches, so padding
+    shrinks while every epoch's order stays random and seeded.
+    """
+    n = len(encoded)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    if group_by_length:
+        window = 50 * batch_size
+        lengths = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded]
+        grouped = []
+        for a in range(0, n, window):
+            grouped.extend(sorted(order[a : a + window], key=lambda i: lengths[i]))
+        order = grouped
+    batches = [order[a : a + batch_size] for a in range(0, n, batch_size)]
+    if group_by_length and generator is not None:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        raise ValueError(
+            "the tokenizer has no pad token; build the model with build_reward_model, which sets one"
+        )
+    return int(pad)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast half-precision rewards for the loss; float64 stays float64 (reference runs)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Sequence[PreferencePair],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+    truncation: str = "prompt",
+    too_long: str = "skip",
+    device: str | torch.device | None = None,
+    bf16: bool = False,
+    return_margins: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Pairwise accuracy and Bradley–Terry loss of a reward model on preference pairs.
+
+    The model is put in eval mode for the pass and its previous mode restored afterwards.
+
+    Args:
+        model: Reward model.
+        tokenizer: Its tokenizer.
+        data: Pairs.
+        batch_size: Pairs per forward pass (batches are formed by length, which does not change results
+            beyond float rounding).
+        max_length, truncation, too_long: As in :func:`encode_for_training`.
+        device: Where to run; default the model's device.
+        bf16: bf16 autocast (CUDA only).
+        return_margins: Also return ``"margins"``: ``{pair_id: margin}``.
+        progress: Show a tqdm bar.
+
+    Returns:
+        ``accuracy`` (fraction with margin > 0; ties count as wrong), ``mean_margin``, ``loss`` (mean
+        softplus(−m)), ``n`` (pairs evaluated), ``n_skipped`` and ``skipped_ids`` (pairs that do not fit).
+    """
+    if len(data) == 0:
+        raise ValueError("evaluate: no pairs to evaluate")
+    encoded, skipped = encode_for_training(
+        data, tokenizer, max_length=max_length, truncation=truncation, too_long=too_long
+    )
+    if not encoded:
+        raise ValueError(f"evaluate: none of the {len(data)} pairs fits max_length={max_length}")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    side = getattr(tokenizer, "padding_side", "right")
+    was_training = model.training
+    model.eval()
+    margins = torch.empty(len(encoded), dtype=torch.float64)
+    try:
+        batches = _batches(encoded, batch_size=batch_size, generator=None, group_by_length=True)
+        for idx in tqdm(batches, desc="eval", disable=not progress, leave=False):
+            batch = _to_device(
+                collate_pairs([encoded[i] for i in idx], pad_token_id=pad, padding_side=side), dev
+            )
+            with _autocast(dev, bf16):
+                rewards = _at_least_fp32(reward_forward(model, batch))
+            b = len(idx)
+            margins[idx] = (rewards[:b] - rewards[b:]).double().cpu()
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(margins).all():
+        bad = [encoded[i].id for i in torch.nonzero(~torch.isfinite(margins)).flatten().tolist()[:_LOG_IDS]]
+        raise FloatingPointError(f"evaluate: non-finite reward margins for pairs {bad}")
+    out: dict[str, Any] = {
+        "accuracy": float((margins > 0).double().mean()),
+        "mean_margin": float(margins.mean()),
+        "loss": float(F.softplus(-margins).mean()),
+        "n": len(encoded),
+        "n_skipped": len(skipped),
+        "skipped_ids": skipped,
+    }
+    if return_margins:
+        out["margins"] = {e.id: float(m) for e, m in zip(encoded, margins.tolist(), strict=True)}
+    return out
+
+
+def _step_windows(n_batches: int, grad_accum: int) -> Iterator[range]:
+    for a in range(0, n_batches, grad_accum):
+        yield range(a, min(n_batches, a + grad_accum))
+
+
+def train_reward_model(
+    model: nn.Module,
+    tokenizer: Any,
+    train: Sequence[PreferencePair],
+    *,
+    config: TrainConfig | None = None,
+    eval_data: Sequence[PreferencePair] | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train the trainable parameters of a reward model with the Bradley–Terry loss.
+
+    The model is trained in ``train()`` mode (the base's own dropout is active, seeded; LoRA dropout
+    defaults to 0) and left in eval mode on ``config.device``.
+
+    Args:
+        model: Reward model from ``build_reward_model`` / ``load_reward_model``.
+        tokenizer: Its tokenizer (pad token and padding side are taken from it).
+        train: Training pairs.
+        config: Settings; default ``TrainConfig()``.
+        eval_data: Held-out pairs, evaluated after every epoch.
+        output_dir: When given, the model is saved there (``save_reward_model``) with ``metrics.json``.
+
+    Returns:
+        Metrics: ``train_loss``/``train_accuracy`` (mean over the last epoch's pairs, as trained),
+        ``eval`` (last evaluation or None), ``eval_history``, ``history`` (one entry per optimiser step:
+        loss, accuracy, lr, grad_norm), ``steps``, ``n_train``, ``n_skipped``, ``wall_time_s``, ``device``,
+        ``config``.
+
+    Raises:
+        FloatingPointError: A non-finite loss or gradient norm (names the step and the pair ids).
+    """
+    config = config if config is not None else TrainConfig()
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (build it with build_reward_model)")
+    if len(train) == 0:
+        raise ValueError("no training pairs")
+    encoded, skipped = encode_for_training(
+        train, tokenizer, max_length=config.max_length, truncation=config.truncation, too_long=config.too_long
+    )
+    if not encoded:
+        raise ValueError(f"none of the {len(train)} training pairs fits max_length={config.max_length}")
+    pad = _pad_id(tokenizer)
+    side = getattr(tokenizer, "padding_side", "right")
+
+    n_batches = math.ceil(len(encoded) / config.batch_size)
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=config.schedule),
+    )
+    clip = config.max_grad_norm if config.max_grad_norm else None
+    use_bf16 = config.bf16 and device.type == "cuda"
+
+    history: list[dict[str, Any]] = []
+    eval_history: list[dict[str, Any]] = []
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    epoch_loss = epoch_correct = epoch_n = 0.0
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        # Dropout draws from the global generators: seed them so the run is reproducible.
+        torch.manual_seed(config.seed)
+        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not config.progress)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        for epoch in range(config.epochs):
+            if step >= total_steps:
+                break
+            batches = _batches(
+                encoded,
+                batch_size=config.batch_size,
+                generator=generator,
+                group_by_length=config.group_by_length,
+            )
+            epoch_loss = epoch_correct = epoch_n = 0.0
+            for window in _step_windows(len(batches), config.grad_accum):
+                if step >= total_steps:
+                    break
+                n_window = sum(len(batches[k]) for k in window)
+                w_loss = w_correct = 0.0
+                for k in window:
+                    idx = batches[k]
+                    items = [encoded[i] for i in idx]
+                    batch = _to_device(collate_pairs(items, pad_token_id=pad, padding_side=side), device)
+                    with _autocast(device, use_bf16):
+                        rewards = reward_forward(model, batch)
+                    b = len(idx)
+                    rewards = _at_least_fp32(rewards)
+                    margins = rewards[:b] - rewards[b:]
+                    loss = bradley_terry_loss(margins)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss {loss.item()} at optimiser step {step} (epoch {epoch}, "
+                            f"micro-batch {k}); pair ids: {[e.id for e in items]}"
+                        )
+                    # Weight by the micro-batch's share of the step so the step's gradient is the
+                    # mean over all its pairs, even when the last micro-batch is short.
+                    (loss * (b / n_window)).backward()
+                    w_loss += loss.item() * b
+                    w_correct += (margins.detach() > 0).sum().item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+                if not torch.isfinite(grad_norm):
+                    ids = [encoded[i].id for k in window for i in batches[k]]
+                    raise FloatingPointError(
+                        f"non-finite gradient norm at optimiser step {step} (epoch {epoch}); pair ids: {ids}"
+                    )
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                epoch_loss += w_loss
+                epoch_correct += w_correct
+                epoch_n += n_window
+                history.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": w_loss / n_window,
+                        "accuracy": w_correct / n_window,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                    }
+                )
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{epoch_loss / epoch_n:.4f}", acc=f"{epoch_correct / epoch_n:.3f}")
+            logger.info(
+                "epoch %d: train loss %.4f, accuracy %.4f over %d pairs",
+                epoch,
+                epoch_loss / max(epoch_n, 1),
+                epoch_correct / max(epoch_n, 1),
+                int(epoch_n),
+            )
+            if eval_data is not None and len(eval_data) > 0:
+                ev = evaluate(
+                    model,
+                    tokenizer,
+                    eval_data,
+                    batch_size=config.eval_batch_size,
+                    max_length=config.max_length,
+                    truncation=config.truncation,
+                    too_long=config.too_long,
+                    bf16=use_bf16,
+                )
+                eval_history.append({"epoch": epoch, "step": step, **ev})
+                logger.info(
+                    "epoch %d: eval accuracy %.4f, loss %.4f (n=%d)",
+                    epoch,
+                    ev["accuracy"],
+                    ev["loss"],
+                    ev["n"],
+                )
+                bar.set_postfix(
+                    loss=f"{epoch_loss / epoch_n:.4f}",
+                    acc=f"{epoch_correct / epoch_n:.3f}",
+                    eval_acc=f"{ev['accuracy']:.3f}",
+                )
+        bar.close()
+    model.eval()
+    metrics: dict[str, Any] = {
+        "train_loss": epoch_loss / epoch_n if epoch_n else None,
+        "train_accuracy": epoch_correct / epoch_n if epoch_n else None,
+        "eval": eval_history[-1] if eval_history else None,
+        "eval_history": eval_history,
+        "steps": step,
+        "epochs": config.epochs,
+        "n_train": len(encoded),
+        "n_skipped": len(skipped),
+        "skipped_ids": skipped,
+        "n_trainable_params": sum(p.numel() for p in params),
+        "device": str(device),
+        "wall_time_s": time.perf_counter() - start,
+        "config": asdict(config),
+        "history": history,
+    }
+    if output_dir is not None:
+        save_reward_model(model, tokenizer, output_dir, extra={"train_config": asdict(config)})
+        write_metrics(output_dir, metrics)
+    return metrics
+
+
+def write_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write metrics as JSON; a folder gets ``metrics.json`` inside it. Returns the file written."""
+    path = Path(path)
+    target = path / METRICS_FILE if path.is_dir() or not path.suffix else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return target
