@@ -419,7 +419,10 @@ def segment_project_triton(
     pin = None if P_in is None else P_in.to(torch.float32)
     pout = None if P_out is None else P_out.to(torch.float32)
     interp = _interpreting()
-    block_t = 16 if interp else 32
+    # Register budget checked with ptxas -v for sm_90a (8 warps, BLOCK_D=32): 16-bit inputs compile without
+    # spills at BLOCK_T=64 for every HAS_PIN/HAS_POUT combination; the IEEE-fp32 dots of fp32 inputs need
+    # BLOCK_T=16 (a 72-byte spill remains with both sides projected). Larger token blocks re-read P less.
+    block_t = 16 if interp or X.dtype == torch.float32 else 64
     block_ko = _pow2_clamp(k_out, 16, 64)
     block_ki = _pow2_clamp(k_in, 16, 64)
     n_tiles_in = triton.cdiv(k_in, block_ki)
@@ -471,8 +474,6 @@ def segment_project_triton(
         BLOCK_KO=block_ko,
         BLOCK_KI=block_ki,
         BLOCK_D=32,
-        # Register budget checked with ptxas -v for sm_90a: 8 warps with 32×32 token/feature blocks compile
-        # without spills for every HAS_PIN/HAS_POUT combination (4 warps or BLOCK_D=64 spill).
-        num_warps=8,
+        num_warps=8,  # 4 warps or BLOCK_D=64 spill (ptxas -v, sm_90a)
     )
     return out.sum(0) if split > 1 else out
