@@ -56,7 +56,7 @@ def _ext_modules():
             "prefprune._C",
             sources,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
     else:
         ext = CppExtension("prefprune._C", cpu_sources, extra_compile_args={"cxx": cxx})
