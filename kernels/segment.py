@@ -156,6 +156,23 @@ def _segment_grad_dot_kernel(
             tl.store(dots_ptr + out * m + j, tl.sum(tl.sum(acc * q, axis=1), axis=0))
 
 
+def dot_launch_config(small: int, dtype: torch.dtype, *, interpret: bool) -> dict:
+    """Constexprs and num_warps of _segment_grad_dot_kernel for layers whose small side is <= `small`.
+
+    BLOCK_A covers the small side (r ≤ 64 in one tile row); register use checked with ptxas -v for sm_90a
+    (no spills; 64×64 tiles need 8 warps to stay under 255 registers).
+    """
+    block_a = _pow2_clamp(small, 16, 64)
+    block_b = 128 if block_a <= 32 else 64
+    return {
+        "PRECISION": _dot_precision(dtype),
+        "BLOCK_T": 16 if interpret else 64,
+        "BLOCK_A": block_a,
+        "BLOCK_B": block_b,
+        "num_warps": 8 if block_a * block_b >= 64 * 64 else 4,
+    }
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32; 16-bit operands are exact in the tensor-core dot.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -231,8 +248,8 @@ def _grad_dot_launch(
     device = Xs[0].device
     qs = None if Qs is None else [Q.to(torch.float32) for Q in Qs]  # no copy when already fp32
     small = max(min(X.shape[1], dY.shape[1]) for X, dY in zip(Xs, dYs, strict=True))
-    block_a = _pow2_clamp(small, 16, 64)
-    block_b = 128 if block_a <= 32 else 64
+    cfg = dot_launch_config(small, dtype, interpret=_interpreting())
+    block_a, block_b = cfg["BLOCK_A"], cfg["BLOCK_B"]
     meta, dims = [], []
     for layer, (X, dY) in enumerate(zip(Xs, dYs, strict=True)):
         Q = None if qs is None else qs[layer]
@@ -266,12 +283,7 @@ def _grad_dot_launch(
         n_tiles,
         DTYPE=_TL_DTYPES[dtype],
         HAS_Q=Qs is not None and m > 0,
-        PRECISION=_dot_precision(dtype),
-        BLOCK_T=64 if not _interpreting() else 16,
-        BLOCK_A=block_a,
-        BLOCK_B=block_b,
-        # 64×64 fp32 tiles need 8 warps to stay clear of the 255-register cap (ptxas -v, sm_90a).
-        num_warps=8 if block_a * block_b >= 64 * 64 else 4,
+        **cfg,
     )
     return dots[:, :, :m].sum(0), sqp.sum(0)
 
@@ -392,6 +404,24 @@ def _segment_project_kernel(
     tl.store(out, acc, mask=mask_ko[:, None] & mask_ki[None, :])
 
 
+def project_launch_config(k_out: int, k_in: int, dtype: torch.dtype, *, interpret: bool) -> dict:
+    """Constexprs (except HAS_PIN/HAS_POUT) and num_warps of _segment_project_kernel.
+
+    Register budget checked with ptxas -v for sm_90a (8 warps, BLOCK_D=32; 4 warps or BLOCK_D=64 spill):
+    16-bit inputs compile without spills at BLOCK_T=64 for every HAS_PIN/HAS_POUT combination; the IEEE-fp32
+    dots of fp32 inputs need BLOCK_T=16 (a 72-byte spill remains with both sides projected). Larger token
+    blocks re-read the projection matrices (from L2) less often per token.
+    """
+    return {
+        "PRECISION": _dot_precision(dtype),
+        "BLOCK_T": 16 if interpret or dtype == torch.float32 else 64,
+        "BLOCK_KO": _pow2_clamp(k_out, 16, 64),
+        "BLOCK_KI": _pow2_clamp(k_in, 16, 64),
+        "BLOCK_D": 32,
+        "num_warps": 8,
+    }
+
+
 def segment_project_triton(
     X: Tensor,
     dY: Tensor,
@@ -419,12 +449,8 @@ def segment_project_triton(
     pin = None if P_in is None else P_in.to(torch.float32)
     pout = None if P_out is None else P_out.to(torch.float32)
     interp = _interpreting()
-    # Register budget checked with ptxas -v for sm_90a (8 warps, BLOCK_D=32): 16-bit inputs compile without
-    # spills at BLOCK_T=64 for every HAS_PIN/HAS_POUT combination; the IEEE-fp32 dots of fp32 inputs need
-    # BLOCK_T=16 (a 72-byte spill remains with both sides projected). Larger token blocks re-read P less.
-    block_t = 16 if interp or X.dtype == torch.float32 else 64
-    block_ko = _pow2_clamp(k_out, 16, 64)
-    block_ki = _pow2_clamp(k_in, 16, 64)
+    cfg = project_launch_config(k_out, k_in, X.dtype, interpret=interp)
+    block_t, block_ko, block_ki = cfg["BLOCK_T"], cfg["BLOCK_KO"], cfg["BLOCK_KI"]
     n_tiles_in = triton.cdiv(k_in, block_ki)
     n_tiles = triton.cdiv(k_out, block_ko) * n_tiles_in
     if split is None:
@@ -469,11 +495,6 @@ def segment_project_triton(
         stride_out_n,
         HAS_PIN=pin is not None,
         HAS_POUT=pout is not None,
-        PRECISION=_dot_precision(X.dtype),
-        BLOCK_T=block_t,
-        BLOCK_KO=block_ko,
-        BLOCK_KI=block_ki,
-        BLOCK_D=32,
-        num_warps=8,  # 4 warps or BLOCK_D=64 spill (ptxas -v, sm_90a)
+        **cfg,
     )
     return out.sum(0) if split > 1 else out
