@@ -473,13 +473,17 @@ def _quiet_loading():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars for a 100 MB model are noise
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_base_exists(path: str) -> None:
@@ -572,9 +576,10 @@ def save_reward_model(
     if base_ref is None:
         # Randomly initialised base: nothing else can rebuild it, so it travels with the adapter.
         base_dir = path / BASE_SUBFOLDER
-        fresh = AutoModelForSequenceClassification.from_config(inner.config, dtype=inner.dtype)
-        fresh.load_state_dict(_base_state_dict(model), strict=True)
-        fresh.save_pretrained(base_dir)
+        with _quiet_loading():
+            fresh = AutoModelForSequenceClassification.from_config(inner.config, dtype=inner.dtype)
+            fresh.load_state_dict(_base_state_dict(model), strict=True)
+            fresh.save_pretrained(base_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(base_dir)
         stored_base, adapter_base = BASE_SUBFOLDER, str(base_dir.resolve())

