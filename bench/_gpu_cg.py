@@ -112,7 +112,7 @@ def _row(
         "impl": "native",
         "max_rel_err": err,
         "tol": tol,
-        "ok": bool(ok if ok is not None else (math.isfinite(err) and err <= tol)),
+        "ok": bool(ok) if ok is not None else bool(math.isfinite(err) and err <= tol),
         "ms_fast": ms_fast,
         "ms_ref": ms_ref,
         "speedup": speedup,
@@ -156,7 +156,8 @@ def check_solution(k, n, m, cond, dtype, device, *, callable_op=False) -> dict:
     note = f"iters {int(res.iterations.min())}-{int(res.iterations.max())}"
     if dtype == torch.float32:
         ref = solve(operator, B.to(dtype), tol=tol_cg, max_iter=1000, impl="reference")
-        tol = min(tol, 2 * _rel(ref.x, X) + 1e-6)
+        # STYLE.md 7: in low precision, at most 2x the error of the same-precision PyTorch run.
+        tol = 2 * _rel(ref.x, X) + 1e-6
     ok = bool((res.status == CG_CONVERGED).all()) and err <= tol
     name = "cg_callable vs linalg.solve" if callable_op else "cg_factored vs linalg.solve"
     return _row(name, f"k={k} n={n} m={m} cond={cond:g}", dtype, err, tol, ok=ok, device=device, note=note)
@@ -235,8 +236,8 @@ def check_timing(k, n, m, dtype, device, *, iters) -> dict:
         "cg_factored timing",
         f"k={k} n={n} m={m} iters={iters}",
         dtype,
-        0.0,
-        0.0,
+        None,
+        None,
         ok=True,
         ms_fast=ms_fast,
         ms_ref=ms_ref,
