@@ -50,6 +50,7 @@ __all__ = [
     "eager_attention",
     "exact_hvp",
     "ggn_product",
+    "length_order",
     "mean_gradient",
     "solve_query",
 ]
@@ -103,6 +104,16 @@ class PairBatches:
             chunk = self.encoded[start : start + self.batch_size]
             batch = collate_pairs(chunk, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
             yield {k: v.to(self.device) for k, v in batch.items()}
+
+
+def length_order(encoded: Sequence) -> list[int]:
+    """Indices of `encoded` sorted by pair length (longest sequence of the pair), ties by position.
+
+    Batching pairs of similar length wastes little compute on padding; callers scatter per-pair
+    results back to the original order.
+    """
+    return sorted(range(len(encoded)), key=lambda i: (max(len(encoded[i].chosen_ids),
+                                                          len(encoded[i].rejected_ids)), i))
 
 
 def _params(sites: Sequence[LinearSite]) -> list[nn.Parameter]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prefprune.curvature import CURVATURES, PairBatches, SolveInfo, mean_gradient, solve_query
+from prefprune.curvature import CURVATURES, PairBatches, SolveInfo, length_order, mean_gradient, solve_query
 from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat, trainable_linears
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ __all__ = [
     "check_output_path",
     "score_model",
     "score_pairs",
+    "stream_scores",
     "write_scores",
 ]
 
@@ -82,6 +83,11 @@ class ScoreConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the hessian_samples subsample."})
     batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward batch."})
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch pairs of similar length together (less padding); rows keep the input "
+                          "order."},
+    )
     max_length: int = field(default=512, metadata={"help": "Longest sequence in tokens."})
     truncation: str = field(
         default="prompt",
@@ -277,6 +283,8 @@ def score_pairs(
     seg_impl = _segment_impl_name(config.impl, device, dtype)
 
     def batches(enc: Sequence) -> PairBatches:
+        if config.group_by_length:
+            enc = [enc[i] for i in length_order(enc)]
         return PairBatches(enc, batch_size=config.batch_size, pad_token_id=pad_id, padding_side=padding_side,
                            device=device)
 
@@ -304,8 +312,15 @@ def score_pairs(
         )
 
         t0 = time.perf_counter()
-        cols = _stream_scores(model, sites, batches(train_enc), q, g_val, impl=config.impl,
-                              progress=config.progress)
+        order = length_order(train_enc) if config.group_by_length else list(range(len(train_enc)))
+        train_batches = PairBatches([train_enc[i] for i in order], batch_size=config.batch_size,
+                                    pad_token_id=pad_id, padding_side=padding_side, device=device)
+        sorted_cols = stream_scores(model, sites, train_batches, q, g_val, impl=config.impl,
+                                    progress=config.progress)
+        cols = {}
+        for name, values in sorted_cols.items():  # back to the training-set order
+            cols[name] = np.empty_like(values)
+            cols[name][order] = values
         t_pass2 = time.perf_counter() - t0
     finally:
         model.train(was_training)
@@ -346,7 +361,7 @@ def score_pairs(
     return ScoreResult(ids=[e.id for e in train_enc], columns=cols, solve=info, metadata=metadata)
 
 
-def _stream_scores(
+def stream_scores(
     model: nn.Module,
     sites: Sequence,
     batches: PairBatches,
@@ -356,7 +371,19 @@ def _stream_scores(
     impl: str | None,
     progress: bool,
 ) -> dict[str, np.ndarray]:
-    """Pass 2: per-pair influence, grad_dot, grad_cos, train_loss and margin, batch by batch."""
+    """Pass 2: per-pair influence, grad_dot, grad_cos, train_loss and margin, batch by batch.
+
+    One forward + backward of Σ_i ℓ_i per batch; the captured (X, Δ) go through one fused call per
+    group of layers with both queries, so no per-pair gradient is ever stored.
+
+    Args:
+        sites: `trainable_linears(model)`.
+        batches: the training pairs.
+        q: (p,) influence query (H + λI)⁻¹ ∇L_V; g_val: (p,) ∇L_V.
+
+    Returns:
+        name → (n,) float64 arrays: influence, grad_dot, grad_cos, train_loss, margin.
+    """
     # Both queries go through the fused dot at once: column 0 = q, column 1 = ∇L_V.
     queries = split_flat(torch.stack([q, g_val], dim=1), sites)
     g_norm = float(g_val.double().norm())

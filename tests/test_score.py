@@ -125,6 +125,16 @@ def test_files_are_deterministic_and_readable(tmp_path, ext):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_length_grouping_keeps_row_order_and_values():
+    model, tok = tiny_model("gpt2"), tokenizer()
+    cfgs = [ScoreConfig(curvature="ggn", batch_size=3, group_by_length=g, impl="reference", tol=1e-12,
+                        progress=False) for g in (True, False)]
+    a, b = (score_pairs(model, tok, TRAIN, VAL, config=c) for c in cfgs)
+    assert a.ids == b.ids == [p.id for p in TRAIN]
+    for c in SCORED:
+        assert rel_err(a.columns[c], b.columns[c]) <= 1e-10, c
+
+
 def test_crash_while_writing_leaves_no_file(tmp_path, monkeypatch):
     res = score_pairs(tiny_model("gpt2"), tokenizer(), TRAIN, VAL,
                       config=ScoreConfig(curvature="identity", impl="reference", progress=False))
