@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from prefprune.ops import reference
-from prefprune.ops.dispatch import FastPath, Selection, select
+from prefprune.ops.dispatch import FastPath, Selection, requested_impl, select
 
 __all__ = [
     "HAS_TRITON",
@@ -48,8 +48,13 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _triton_reasons(tensors: Sequence[Tensor]) -> list[str]:
-    """Why the Triton kernels cannot run on these (already validated) inputs; empty = they can."""
+def _triton_reasons(tensors: Sequence[Tensor], *, explicit: bool = False) -> list[str]:
+    """Why the Triton kernels cannot run on these (already validated) inputs; empty = they can.
+
+    CPU tensors go through the Triton interpreter only when Triton was asked for explicitly
+    (PREFPRUNE_IMPL=triton / impl="triton") and TRITON_INTERPRET=1: under `auto` the CPU uses the
+    reference, which is much faster than the interpreter.
+    """
     reasons = []
     if not HAS_TRITON:
         reasons.append("Triton is not installed (pip install 'prefprune[triton]')")
@@ -60,6 +65,8 @@ def _triton_reasons(tensors: Sequence[Tensor]) -> list[str]:
             reasons.append(
                 f"tensors are on {dev}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
             )
+        elif kind == "cpu" and not explicit:
+            reasons.append(f"tensors are on {dev}; auto uses the reference on CPU (interpreter: impl=triton)")
         elif kind not in ("cpu", "cuda"):
             reasons.append(f"tensors are on {dev}; the Triton kernels run on CUDA devices only")
     dtypes = {t.dtype for t in tensors}
@@ -97,7 +104,9 @@ def select_segment_impl(op: str, tensors: Sequence[Tensor], *, impl: str | None 
     }
     if op not in refs:
         raise ValueError(f"unknown segment op {op!r}; expected one of {sorted(refs)}")
-    fast = [FastPath("triton", lambda: _triton_reasons(tensors), _load_kernel(f"{op}_triton"))]
+    explicit = requested_impl(impl) == "triton"
+    reasons = lambda: _triton_reasons(tensors, explicit=explicit)
+    fast = [FastPath("triton", reasons, _load_kernel(f"{op}_triton"))]
     return select(op, fast, refs[op], impl=impl)
 
 
