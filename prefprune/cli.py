@@ -406,9 +406,97 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# score
+
+
+def _add_score_parser(subparsers: Any) -> None:
+    from prefprune.score import ScoreConfig
+
+    p = _new_subparser(
+        subparsers,
+        "score",
+        help="score every training pair: influence, gradient similarity, loss, margin",
+        description="Two streaming passes over a saved reward model: the validation gradient and the "
+        "curvature solve q = (H + damping*I)^-1 grad L_val, then one forward+backward per training batch "
+        "giving influence (q . grad loss_i), grad_dot, grad_cos, train_loss and margin per pair. Positive "
+        "influence/grad_dot/grad_cos = helpful. Writes OUTPUT (.parquet, .jsonl or .csv) and OUTPUT.json "
+        "(settings, solve status, timings, versions).",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="FOLDER", help="reward model folder (from prefprune train)"
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--train", required=True, metavar="PATH_OR_HUB_ID", help="training pairs to score")
+    g.add_argument(
+        "--val", required=True, metavar="PATH_OR_HUB_ID", help="validation pairs (never truncated)"
+    )
+    g.add_argument(
+        "--schema",
+        default="auto",
+        choices=["auto", "tldr", "prompt_chosen_rejected", "hh"],
+        help="record layout of both sources; auto = detect from the first record",
+    )
+    g.add_argument("--train-split", default="train", help="split of --train (hub datasets, split-keyed JSON)")
+    g.add_argument("--val-split", default="train", help="split of --val")
+    g.add_argument("--max-pairs", type=int, default=None, metavar="N", help="score at most the first N pairs")
+    _add_dataclass_args(
+        p,
+        ScoreConfig,
+        title="scoring",
+        overrides={
+            "curvature": {"choices": ["exact", "ggn", "identity"]},
+            "truncation": {"choices": ["prompt", "error"]},
+            "padding_side": {"choices": ["right", "left"]},
+            "on_nonpositive": {"choices": ["raise", "nan"]},
+            "impl": {"choices": ["auto", "triton", "native", "reference"]},
+        },
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--device", default=None, help="cuda | cpu | cuda:N; default cuda if available")
+    g.add_argument(
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="score file: .parquet, .jsonl or .csv (its folder must exist)",
+    )
+    p.set_defaults(func=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from prefprune.score import ScoreConfig, score_model
+    from prefprune.train import resolve_device
+
+    config = _dataclass_from_args(ScoreConfig, args)
+    result = score_model(
+        args.model,
+        args.train,
+        args.val,
+        args.output,
+        config=config,
+        schema=args.schema,
+        train_split=args.train_split,
+        val_split=args.val_split,
+        max_pairs=args.max_pairs,
+        device=str(resolve_device(args.device)),
+    )
+    s = result.solve
+    solve = "no solve" if s.curvature == "identity" else f"CG {s.status} after {s.iterations} iterations"
+    total = result.metadata["timings_s"]["total"]
+    print(
+        f"scored {len(result)} pairs ({s.curvature}, damping {s.damping:g}, {solve}) in {total:.1f} s; "
+        f"wrote {args.output} and {args.output}.json"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Entry point
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_train_parser, _add_eval_parser]
+_COMMANDS: list[Callable[[Any], None]] = [
+    _add_train_parser,
+    _add_eval_parser,
+    _add_score_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
