@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -131,6 +132,6 @@ def brute_force_scores(model, tok, train, val, *, curvature: str, damping: float
 
 def rel_err(a, b) -> float:
     """Norm-wise relative error ‖a − b‖ / ‖b‖ of two vectors (float64)."""
-    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
-    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    a, b = (x.detach().double().reshape(-1) if isinstance(x, torch.Tensor)
+            else torch.from_numpy(np.array(x, dtype=np.float64)).reshape(-1) for x in (a, b))
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

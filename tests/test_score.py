@@ -218,3 +218,31 @@ def test_bad_output_paths(tmp_path):
     with pytest.raises(ValueError, match="damping must be > 0"):
         score_model(tmp_path / "rm", "train.jsonl", "val.jsonl", tmp_path / "s.csv",
                     config=ScoreConfig(curvature="exact", damping=0))
+
+
+def test_cli_score(tmp_path, capsys):
+    from prefprune.cli import main
+    from prefprune.model import save_reward_model
+
+    model, tok = tiny_model("llama", dtype=torch.float32), tokenizer()
+    save_reward_model(model, tok, tmp_path / "rm")
+    PreferenceDataset(TRAIN, schema="prompt_chosen_rejected").save(tmp_path / "train.jsonl")
+    PreferenceDataset(VAL, schema="prompt_chosen_rejected").save(tmp_path / "val.jsonl")
+    out = tmp_path / "scores.parquet"
+    common = ["score", "--model", str(tmp_path / "rm"), "--train", str(tmp_path / "train.jsonl"),
+              "--val", str(tmp_path / "val.jsonl"), "--no-progress", "--impl", "reference", "--device", "cpu"]
+    assert main([*common, "--curvature", "exact", "--damping", "3", "--output", str(out)]) == 0
+    assert "scored 7 pairs (exact, damping 3" in capsys.readouterr().out
+    side = json.loads((tmp_path / "scores.parquet.json").read_text())
+    assert side["config"]["curvature"] == "exact" and side["config"]["damping"] == 3.0
+    direct = score_pairs(model, tok, TRAIN, VAL, config=ScoreConfig(curvature="exact", damping=3.0,
+                                                                     impl="reference", progress=False))
+    table = read_score_table(out)
+    for c in SCORED:
+        assert rel_err(table.column(c), direct.columns[c]) <= 1e-4, c
+
+    assert main([*common, "--output", str(tmp_path / "nope" / "s.csv")]) == 2
+    assert "folder" in capsys.readouterr().err
+    assert main([*common, "--curvature", "exact", "--damping", "0", "--output", str(tmp_path / "s.csv")]) == 2
+    assert "damping must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
