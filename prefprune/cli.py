@@ -444,7 +444,7 @@ def _add_score_parser(subparsers: Any) -> None:
         ScoreConfig,
         title="scoring",
         overrides={
-            "curvature": {"choices": ["exact", "ggn", "identity"]},
+            "curvature": {"choices": ["exact", "ggn", "projected_ggn", "identity"]},
             "truncation": {"choices": ["prompt", "error"]},
             "padding_side": {"choices": ["right", "left"]},
             "on_nonpositive": {"choices": ["raise", "nan"]},

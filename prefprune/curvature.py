@@ -8,6 +8,10 @@ H is the Hessian of the mean training loss L(θ) = mean_i softplus(−m_i) over 
 - ``ggn``: Gauss–Newton products H_GN V = mean_i w_i ∇m_i (∇m_iᵀ V), w_i = σ(m_i)σ(−m_i), from one
   ordinary forward+backward of Σ m_i per batch: ∇m_iᵀ V are fused segment dots of the captured
   (X, Δ), and the sum Σ_i c_i ∇m_i is Σ_t c_{i(t)} Δ_tᵀ X_t per layer. PSD by construction.
+- ``projected_ggn``: the Gauss–Newton matrix in a Kronecker random-projection space (LoGra-style):
+  rows Φ_i = P_out ∇m_i P_inᵀ per layer (k_out×k_in numbers, stored for the curvature set), the
+  system (Φᵀ diag(w) Φ / n + λI) q_p = P ∇L_V solved natively on the factor, and the query lifted
+  back, q = Pᵀ q_p, so pass 2 scores ∇ℓ_iᵀ q = (P∇ℓ_i)ᵀ q_p with the same fused dot.
 - ``identity``: q = ∇L_V (influence reduces to grad_dot).
 
 The solve is `prefprune.cg.solve` on a callable operator; its status per column is turned into a
@@ -52,10 +56,11 @@ __all__ = [
     "ggn_product",
     "length_order",
     "mean_gradient",
+    "projected_ggn_rows",
     "solve_query",
 ]
 
-CURVATURES = ("exact", "ggn", "identity")
+CURVATURES = ("exact", "ggn", "projected_ggn", "identity")
 
 
 class NonPositiveCurvatureError(RuntimeError):
@@ -234,13 +239,47 @@ def ggn_product(
     return apply
 
 
+def _projector(sites: Sequence[LinearSite], k: int, seed: int, device: torch.device):
+    from prefprune.ops.segment import KroneckerProjector
+
+    return KroneckerProjector([(s.d_out, s.d_in) for s in sites], k_out=k, k_in=k, seed=seed, device=device)
+
+
+def projected_ggn_rows(
+    model: nn.Module, sites: Sequence[LinearSite], batches: PairBatches, projector, *, impl: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Projected margin gradients Φ_i = P ∇m_i of every pair and the Gauss–Newton weights.
+
+    Args:
+        projector: a `prefprune.ops.segment.KroneckerProjector` over the sites' (d_out, d_in') shapes.
+
+    Returns:
+        (n, dim) rows (fp32; fp64 for fp64 models) and (n,) weights σ(m_i)σ(−m_i).
+    """
+    from prefprune.ops.segment import segment_project
+
+    rows, weights = [], []
+    with SegmentCapture(sites) as cap:
+        for batch in batches:
+            margins, packed = capture_pairs(model, cap, batch, lambda m: m)
+            blocks = []
+            for k, layer in enumerate(packed):
+                # Layers have their own offsets (a decoder head keeps 2 rows per pair), so each layer is
+                # projected on its own rather than through the shared-offsets projector call.
+                pin, pout = projector.P_in[k], projector.P_out[k]
+                blocks.append(segment_project(layer.X, layer.dY, layer.offsets, pin, pout, impl=impl))
+            rows.append(torch.cat(blocks, dim=1))
+            weights.append(torch.sigmoid(margins) * torch.sigmoid(-margins))
+    return torch.cat(rows), torch.cat(weights).to(rows[0].dtype)
+
+
 @dataclass
 class SolveInfo:
     """How the query q = (H + λI)⁻¹ ∇L_V was obtained.
 
     Attributes:
-        curvature: "exact", "ggn" or "identity".
-        damping: λ.
+        curvature: "exact", "ggn", "projected_ggn" or "identity".
+        damping: λ (in the projected space for projected_ggn).
         status: "converged", "max_iter", "nonpositive_curvature" or "not_solved" (identity).
         iterations: operator products used.
         residual: final relative residual ||b − A q|| / ||b|| as CG tracked it.
@@ -251,6 +290,7 @@ class SolveInfo:
         max_iter: CG iteration cap.
         impl: CG implementation used ("reference" or "native"; "none" for identity).
         seconds: wall time of the solve.
+        projection_dim: size of the projected space (projected_ggn only).
     """
 
     curvature: str
@@ -265,6 +305,7 @@ class SolveInfo:
     max_iter: int
     impl: str
     seconds: float
+    projection_dim: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,20 +331,24 @@ def solve_query(
     on_nonpositive: str = "raise",
     impl: str | None = None,
     progress: bool = False,
+    projection_k: int = 16,
+    projection_seed: int = 0,
 ) -> tuple[Tensor, SolveInfo]:
     """Solve (H + λI) q = b for one right-hand side.
 
     Args:
         b: (p,) right-hand side, e.g. ∇L_V.
         curvature_batches: the curvature set (unused for "identity").
-        curvature: "exact", "ggn" or "identity".
-        damping: λ (> 0 for exact, >= 0 for ggn).
+        curvature: "exact", "ggn", "projected_ggn" or "identity".
+        damping: λ (> 0 for exact, >= 0 otherwise).
         tol, max_iter: CG stopping rule (relative residual, iteration cap).
         on_nonpositive: "raise" (NonPositiveCurvatureError) or "nan" (q filled with NaN, status kept).
-        impl: CG implementation request (see `prefprune.cg.solve`).
+        impl: CG / segment-op implementation request (see `prefprune.cg.solve`).
+        projection_k: projected_ggn: k_in = k_out per layer (a side at most this wide stays exact).
+        projection_seed: projected_ggn: seed of the projection matrices.
 
     Returns:
-        (p,) q and the `SolveInfo`.
+        (p,) q (for projected_ggn the lifted Pᵀ q_p) and the `SolveInfo`.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -322,7 +367,16 @@ def solve_query(
     if curvature_batches is None or n_curv == 0:
         raise ValueError(f"curvature={curvature!r} needs a non-empty curvature set")
 
-    if curvature == "exact":
+    projected = None
+    if curvature == "projected_ggn":
+        if int(projection_k) < 1:
+            raise ValueError(f"projection_k must be >= 1, got {projection_k!r}")
+        projector = _projector(sites, int(projection_k), int(projection_seed), b.device)
+        rows, w = projected_ggn_rows(model, sites, curvature_batches, projector, impl=impl)
+        op = cg.FactoredOperator(G=rows, w=w, damping=float(damping))
+        B = projector.project_query([x.unsqueeze(0) for x in split_flat(b, sites)]).to(rows.dtype).T
+        projected = (projector, op, B)
+    elif curvature == "exact":
         # Eager attention turns a fully masked query row (a left-padding position) into NaN, which
         # 0·NaN then spreads to real tokens; with right padding no row is fully masked, and rewards
         # do not depend on the padding side (see `pair_margins`).
@@ -332,22 +386,30 @@ def solve_query(
         product, ctx = exact_hvp(model, sites, right), eager_attention(model)
     else:
         product, ctx = ggn_product(model, sites, curvature_batches, impl=impl), contextlib.nullcontext()
-    bar = tqdm(total=max_iter, desc=f"CG ({curvature})", disable=not progress, leave=False)
 
-    def operator(V: Tensor) -> Tensor:
-        bar.update(1)
-        return product(V) + damping * V
+    if projected is not None:
+        projector, op, B = projected
+        cg_impl = _cg_impl_name(op, B, impl)
+        res = cg.solve(op, B, tol=tol, max_iter=max_iter, impl=impl)
+        # Lift q_p back to weight space: ∇ℓ_iᵀ (Pᵀ q_p) = (P ∇ℓ_i)ᵀ q_p, scored by the same fused dot.
+        q = flatten_site_matrices([x[0] for x in projector.lift(res.x.T.to(b.dtype))])
+    else:
+        bar = tqdm(total=max_iter, desc=f"CG ({curvature})", disable=not progress, leave=False)
 
-    B = b.unsqueeze(1)
-    cg_impl = _cg_impl_name(operator, B, impl)
-    try:
-        with ctx:
-            res = cg.solve(operator, B, tol=tol, max_iter=max_iter, impl=impl)
-    finally:
-        bar.close()
+        def operator(V: Tensor) -> Tensor:
+            bar.update(1)
+            return product(V) + damping * V
+
+        B = b.unsqueeze(1)
+        cg_impl = _cg_impl_name(operator, B, impl)
+        try:
+            with ctx:
+                res = cg.solve(operator, B, tol=tol, max_iter=max_iter, impl=impl)
+        finally:
+            bar.close()
+        q = res.x[:, 0]
     status = res.status_names()[0]
     iters = int(res.iterations[0])
-    q = res.x[:, 0]
     info = SolveInfo(
         curvature=curvature,
         damping=float(damping),
@@ -361,6 +423,7 @@ def solve_query(
         max_iter=int(max_iter),
         impl=cg_impl,
         seconds=time.perf_counter() - t0,
+        projection_dim=None if projected is None else int(projected[1].k),
     )
     if status == "nonpositive_curvature":
         msg = (

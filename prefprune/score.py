@@ -66,7 +66,9 @@ class ScoreConfig:
     curvature: str = field(
         default="ggn",
         metadata={"help": "Hessian used by influence: exact (double-backward HVPs, the paper's method), ggn "
-                          "(Gauss–Newton, PSD, no double backward) or identity (influence = grad_dot)."},
+                          "(Gauss–Newton, PSD, no double backward), projected_ggn (Gauss–Newton in a "
+                          "random Kronecker projection space, solved natively) or identity "
+                          "(influence = grad_dot)."},
     )
     damping: float = field(
         default=1.0,
@@ -81,7 +83,14 @@ class ScoreConfig:
         metadata={"help": "Curvature set size: a seeded uniform subsample of the training pairs "
                           "(None: every training pair)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the hessian_samples subsample."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the hessian_samples subsample and of the projections."}
+    )
+    projection_k: int = field(
+        default=16,
+        metadata={"help": "projected_ggn: per-layer projection size of each side (k_out = k_in = k; a side "
+                          "at most k wide is kept exact). The projected space has Σ_layers k_out·k_in dims."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward batch."})
     group_by_length: bool = field(
         default=True,
@@ -131,6 +140,8 @@ class ScoreConfig:
             int(self.hessian_samples) != self.hessian_samples or self.hessian_samples < 1
         ):
             raise ValueError(f"hessian_samples must be None or an integer >= 1, got {self.hessian_samples!r}")
+        if int(self.projection_k) != self.projection_k or self.projection_k < 1:
+            raise ValueError(f"projection_k must be an integer >= 1, got {self.projection_k!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if int(self.max_length) != self.max_length or self.max_length < 1:
@@ -308,7 +319,7 @@ def score_pairs(
             model, sites, g_val, None if curv_enc is None else batches(curv_enc),
             curvature=config.curvature, damping=float(config.damping), tol=config.tol,
             max_iter=config.max_iter, on_nonpositive=config.on_nonpositive, impl=config.impl,
-            progress=config.progress,
+            progress=config.progress, projection_k=config.projection_k, projection_seed=config.seed,
         )
 
         t0 = time.perf_counter()
