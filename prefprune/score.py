@@ -218,12 +218,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _segment_impl_name(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """Name of the fused-dot implementation the dispatcher picks for activations of this device/dtype."""
+def _segment_impl_name(
+    impl: str | None, device: torch.device, dtype: torch.dtype, op: str = "segment_grad_dot_grouped"
+) -> str:
+    """Name of the implementation the dispatcher picks for `op` on activations of this device/dtype."""
     from prefprune.ops.segment import select_segment_impl
 
     probe = torch.zeros(1, 1, dtype=dtype, device=device)
-    return select_segment_impl("segment_grad_dot_grouped", [probe, probe], impl=impl).name
+    return select_segment_impl(op, [probe, probe], impl=impl).name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +365,12 @@ def score_pairs(
             "pass2_scores": t_pass2,
             "total": time.perf_counter() - t_start,
         },
-        "impl": {"segment_grad_dot": seg_impl, "cg": info.impl},
+        "impl": {
+            "segment_grad_dot": seg_impl,
+            "cg": info.impl,
+            **({"segment_project": _segment_impl_name(config.impl, device, dtype, "segment_project")}
+               if config.curvature == "projected_ggn" else {}),
+        },
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "versions": _versions(),
