@@ -46,7 +46,8 @@ def _ext_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     debug = _flag("PREFPRUNE_DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: the interpreter's CFLAGS carry -g, which makes a 12 MB .so for no use in a release build.
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cpu_sources = [f for f in cpp if not f.endswith("_cuda.cpp")]
     if _want_cuda():
