@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BASE_METHODS",
     "CURVATURES",
+    "DEMO_CONFIG",
+    "demo_config",
     "ExperimentConfig",
     "PrefixCache",
     "add_config_arguments",
@@ -71,7 +73,7 @@ __all__ = [
 #: Methods a config may name; "influence" expands to one method per requested curvature.
 BASE_METHODS = ("influence", "grad_dot", "grad_cos", "train_loss", "margin", "random")
 #: Curvatures the scorer offers (DESIGN.md §2).
-CURVATURES = ("exact", "ggn", "identity", "projected_ggn")
+CURVATURES = ("exact", "ggn", "projected_ggn", "identity")
 #: Score columns carried over from the first score pass.
 _SHARED_COLUMNS = ("grad_dot", "grad_cos", "train_loss", "margin")
 #: Columns whose noise-detection quality is always reported when scores exist.
@@ -80,6 +82,37 @@ _DETECTION_COLUMNS = ("grad_dot", "grad_cos", "train_loss")
 _RESUME_FREE = ("output", "num_threads", "progress", "device")
 #: The keys that `max_length` / `seed` are set from in the train and score sections.
 _MANAGED_SECTION_KEYS = ("seed", "max_length")
+
+
+#: `prefprune demo`: the protocol offline on 2 CPU cores in <= 15 minutes. configs/demo.yaml holds the same
+#: settings with the reason for each (a test keeps the two equal).
+DEMO_CONFIG: dict[str, Any] = {
+    "data": "synthetic",
+    "synthetic_pairs": 600,
+    "label_noise": 0.2,
+    "data_seed": 0,
+    "split": [0.4, 0.1, 0.5],
+    "split_seed": 0,
+    "model": "minilm",
+    "lora": {"r": 8, "alpha": 16.0},
+    "lora_layers": 1,
+    "cache_prefix": True,
+    "max_length": 144,
+    "train": {"epochs": 2, "batch_size": 16, "lr": 0.001},
+    "score": {"damping": 1.0, "hessian_samples": 100, "tol": 1.0e-4, "max_iter": 20, "batch_size": 32},
+    "eval_batch_size": 64,
+    "seeds": [0, 1, 2],
+    "curvatures": ["ggn"],
+    "methods": ["influence", "grad_dot", "grad_cos", "train_loss", "random"],
+    "fractions": [0.1, 0.2],
+    "helpful_methods": ["influence", "grad_dot", "grad_cos"],
+    "helpful_fractions": [0.1],
+}
+
+
+def demo_config(output: str = "runs/demo", **overrides: Any) -> ExperimentConfig:
+    """The demo's ExperimentConfig (DEMO_CONFIG) writing to `output`, with optional overrides."""
+    return load_config(None, {**DEMO_CONFIG, "output": output, **overrides})
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -418,13 +451,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             d = sf.default if sf.default is not dataclasses.MISSING else (
                 sf.default_factory() if sf.default_factory is not dataclasses.MISSING else None)
             group.add_argument(f"--{section}.{name}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS,
-                               help=f"{sf.metadata.get('help', '')} (default: {d!r})")
+                               metavar="VALUE", help=f"{sf.metadata.get('help', '')} (default: {d!r})")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The ExperimentConfig from a parsed namespace of `add_config_arguments` (YAML, then flags)."""
+def config_from_args(args: argparse.Namespace, *, defaults: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """The ExperimentConfig from a parsed namespace of `add_config_arguments`.
+
+    Precedence: the flags given, then the YAML file of --config, then `defaults`, then the field defaults.
+    """
     hints = _hints()
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(defaults or {})
     for dest, raw in vars(args).items():
         if not dest.startswith("cfg:"):
             continue
@@ -437,7 +473,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             overrides[key] = _parse_cli_value(raw, sec_hint, key)
         else:
             overrides[key] = _parse_cli_value(raw, hints[key], key)
-    return load_config(getattr(args, "config", None), overrides)
+    path = getattr(args, "config", None)
+    if defaults and path is not None:
+        raise ValueError("a config file cannot be combined with built-in defaults (e.g. the demo's settings)")
+    return load_config(path, overrides)
 
 
 def _section_hints(section: str) -> dict[str, Any]:
@@ -846,20 +885,33 @@ def _score_result_table(result: Any, *, source: str) -> ScoreTable:
                       source=source)
 
 
-def _evaluate(model, tokenizer, data, cfg: ExperimentConfig) -> dict[str, Any]:
+def _evaluate(model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None) -> dict[str, Any]:
+    """Test metrics; with `clean_ids`, also accuracy/loss on those pairs (from the same margins)."""
+    import torch.nn.functional as F
+
     from prefprune import train as train_mod
 
-    out = dict(train_mod.evaluate(model, tokenizer, data, batch_size=cfg.eval_batch_size, max_length=cfg.max_length))
+    out = dict(train_mod.evaluate(model, tokenizer, data, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                                  return_margins=clean_ids is not None))
+    margins = out.pop("margins", None)
+    if margins is not None:
+        m = torch.tensor([v for k, v in margins.items() if k in clean_ids], dtype=torch.float64)
+        out["clean"] = {"accuracy": float((m > 0).double().mean()), "mean_margin": float(m.mean()),
+                        "loss": float(F.softplus(-m).mean()), "n": int(m.numel())}
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
 
 
 class _Timer:
+    """Wall time and this process's CPU time (all threads) of a block."""
+
     def __enter__(self) -> _Timer:
         self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.c0
 
 
 def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
@@ -906,9 +958,10 @@ def _validate_before_training(cfg: ExperimentConfig, n_train: int) -> None:
 class _SeedRun:
     """The model of one seed, built lazily (a fully finished seed never loads it), and its retrains."""
 
-    def __init__(self, cfg: ExperimentConfig, seed: int, out: Path, cache: PrefixCache | None, test, clean_test):
+    def __init__(self, cfg: ExperimentConfig, seed: int, out: Path, cache: PrefixCache | None, test,
+                 clean_ids: set[str] | None):
         self.cfg, self.seed, self.out, self.cache = cfg, seed, out, cache
-        self.test, self.clean_test = test, clean_test
+        self.test, self.clean_ids = test, clean_ids
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
         self.installed: _Installed | None = None
@@ -934,7 +987,7 @@ class _SeedRun:
             self.build_seconds += tm.seconds
         return self.model, self.tokenizer
 
-    def train_and_test(self, data, tag: str) -> tuple[dict[str, Any], dict[str, Any], float]:
+    def train_and_test(self, data, tag: str) -> tuple[dict[str, Any], dict[str, Any], _Timer]:
         """Restore the seed's initial weights, train on `data`, evaluate on the test split."""
         from prefprune import train as train_mod
 
@@ -942,12 +995,10 @@ class _SeedRun:
         _load_trainable(model, self.init_state)
         with _Timer() as tm:
             stats = train_mod.train_reward_model(model, tok, data, config=_train_config(self.cfg, self.seed))
-            result = _evaluate(model, tok, self.test, self.cfg)
-            if self.clean_test is not None:
-                result["clean"] = _evaluate(model, tok, self.clean_test, self.cfg)
+            result = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
         logger.info("seed %d %s: test accuracy %.4f (%.1fs)", self.seed, tag, result["accuracy"], tm.seconds)
         stats = {k: v for k, v in stats.items() if k != "history"} | {"final_step": (stats.get("history") or [{}])[-1]}
-        return _jsonable(stats), result, tm.seconds
+        return _jsonable(stats), result, tm
 
     def close(self) -> None:
         if self.installed is not None:
@@ -996,7 +1047,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
     flipped = dataset.flipped_ids
     flipped_train = sorted(flipped & set(train.ids))
-    clean_test = test.exclude(flipped & set(test.ids)) if flipped & set(test.ids) else None
+    clean_ids = set(test.ids) - flipped if flipped & set(test.ids) else None
     arm_methods = cfg.arm_methods()
     helpful_methods = cfg.helpful_arm_methods()
     score_methods = [m for m in dict.fromkeys(arm_methods + helpful_methods) if m != "random"]
@@ -1016,15 +1067,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             cache = PrefixCache(n_layers - cfg.lora_layers)
     val_scoring = val
     for seed in cfg.seeds:
-        run = _SeedRun(cfg, seed, out, cache, test, clean_test)
+        run = _SeedRun(cfg, seed, out, cache, test, clean_ids)
 
         base_rel = f"seed{seed}/baseline.json"
         base_state_path = out / f"seed{seed}" / "baseline_state.pt"
         if steps.get(base_rel) is None or not base_state_path.is_file():
-            stats, result, secs = run.train_and_test(train, "baseline")
+            stats, result, tm = run.train_and_test(train, "baseline")
             _save_state_atomic(_trainable_state(run.model), base_state_path)
             steps.put(base_rel, {"seed": seed, "n_train": len(train), "test": result, "train_stats": stats,
-                                 "seconds": secs})
+                                 "seconds": tm.seconds, "cpu_seconds": tm.cpu_seconds})
 
         tables: dict[str, ScoreTable] = {}
         for curv in curvatures:
@@ -1046,8 +1097,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                                                 config=_score_config(cfg, seed, curv))
                 table = _score_result_table(res, source=f"seed {seed} scores ({curv})")
                 check_ids_match(train.ids, table)
-                rec = steps.put(rel, {"curvature": curv, "seconds": tm.seconds, "n_validation": len(val_scoring),
-                                      **table.to_json()})
+                rec = steps.put(rel, {"curvature": curv, "seconds": tm.seconds, "cpu_seconds": tm.cpu_seconds,
+                                      "n_validation": len(val_scoring), **table.to_json()})
                 logger.info("seed %d: scored %d pairs, %s curvature (%.1fs)", seed, len(train), curv, tm.seconds)
             tables[curv] = ScoreTable.from_json(rec, source=str(out / rel))
         merged = _merge_tables(tables, train.ids) if tables else None
@@ -1060,14 +1111,21 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                 continue
             if method == "random":
                 sel = select_pairs(train.ids, None, method="random", fraction=fraction, mode=mode, seed=seed)
+            elif not np.all(np.isfinite(merged.column(method))):
+                # e.g. influence_exact after CG met non-positive curvature with score.on_nonpositive: nan.
+                reason = f"non-finite {method} scores ({merged.metadata})"[:500]
+                logger.warning("seed %d: skipping %s %s %g: %s", seed, method, mode, fraction, reason)
+                steps.put(rel, {"seed": seed, "method": method, "mode": mode, "fraction": fraction, "skipped": reason})
+                continue
             else:
                 sel = select_pairs(merged.ids, merged.column(method), method=method, fraction=fraction, mode=mode)
             pruned = train.exclude(sel.ids)
-            stats, result, secs = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
+            stats, result, tm = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
             steps.put(rel, {
                 "seed": seed, "method": method, "mode": mode, "fraction": fraction, "n_train": len(pruned),
                 "n_removed": len(sel.ids), "n_flipped_removed": len(set(sel.ids) & set(flipped_train)),
-                "removed_ids": list(sel.ids), "test": result, "train_stats": stats, "seconds": secs,
+                "removed_ids": list(sel.ids), "test": result, "train_stats": stats, "seconds": tm.seconds,
+                "cpu_seconds": tm.cpu_seconds,
             })
         run.close()
         if cache is not None:
@@ -1134,6 +1192,8 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
     score_meta: dict[str, Any] = {}
     score_seconds: dict[str, float] = {}
     step_seconds = 0.0
+    step_cpu = 0.0
+    skipped: list[dict[str, Any]] = []
     arm_keys = [(m, "harmful", f) for m in cfg.arm_methods() for f in cfg.fractions]
     arm_keys += [(m, "helpful", f) for m in cfg.helpful_arm_methods() for f in cfg.helpful_arm_fractions()]
     histograms: dict[str, dict[str, list[float]]] = {}
@@ -1142,6 +1202,7 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
         if base is None:
             continue
         step_seconds += base["seconds"]
+        step_cpu += base.get("cpu_seconds", 0.0)
         per_seed_baseline[seed] = {"accuracy": base["test"]["accuracy"], "test": base["test"],
                                    "train_stats": base["train_stats"], "seconds": base["seconds"]}
         tables = {}
@@ -1152,6 +1213,7 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
                 score_meta[f"seed{seed}/{curv}"] = rec.get("metadata", {})
                 score_seconds[f"seed{seed}/{curv}"] = rec["seconds"]
                 step_seconds += rec["seconds"]
+                step_cpu += rec.get("cpu_seconds", 0.0)
         merged = _merge_tables(tables, train.ids) if tables else None
         if merged is not None and flipped:
             noisy = np.asarray([i in flipped for i in merged.ids])
@@ -1184,7 +1246,11 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
             rec = steps.get(arm_step_name(seed, method, mode, fraction))
             if rec is None:
                 continue
+            if "skipped" in rec:
+                skipped.append(rec)
+                continue
             step_seconds += rec["seconds"]
+            step_cpu += rec.get("cpu_seconds", 0.0)
             row = {k: rec[k] for k in ("seed", "method", "mode", "fraction", "n_train", "n_removed",
                                        "n_flipped_removed", "seconds")}
             row["accuracy"] = rec["test"]["accuracy"]
@@ -1241,10 +1307,11 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
         },
         "baseline": {"per_seed": per_seed_baseline, **baseline_summary},
         "arms": arms,
+        "skipped_arms": skipped,
         "summary": {"arms": summary_arms, "noise_detection": det_summary},
         "noise_detection": detection,
         "scores": {"metadata": score_meta, "seconds": score_seconds},
         "histograms": histograms,
-        "timings": {"sum_of_step_seconds": step_seconds},
+        "timings": {"sum_of_step_seconds": step_seconds, "sum_of_step_cpu_seconds": step_cpu},
         "modes": list(MODES),
     }

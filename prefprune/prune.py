@@ -324,7 +324,7 @@ def prune_file(data: str | os.PathLike, scores: str | os.PathLike | None, output
     """Load a dataset and its scores, prune, write the result in the input's schema and the ids.
 
     Args:
-        data: dataset path or hub name (as for `prefprune.data.load_preferences`).
+        data: a PreferenceDataset, or a path / hub name for `prefprune.data.load_preferences`.
         scores: score file (None only for method "random").
         output: where to write the pruned dataset; the format follows the extension.
         removed_ids: where to write the selected ids (default: `<output>.removed.txt`; with
@@ -348,7 +348,11 @@ def prune_file(data: str | os.PathLike, scores: str | os.PathLike | None, output
             raise ValueError(f"method {method!r} needs --scores")
         table = read_score_table(scores)
         table.column(method)
-    dataset = load_preferences(data, schema=schema, split=split, name=name)
+    if isinstance(data, (str, os.PathLike)):
+        dataset = load_preferences(data, schema=schema, split=split, name=name)
+    else:
+        dataset = data
+        data = dataset.source or "<dataset>"
     pruned, sel = prune_dataset(dataset, table, method=method, fraction=fraction, mode=mode, keep=keep,
                                 seed=seed)
     out = Path(output)

@@ -288,3 +288,23 @@ def test_score_file_ids_must_match(tmp_path, fraction):
     table = ScoreTable(ids=["a", "b"], columns={"influence": [0.0, 1.0]}, source="scores.parquet")
     with pytest.raises(ValueError, match=r"scores.parquet does not match the dataset"):
         check_ids_match(["a", "c"], table)
+
+
+def test_demo_yaml_matches_embedded_demo_config():
+    from pathlib import Path
+
+    from prefprune.experiment import DEMO_CONFIG, demo_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    from_yaml = load_config(path).to_dict()
+    embedded = demo_config(output=from_yaml["output"]).to_dict()
+    assert from_yaml == embedded
+    assert set(DEMO_CONFIG) <= set(embedded)
+
+
+@pytest.mark.parametrize("name", ["tldr-pythia-410m.yaml", "tldr-pythia-1b.yaml"])
+def test_gpu_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert "exact" in cfg.curvatures and cfg.model.startswith("EleutherAI/pythia")
