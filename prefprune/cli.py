@@ -498,27 +498,49 @@ def _add_prune_parser(subparsers: Any) -> None:
         subparsers,
         "prune",
         help="drop the most harmful (or helpful) pairs by a score column; write the pruned data",
-        description="Remove the lowest --fraction of a score column (influence, grad_dot, grad_cos, margin; for "
-        "train_loss the highest), or a seeded random draw, and write the pruned dataset in the input's schema "
-        "plus the removed ids (one per line, most suspect first). --select helpful picks the other end; --keep "
-        "keeps only the selected pairs instead of removing them.",
+        description="Remove the lowest --fraction of a score column (influence, grad_dot, grad_cos, margin; "
+        "for train_loss the highest), or a seeded random draw, and write the pruned dataset in the input's "
+        "schema plus the removed ids (one per line, most suspect first). --select helpful picks the other "
+        "end; --keep keeps only the selected pairs instead of removing them.",
     )
     _add_data_args(p, default_synthetic=None)
     g = p.add_argument_group("pruning")
-    g.add_argument("--scores", default=None, metavar="FILE",
-                   help="score file from prefprune score (.parquet/.jsonl/.csv with an id column); ids must match "
-                   "the data exactly; not needed for --by random")
-    g.add_argument("--by", default="influence", metavar="COLUMN",
-                   help="score column: influence, grad_dot, grad_cos, train_loss, margin, or random")
+    g.add_argument(
+        "--scores",
+        default=None,
+        metavar="FILE",
+        help="score file from prefprune score (.parquet/.jsonl/.csv with an id column); ids must match "
+        "the data exactly; not needed for --by random",
+    )
+    g.add_argument(
+        "--by",
+        default="influence",
+        metavar="COLUMN",
+        help="score column: influence, grad_dot, grad_cos, train_loss, margin, or random",
+    )
     g.add_argument("--fraction", type=float, required=True, help="share of pairs to select, in (0, 1)")
-    g.add_argument("--select", default="harmful", choices=["harmful", "helpful"],
-                   help="harmful: lowest scores (highest train_loss); helpful: the other end")
-    g.add_argument("--keep", action="store_true", help="keep only the selected pairs instead of removing them")
+    g.add_argument(
+        "--select",
+        default="harmful",
+        choices=["harmful", "helpful"],
+        help="harmful: lowest scores (highest train_loss); helpful: the other end",
+    )
+    g.add_argument(
+        "--keep", action="store_true", help="keep only the selected pairs instead of removing them"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of --by random")
-    g.add_argument("--output", required=True, metavar="FILE",
-                   help="pruned dataset; format by extension (.jsonl, .jsonl.gz, .json, .parquet, .csv)")
-    g.add_argument("--removed-ids", default=None, metavar="FILE",
-                   help="where to list the dropped ids (default: OUTPUT.removed.txt)")
+    g.add_argument(
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="pruned dataset; format by extension (.jsonl, .jsonl.gz, .json, .parquet, .csv)",
+    )
+    g.add_argument(
+        "--removed-ids",
+        default=None,
+        metavar="FILE",
+        help="where to list the dropped ids (default: OUTPUT.removed.txt)",
+    )
     p.set_defaults(func=_run_prune)
 
 
@@ -531,10 +553,21 @@ def _run_prune(args: argparse.Namespace) -> int:
         if args.scores is None:
             raise ValueError(f"--by {args.by} needs --scores")
     data = _load_data_from_args(args)
-    summary = prune_file(data, args.scores, args.output, method=args.by, fraction=args.fraction,
-                         mode=args.select, keep=args.keep, seed=args.seed, removed_ids=args.removed_ids)
-    print(f"{summary['n_input']} -> {summary['n_output']} pairs ({summary['n_removed']} dropped by {args.by}, "
-          f"{args.select}); wrote {summary['output']} and {summary['removed_ids']}")
+    summary = prune_file(
+        data,
+        args.scores,
+        args.output,
+        method=args.by,
+        fraction=args.fraction,
+        mode=args.select,
+        keep=args.keep,
+        seed=args.seed,
+        removed_ids=args.removed_ids,
+    )
+    print(
+        f"{summary['n_input']} -> {summary['n_output']} pairs ({summary['n_removed']} dropped by {args.by}, "
+        f"{args.select}); wrote {summary['output']} and {summary['removed_ids']}"
+    )
     return 0
 
 
@@ -545,12 +578,13 @@ def _add_experiment_parser(subparsers: Any) -> None:
         subparsers,
         "experiment",
         help="the pruning protocol: train, score, prune, retrain, test, over seeds (resumable)",
-        description="Split the data into train/validation/test, train a baseline reward model per seed, score "
-        "every training pair against the validation split (influence per curvature, grad_dot, grad_cos, "
-        "train_loss), prune each method's most harmful fraction (and the helpful arm's most helpful), retrain "
-        "from the same initialisation and measure test accuracy. Writes results.json, report.md and plots to "
-        "--output; rerunning with the same folder skips finished steps. Settings come from --config (YAML, "
-        "keys = the flags without dashes) and the flags, which override it.",
+        description="Split the data into train/validation/test, train a baseline reward model per seed, "
+        "score every training pair against the validation split (influence per curvature, grad_dot, "
+        "grad_cos, "
+        "train_loss), prune each method's most harmful fraction (and the helpful arm's most helpful), "
+        "retrain from the same initialisation and measure test accuracy. Writes results.json, report.md and "
+        "plots to --output; rerunning with the same folder skips finished steps. Settings come from --config "
+        "(YAML, keys = the flags without dashes) and the flags, which override it.",
     )
     add_config_arguments(p)
     p.set_defaults(func=_run_experiment)
@@ -570,8 +604,10 @@ def _print_summary(results: dict, folder: Path) -> None:
         print("\nNoise detection (planted flipped labels):\n")
         print(det)
     t = results["timings"]
-    print(f"\nWall time of this invocation: {t['this_invocation_seconds'] / 60:.1f} min. "
-          f"Report: {folder / 'report.md'}")
+    print(
+        f"\nWall time of this invocation: {t['this_invocation_seconds'] / 60:.1f} min. "
+        f"Report: {folder / 'report.md'}"
+    )
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
@@ -603,12 +639,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from prefprune.experiment import DEMO_CONFIG, config_from_args, run_experiment
 
     if getattr(args, "config", None):
-        raise ValueError("prefprune demo has its own settings; use prefprune experiment --config FILE for a file")
+        raise ValueError(
+            "prefprune demo has its own settings; use prefprune experiment --config FILE for a file"
+        )
     cfg = config_from_args(args, defaults={**DEMO_CONFIG, "output": "runs/demo"})
     results = run_experiment(cfg)
     _print_summary(results, Path(cfg.output))
     return 0
-
 
 # ----------------------------------------------------------------------------------------------------
 # Entry point

@@ -123,50 +123,79 @@ def _help(text: str, **kw: Any) -> Any:
 class ExperimentConfig:
     """Settings of one pruning experiment (YAML keys = field names; every field is also a CLI flag)."""
 
-    output: str = _help("output folder (results.json, report.md, plots, per-step files)", default="runs/experiment")
+    output: str = _help(
+        "output folder (results.json, report.md, plots, per-step files)", default="runs/experiment"
+    )
     # -- data
     data: str = _help("preference data: a file path, a hub dataset id, or 'synthetic'", default="synthetic")
     data_schema: str = _help("schema of the data: auto, tldr, prompt_chosen_rejected or hh", default="auto")
     data_split: str = _help("split to load from a hub dataset or a multi-split file", default="train")
     data_name: str | None = _help("hub dataset config name (e.g. 'comparisons')", default=None)
-    max_pairs: int | None = _help("use at most this many pairs of the loaded data (the first ones)", default=None)
+    skip_bad: bool = _help("skip unreadable records (counted and logged) instead of failing", default=False)
+    max_pairs: int | None = _help(
+        "use at most this many pairs of the loaded data (the first ones)", default=None
+    )
     synthetic_pairs: int = _help("number of pairs when data is 'synthetic'", default=1000)
-    label_noise: float = _help("share of pairs whose labels are flipped (planted noise, recorded as "
-                               "flipped_ids; for 'synthetic' the generator plants it)", default=0.0)
+    label_noise: float = _help(
+        "share of pairs whose labels are flipped (planted noise, recorded as "
+        "flipped_ids; for 'synthetic' the generator plants it)",
+        default=0.0,
+    )
     data_seed: int = _help("seed of the synthetic data generator and of planted label noise", default=0)
-    split: list[float] = _help("train / validation / test fractions of the data (disjoint)",
-                               default_factory=lambda: [0.7, 0.1, 0.2])
+    split: list[float] = _help(
+        "train / validation / test fractions of the data (disjoint)", default_factory=lambda: [0.7, 0.1, 0.2]
+    )
     split_seed: int = _help("seed of the split; the split is the same for every training seed", default=0)
     # -- model
-    model: str = _help("base model: hub id, folder, 'minilm' (offline default) or 'tiny:<family>' (tests)",
-                       default="minilm")
+    model: str = _help(
+        "base model: hub id, folder, 'minilm' (offline default) or 'tiny:<family>' (tests)", default="minilm"
+    )
     dtype: str = _help("parameter dtype of the base model: float32, bfloat16 or float16", default="float32")
-    lora: dict[str, Any] = _help("LoRA settings (prefprune.model.LoRASettings fields: r, alpha, dropout, "
-                                 "target_modules, train_pooler)", default_factory=dict)
-    lora_layers: int | None = _help("adapt only the top N transformer layers (None: all layers)", default=None)
-    cache_prefix: bool = _help("with lora_layers: compute the frozen lower layers once per sequence and reuse "
-                               "them", default=True)
+    lora: dict[str, Any] = _help(
+        "LoRA settings (prefprune.model.LoRASettings fields: r, alpha, dropout, "
+        "target_modules, train_pooler)",
+        default_factory=dict,
+    )
+    lora_layers: int | None = _help(
+        "adapt only the top N transformer layers (None: all layers)", default=None
+    )
+    cache_prefix: bool = _help(
+        "with lora_layers: compute the frozen lower layers once per sequence and reuse them", default=True
+    )
     max_length: int = _help("maximum tokens per sequence (training, scoring and evaluation)", default=512)
     # -- training, scoring
-    train: dict[str, Any] = _help("training settings (prefprune.train.TrainConfig fields except seed and "
-                                  "max_length)", default_factory=dict)
-    score: dict[str, Any] = _help("scoring settings (prefprune.score.ScoreConfig fields except curvature, seed "
-                                  "and max_length)", default_factory=dict)
+    train: dict[str, Any] = _help(
+        "training settings (prefprune.train.TrainConfig fields except seed and max_length)",
+        default_factory=dict,
+    )
+    score: dict[str, Any] = _help(
+        "scoring settings (prefprune.score.ScoreConfig fields except curvature, seed and max_length)",
+        default_factory=dict,
+    )
     eval_batch_size: int = _help("batch size (pairs) for test-set evaluation", default=32)
     # -- protocol
-    seeds: list[int] = _help("training seeds (each: its own baseline, scores and retrains)",
-                             default_factory=lambda: [0, 1, 2])
-    curvatures: list[str] = _help("curvatures for influence scores: exact, ggn, identity, projected_ggn",
-                                  default_factory=lambda: ["ggn"])
-    methods: list[str] = _help("pruning methods: influence (one per curvature), influence_<curvature>, "
-                               "grad_dot, grad_cos, train_loss, margin, random",
-                               default_factory=lambda: ["influence", "grad_dot", "grad_cos", "train_loss",
-                                                        "random"])
-    fractions: list[float] = _help("shares of the training split to prune", default_factory=lambda: [0.05, 0.1, 0.2])
-    helpful_methods: list[str] = _help("methods of the helpful arm (remove the TOP fraction); [] to skip",
-                                       default_factory=lambda: ["influence", "grad_dot", "grad_cos"])
-    helpful_fractions: list[float] | None = _help("fractions of the helpful arm (None: same as fractions)",
-                                                  default=None)
+    seeds: list[int] = _help(
+        "training seeds (each: its own baseline, scores and retrains)", default_factory=lambda: [0, 1, 2]
+    )
+    curvatures: list[str] = _help(
+        "curvatures for influence scores: exact, ggn, identity, projected_ggn",
+        default_factory=lambda: ["ggn"],
+    )
+    methods: list[str] = _help(
+        "pruning methods: influence (one per curvature), influence_<curvature>, "
+        "grad_dot, grad_cos, train_loss, margin, random",
+        default_factory=lambda: ["influence", "grad_dot", "grad_cos", "train_loss", "random"],
+    )
+    fractions: list[float] = _help(
+        "shares of the training split to prune", default_factory=lambda: [0.05, 0.1, 0.2]
+    )
+    helpful_methods: list[str] = _help(
+        "methods of the helpful arm (remove the TOP fraction); [] to skip",
+        default_factory=lambda: ["influence", "grad_dot", "grad_cos"],
+    )
+    helpful_fractions: list[float] | None = _help(
+        "fractions of the helpful arm (None: same as fractions)", default=None
+    )
     # -- runtime
     device: str = _help("device: auto, cpu or cuda[:N]", default="auto")
     num_threads: int | None = _help("torch CPU threads (None: torch's default)", default=None)
@@ -198,8 +227,10 @@ class ExperimentConfig:
         for v in self.helpful_arm_fractions():
             check_fraction(v, what="helpful_fractions entry")
         if len(self.split) != 3 or any(not (x > 0) for x in self.split) or sum(self.split) > 1 + 1e-9:
-            raise ValueError(f"split must be three positive fractions (train, validation, test) summing to at most "
-                             f"1, got {self.split!r}")
+            raise ValueError(
+                f"split must be three positive fractions (train, validation, test) summing to at most "
+                f"1, got {self.split!r}"
+            )
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -207,7 +238,9 @@ class ExperimentConfig:
         for c in self.curvatures:
             if c not in CURVATURES:
                 raise ValueError(f"unknown curvature {c!r} in curvatures; expected one of {CURVATURES}")
-        if not self.curvatures and any(m.startswith("influence") for m in self.methods + self.helpful_methods):
+        if not self.curvatures and any(
+            m.startswith("influence") for m in self.methods + self.helpful_methods
+        ):
             raise ValueError("methods name influence but curvatures is empty")
         self.arm_methods()
         self.helpful_arm_methods()
@@ -222,7 +255,9 @@ class ExperimentConfig:
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length!r}")
         if self.lora_layers is not None and self.lora_layers < 1:
-            raise ValueError(f"lora_layers must be a positive number of layers (or None), got {self.lora_layers!r}")
+            raise ValueError(
+                f"lora_layers must be a positive number of layers (or None), got {self.lora_layers!r}"
+            )
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be positive, got {self.eval_batch_size!r}")
         if self.dtype not in _DTYPES:
@@ -249,9 +284,11 @@ def _expand_methods(methods: Sequence[str], curvatures: Sequence[str]) -> list[s
         if m == "influence":
             names = [f"influence_{c}" for c in curvatures]
         elif m.startswith("influence_"):
-            c = m[len("influence_"):]
+            c = m[len("influence_") :]
             if c not in curvatures:
-                raise ValueError(f"method {m!r} needs curvature {c!r} in curvatures (have {list(curvatures)})")
+                raise ValueError(
+                    f"method {m!r} needs curvature {c!r} in curvatures (have {list(curvatures)})"
+                )
             names = [m]
         elif m in BASE_METHODS:
             names = [m]
@@ -283,16 +320,25 @@ def _score_fields() -> dict[str, dataclasses.Field]:
     return _dataclass_fields(ScoreConfig)
 
 
-def _check_section(values: Mapping[str, Any], section: str, fields: Mapping[str, dataclasses.Field], *,
-                   managed: Sequence[str] = ()) -> None:
+def _check_section(
+    values: Mapping[str, Any],
+    section: str,
+    fields: Mapping[str, dataclasses.Field],
+    *,
+    managed: Sequence[str] = (),
+) -> None:
     if not isinstance(values, Mapping):
         raise ValueError(f"{section} must be a mapping of settings, got {values!r}")
     for key in values:
         if key in managed:
-            raise ValueError(f"{section}.{key} is set by the experiment (use the top-level "
-                             f"{'seeds' if key == 'seed' else key}{'' if key != 'curvature' else 's'} field)")
+            raise ValueError(
+                f"{section}.{key} is set by the experiment (use the top-level "
+                f"{'seeds' if key == 'seed' else key}{'' if key != 'curvature' else 's'} field)"
+            )
         if key not in fields:
-            raise ValueError(f"unknown key {section}.{key}; known: {sorted(k for k in fields if k not in managed)}")
+            raise ValueError(
+                f"unknown key {section}.{key}; known: {sorted(k for k in fields if k not in managed)}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,8 +376,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ValueError(f"{where} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-                isinstance(value, float) and value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            and not (isinstance(value, float) and value.is_integer())
+        ):
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -345,8 +394,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
-                ) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
     """Read a YAML config (unknown keys are errors naming the file and key), apply overrides, validate.
 
     Args:
@@ -372,12 +422,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"{p}: the config must be a mapping of keys to values, got {type(loaded).__name__}")
+            raise ValueError(
+                f"{p}: the config must be a mapping of keys to values, got {type(loaded).__name__}"
+            )
         for key, value in loaded.items():
             if key not in known:
                 line = _yaml_line(p, str(key))
-                raise ValueError(f"{p}{f', line {line}' if line else ''}: unknown config key {key!r}; known keys: "
-                                 f"{', '.join(sorted(known))}")
+                raise ValueError(
+                    f"{p}{f', line {line}' if line else ''}: unknown config key {key!r}; known keys: "
+                    f"{', '.join(sorted(known))}"
+                )
             values[key] = value
     for key, value in (overrides or {}).items():
         if "." in key:
@@ -434,27 +488,43 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         tp = hints[f.name]
         if f.name in ("train", "score", "lora"):
             continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg:{f.name}", default=argparse.SUPPRESS,
-                            metavar=_type_name(tp).upper().replace(" ", ""),
-                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"cfg:{f.name}",
+            default=argparse.SUPPRESS,
+            metavar=_type_name(tp).upper().replace(" ", ""),
+            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+        )
     for section, fields_fn in (("train", _train_fields), ("score", _score_fields), ("lora", _lora_fields)):
         try:
             sec_fields = fields_fn()
         except ImportError:
             continue
         managed = _MANAGED_SECTION_KEYS + (("curvature",) if section == "score" else ())
-        group = parser.add_argument_group(f"{section} settings", hints[section] and
-                                          dict(_dataclass_fields(ExperimentConfig))[section].metadata["help"])
+        group = parser.add_argument_group(
+            f"{section} settings",
+            hints[section] and dict(_dataclass_fields(ExperimentConfig))[section].metadata["help"],
+        )
         for name, sf in sec_fields.items():
             if name in managed:
                 continue
-            d = sf.default if sf.default is not dataclasses.MISSING else (
-                sf.default_factory() if sf.default_factory is not dataclasses.MISSING else None)
-            group.add_argument(f"--{section}.{name}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS,
-                               metavar="VALUE", help=f"{sf.metadata.get('help', '')} (default: {d!r})")
+            d = (
+                sf.default
+                if sf.default is not dataclasses.MISSING
+                else (sf.default_factory() if sf.default_factory is not dataclasses.MISSING else None)
+            )
+            group.add_argument(
+                f"--{section}.{name}",
+                dest=f"cfg:{section}.{name}",
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=f"{sf.metadata.get('help', '')} (default: {d!r})",
+            )
 
 
-def config_from_args(args: argparse.Namespace, *, defaults: Mapping[str, Any] | None = None) -> ExperimentConfig:
+def config_from_args(
+    args: argparse.Namespace, *, defaults: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
     """The ExperimentConfig from a parsed namespace of `add_config_arguments`.
 
     Precedence: the flags given, then the YAML file of --config, then `defaults`, then the field defaults.
@@ -538,8 +608,10 @@ def adapt_top_layers(model: nn.Module, n_layers: int) -> list[str]:
             if not p.requires_grad:
                 continue
             if "lora_B" in name and bool(p.detach().abs().max() > 0):
-                raise ValueError(f"layer {i} parameter {name!r} is a nonzero LoRA B: freezing it would not give "
-                                 "the pretrained layer; call adapt_top_layers before training")
+                raise ValueError(
+                    f"layer {i} parameter {name!r} is a nonzero LoRA B: freezing it would not give "
+                    "the pretrained layer; call adapt_top_layers before training"
+                )
             p.requires_grad_(False)
             frozen.append(f"layer{i}.{name}")
     return frozen
@@ -607,11 +679,13 @@ class PrefixCache:
         for i, layer in enumerate(prefix):
             trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
             if trainable:
-                raise ValueError(f"layer {i} has trainable parameters ({trainable[:3]}); only frozen layers can be "
-                                 "cached (use adapt_top_layers)")
+                raise ValueError(
+                    f"layer {i} has trainable parameters ({trainable[:3]}); only frozen layers can be "
+                    "cached (use adapt_top_layers)"
+                )
         body = _transformer_body(model)
         top = set()
-        for layer in layers[self.n_prefix:]:
+        for layer in layers[self.n_prefix :]:
             top.update(id(m) for m in layer.modules())
         head_ids = set()
         for _, mod in model.named_modules():
@@ -774,8 +848,12 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
@@ -786,8 +864,9 @@ def _load_data(cfg: ExperimentConfig):
 
     if cfg.data == "synthetic":
         return make_synthetic(cfg.synthetic_pairs, label_noise=cfg.label_noise, seed=cfg.data_seed)
-    data = load_preferences(cfg.data, schema=cfg.data_schema, split=cfg.data_split, name=cfg.data_name,
-                            max_pairs=cfg.max_pairs)
+    data = load_preferences(
+        cfg.data, schema=cfg.data_schema, split=cfg.data_split, name=cfg.data_name, max_pairs=cfg.max_pairs
+    )
     if cfg.label_noise:
         data = plant_label_noise(data, cfg.label_noise, seed=cfg.data_seed)
     return data
@@ -808,8 +887,12 @@ def plant_label_noise(dataset, fraction: float, *, seed: int):
     n = len(dataset)
     k = int(round(fraction * n))
     flip = set(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
-    pairs = [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, meta={**p.meta, "flipped": True})
-             if i in flip else p for i, p in enumerate(dataset.pairs)]
+    pairs = [
+        dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, meta={**p.meta, "flipped": True})
+        if i in flip
+        else p
+        for i, p in enumerate(dataset.pairs)
+    ]
     return PreferenceDataset(pairs, schema=dataset.schema, source=dataset.source, stats=dataset.stats)
 
 
@@ -825,7 +908,9 @@ def _build_model(cfg: ExperimentConfig, seed: int):
     lora = LoRASettings(**cfg.lora)
     dtype = _DTYPES[cfg.dtype]
     if cfg.model.startswith("tiny:"):
-        model, _ = build_reward_model(tiny_config(cfg.model.split(":", 1)[1]), lora=lora, dtype=dtype, seed=seed)
+        model, _ = build_reward_model(
+            tiny_config(cfg.model.split(":", 1)[1]), lora=lora, dtype=dtype, seed=seed
+        )
         tokenizer = tiny_tokenizer()
     else:
         model, tokenizer = build_reward_model(cfg.model, lora=lora, dtype=dtype, seed=seed)
@@ -871,8 +956,13 @@ def _train_config(cfg: ExperimentConfig, seed: int):
 def _score_config(cfg: ExperimentConfig, seed: int, curvature: str):
     from prefprune.score import ScoreConfig
 
-    kwargs = {"progress": cfg.progress, **cfg.score, "curvature": curvature, "seed": seed,
-              "max_length": cfg.max_length}
+    kwargs = {
+        "progress": cfg.progress,
+        **cfg.score,
+        "curvature": curvature,
+        "seed": seed,
+        "max_length": cfg.max_length,
+    }
     config = ScoreConfig(**kwargs)
     config.validate()
     return config
@@ -881,23 +971,38 @@ def _score_config(cfg: ExperimentConfig, seed: int, curvature: str):
 def _score_result_table(result: Any, *, source: str) -> ScoreTable:
     """A prefprune.score.ScoreResult (ids + columns + metadata) as a ScoreTable."""
     columns = {k: np.asarray(v, dtype=np.float64) for k, v in result.columns.items()}
-    return ScoreTable(ids=[str(i) for i in result.ids], columns=columns, metadata=_jsonable(result.metadata),
-                      source=source)
+    return ScoreTable(
+        ids=[str(i) for i in result.ids], columns=columns, metadata=_jsonable(result.metadata), source=source
+    )
 
 
-def _evaluate(model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None) -> dict[str, Any]:
+def _evaluate(
+    model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None
+) -> dict[str, Any]:
     """Test metrics; with `clean_ids`, also accuracy/loss on those pairs (from the same margins)."""
     import torch.nn.functional as F
 
     from prefprune import train as train_mod
 
-    out = dict(train_mod.evaluate(model, tokenizer, data, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
-                                  return_margins=clean_ids is not None))
+    out = dict(
+        train_mod.evaluate(
+            model,
+            tokenizer,
+            data,
+            batch_size=cfg.eval_batch_size,
+            max_length=cfg.max_length,
+            return_margins=clean_ids is not None,
+        )
+    )
     margins = out.pop("margins", None)
     if margins is not None:
         m = torch.tensor([v for k, v in margins.items() if k in clean_ids], dtype=torch.float64)
-        out["clean"] = {"accuracy": float((m > 0).double().mean()), "mean_margin": float(m.mean()),
-                        "loss": float(F.softplus(-m).mean()), "n": int(m.numel())}
+        out["clean"] = {
+            "accuracy": float((m > 0).double().mean()),
+            "mean_margin": float(m.mean()),
+            "loss": float(F.softplus(-m).mean()),
+            "n": int(m.numel()),
+        }
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
 
 
@@ -923,8 +1028,10 @@ def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
     diff = sorted(k for k in set(prev) | set(now) if k not in _RESUME_FREE and prev.get(k) != now.get(k))
     if diff:
         shown = "; ".join(f"{k}: {prev.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
-        raise ValueError(f"{out} holds an experiment with a different config ({shown}); use a new output folder "
-                         "or restore the old settings to resume")
+        raise ValueError(
+            f"{out} holds an experiment with a different config ({shown}); use a new output folder "
+            "or restore the old settings to resume"
+        )
 
 
 def _split(cfg: ExperimentConfig, dataset, steps: _Steps):
@@ -936,12 +1043,16 @@ def _split(cfg: ExperimentConfig, dataset, steps: _Steps):
                 raise AssertionError(f"split parts {a} and {b} overlap")
     for name, ids in parts.items():
         if len(ids) < 2:
-            raise ValueError(f"the {name} split has {len(ids)} pairs; use more data or larger split fractions")
+            raise ValueError(
+                f"the {name} split has {len(ids)} pairs; use more data or larger split fractions"
+            )
     prev = steps.get("splits.json")
     if prev is None:
         steps.put("splits.json", parts)
     elif prev != parts:
-        raise ValueError("the data or its split changed since this output folder was started; use a new folder")
+        raise ValueError(
+            "the data or its split changed since this output folder was started; use a new folder"
+        )
     return train, val, test
 
 
@@ -958,8 +1069,15 @@ def _validate_before_training(cfg: ExperimentConfig, n_train: int) -> None:
 class _SeedRun:
     """The model of one seed, built lazily (a fully finished seed never loads it), and its retrains."""
 
-    def __init__(self, cfg: ExperimentConfig, seed: int, out: Path, cache: PrefixCache | None, test,
-                 clean_ids: set[str] | None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        seed: int,
+        out: Path,
+        cache: PrefixCache | None,
+        test,
+        clean_ids: set[str] | None,
+    ):
         self.cfg, self.seed, self.out, self.cache = cfg, seed, out, cache
         self.test, self.clean_ids = test, clean_ids
         self.model: nn.Module | None = None
@@ -997,7 +1115,9 @@ class _SeedRun:
             stats = train_mod.train_reward_model(model, tok, data, config=_train_config(self.cfg, self.seed))
             result = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
         logger.info("seed %d %s: test accuracy %.4f (%.1fs)", self.seed, tag, result["accuracy"], tm.seconds)
-        stats = {k: v for k, v in stats.items() if k != "history"} | {"final_step": (stats.get("history") or [{}])[-1]}
+        stats = {k: v for k, v in stats.items() if k != "history"} | {
+            "final_step": (stats.get("history") or [{}])[-1]
+        }
         return _jsonable(stats), result, tm
 
     def close(self) -> None:
@@ -1074,8 +1194,17 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         if steps.get(base_rel) is None or not base_state_path.is_file():
             stats, result, tm = run.train_and_test(train, "baseline")
             _save_state_atomic(_trainable_state(run.model), base_state_path)
-            steps.put(base_rel, {"seed": seed, "n_train": len(train), "test": result, "train_stats": stats,
-                                 "seconds": tm.seconds, "cpu_seconds": tm.cpu_seconds})
+            steps.put(
+                base_rel,
+                {
+                    "seed": seed,
+                    "n_train": len(train),
+                    "test": result,
+                    "train_stats": stats,
+                    "seconds": tm.seconds,
+                    "cpu_seconds": tm.cpu_seconds,
+                },
+            )
 
         tables: dict[str, ScoreTable] = {}
         for curv in curvatures:
@@ -1086,20 +1215,36 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                 if val_scoring is val:
                     ok, too_long = _fits(val, tok, cfg.max_length)
                     if too_long:
-                        logger.warning("scoring uses %d of %d validation pairs: %d do not fit max_length=%d uncut",
-                                       len(ok), len(val), len(too_long), cfg.max_length)
+                        logger.warning(
+                            "scoring uses %d of %d validation pairs: %d do not fit max_length=%d uncut",
+                            len(ok),
+                            len(val),
+                            len(too_long),
+                            cfg.max_length,
+                        )
                         if not ok:
                             raise ValueError(f"no validation pair fits max_length={cfg.max_length}")
                         val_scoring = val.select(ok)
                 _load_trainable(model, torch.load(base_state_path, map_location="cpu"))
                 with _Timer() as tm:
-                    res = score_mod.score_pairs(model, tok, train, val_scoring,
-                                                config=_score_config(cfg, seed, curv))
+                    res = score_mod.score_pairs(
+                        model, tok, train, val_scoring, config=_score_config(cfg, seed, curv)
+                    )
                 table = _score_result_table(res, source=f"seed {seed} scores ({curv})")
                 check_ids_match(train.ids, table)
-                rec = steps.put(rel, {"curvature": curv, "seconds": tm.seconds, "cpu_seconds": tm.cpu_seconds,
-                                      "n_validation": len(val_scoring), **table.to_json()})
-                logger.info("seed %d: scored %d pairs, %s curvature (%.1fs)", seed, len(train), curv, tm.seconds)
+                rec = steps.put(
+                    rel,
+                    {
+                        "curvature": curv,
+                        "seconds": tm.seconds,
+                        "cpu_seconds": tm.cpu_seconds,
+                        "n_validation": len(val_scoring),
+                        **table.to_json(),
+                    },
+                )
+                logger.info(
+                    "seed %d: scored %d pairs, %s curvature (%.1fs)", seed, len(train), curv, tm.seconds
+                )
             tables[curv] = ScoreTable.from_json(rec, source=str(out / rel))
         merged = _merge_tables(tables, train.ids) if tables else None
 
@@ -1115,29 +1260,61 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                 # e.g. influence_exact after CG met non-positive curvature with score.on_nonpositive: nan.
                 reason = f"non-finite {method} scores ({merged.metadata})"[:500]
                 logger.warning("seed %d: skipping %s %s %g: %s", seed, method, mode, fraction, reason)
-                steps.put(rel, {"seed": seed, "method": method, "mode": mode, "fraction": fraction, "skipped": reason})
+                steps.put(
+                    rel,
+                    {"seed": seed, "method": method, "mode": mode, "fraction": fraction, "skipped": reason},
+                )
                 continue
             else:
-                sel = select_pairs(merged.ids, merged.column(method), method=method, fraction=fraction, mode=mode)
+                sel = select_pairs(
+                    merged.ids, merged.column(method), method=method, fraction=fraction, mode=mode
+                )
             pruned = train.exclude(sel.ids)
             stats, result, tm = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
-            steps.put(rel, {
-                "seed": seed, "method": method, "mode": mode, "fraction": fraction, "n_train": len(pruned),
-                "n_removed": len(sel.ids), "n_flipped_removed": len(set(sel.ids) & set(flipped_train)),
-                "removed_ids": list(sel.ids), "test": result, "train_stats": stats, "seconds": tm.seconds,
-                "cpu_seconds": tm.cpu_seconds,
-            })
+            steps.put(
+                rel,
+                {
+                    "seed": seed,
+                    "method": method,
+                    "mode": mode,
+                    "fraction": fraction,
+                    "n_train": len(pruned),
+                    "n_removed": len(sel.ids),
+                    "n_flipped_removed": len(set(sel.ids) & set(flipped_train)),
+                    "removed_ids": list(sel.ids),
+                    "test": result,
+                    "train_stats": stats,
+                    "seconds": tm.seconds,
+                    "cpu_seconds": tm.cpu_seconds,
+                },
+            )
         run.close()
         if cache is not None:
-            logger.info("prefix cache: %d sequences, %.1f MB, %d hits, %d misses", len(cache),
-                        cache.nbytes / 2**20, cache.hits, cache.misses)
+            logger.info(
+                "prefix cache: %d sequences, %.1f MB, %d hits, %d misses",
+                len(cache),
+                cache.nbytes / 2**20,
+                cache.hits,
+                cache.misses,
+            )
 
-    results = collect_results(cfg, out, dataset=dataset, splits=(train, val, test), flipped_train=flipped_train,
-                              curvatures=curvatures)
+    results = collect_results(
+        cfg,
+        out,
+        dataset=dataset,
+        splits=(train, val, test),
+        flipped_train=flipped_train,
+        curvatures=curvatures,
+    )
     results["timings"]["this_invocation_seconds"] = time.perf_counter() - t_start
     if cache is not None:
-        results["prefix_cache"] = {"sequences": len(cache), "megabytes": cache.nbytes / 2**20, "hits": cache.hits,
-                                   "misses": cache.misses, "cached_layers": cache.n_prefix}
+        results["prefix_cache"] = {
+            "sequences": len(cache),
+            "megabytes": cache.nbytes / 2**20,
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "cached_layers": cache.n_prefix,
+        }
     _write_json_atomic(out / "results.json", results)
     from prefprune.report import write_report
 
@@ -1153,8 +1330,9 @@ def _save_state_atomic(state: Mapping[str, Tensor], path: Path) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: _json_default(o) if not isinstance(o, (set, tuple))
-                                 else list(o)))
+    return json.loads(
+        json.dumps(obj, default=lambda o: _json_default(o) if not isinstance(o, (set, tuple)) else list(o))
+    )
 
 
 def _merge_tables(tables: Mapping[str, ScoreTable], ids: Sequence[str]) -> ScoreTable:
@@ -1180,8 +1358,15 @@ def _merge_tables(tables: Mapping[str, ScoreTable], ids: Sequence[str]) -> Score
 # ----------------------------------------------------------------------------------------------
 
 
-def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flipped_train: Sequence[str],
-                    curvatures: Sequence[str]) -> dict[str, Any]:
+def collect_results(
+    cfg: ExperimentConfig,
+    out: Path,
+    *,
+    dataset,
+    splits,
+    flipped_train: Sequence[str],
+    curvatures: Sequence[str],
+) -> dict[str, Any]:
     """Gather the step files of `out` into one results dict (every number, every setting)."""
     train, val, test = splits
     steps = _Steps(out)
@@ -1203,8 +1388,12 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
             continue
         step_seconds += base["seconds"]
         step_cpu += base.get("cpu_seconds", 0.0)
-        per_seed_baseline[seed] = {"accuracy": base["test"]["accuracy"], "test": base["test"],
-                                   "train_stats": base["train_stats"], "seconds": base["seconds"]}
+        per_seed_baseline[seed] = {
+            "accuracy": base["test"]["accuracy"],
+            "test": base["test"],
+            "train_stats": base["train_stats"],
+            "seconds": base["seconds"],
+        }
         tables = {}
         for curv in curvatures:
             rec = steps.get(f"seed{seed}/scores_{curv}.json")
@@ -1218,27 +1407,50 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
         if merged is not None and flipped:
             noisy = np.asarray([i in flipped for i in merged.ids])
             for col in merged.columns:
-                if col not in _DETECTION_COLUMNS and col not in cfg.methods and not col.startswith("influence_"):
+                if (
+                    col not in _DETECTION_COLUMNS
+                    and col not in cfg.methods
+                    and not col.startswith("influence_")
+                ):
                     continue
                 vals = merged.column(col)
                 high = higher_is_suspect(col)
                 if not np.all(np.isfinite(vals)):
-                    detection.append({"seed": seed, "method": col, "auc": None, "precision_at_k": None,
-                                      "k": len(flipped), "note": "non-finite scores"})
+                    detection.append(
+                        {
+                            "seed": seed,
+                            "method": col,
+                            "auc": None,
+                            "precision_at_k": None,
+                            "k": len(flipped),
+                            "note": "non-finite scores",
+                        }
+                    )
                     continue
-                detection.append({
-                    "seed": seed, "method": col, "k": len(flipped),
-                    "auc": detection_auc(vals, noisy, higher_is_suspect=high),
-                    "precision_at_k": precision_at_k(vals, noisy, k=len(flipped), higher_is_suspect=high,
-                                                     ids=merged.ids),
-                })
+                detection.append(
+                    {
+                        "seed": seed,
+                        "method": col,
+                        "k": len(flipped),
+                        "auc": detection_auc(vals, noisy, higher_is_suspect=high),
+                        "precision_at_k": precision_at_k(
+                            vals, noisy, k=len(flipped), higher_is_suspect=high, ids=merged.ids
+                        ),
+                    }
+                )
                 if seed == cfg.seeds[0]:
                     histograms[col] = {"flipped": vals[noisy].tolist(), "clean": vals[~noisy].tolist()}
             rng = np.random.default_rng(seed)
             rand = rng.uniform(size=len(merged.ids))
-            detection.append({"seed": seed, "method": "random", "k": len(flipped),
-                              "auc": detection_auc(rand, noisy, higher_is_suspect=True),
-                              "precision_at_k": precision_at_k(rand, noisy, k=len(flipped), higher_is_suspect=True)})
+            detection.append(
+                {
+                    "seed": seed,
+                    "method": "random",
+                    "k": len(flipped),
+                    "auc": detection_auc(rand, noisy, higher_is_suspect=True),
+                    "precision_at_k": precision_at_k(rand, noisy, k=len(flipped), higher_is_suspect=True),
+                }
+            )
         elif merged is not None and seed == cfg.seeds[0]:
             for col in merged.columns:
                 histograms[col] = {"all": merged.column(col).tolist()}
@@ -1251,8 +1463,19 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
                 continue
             step_seconds += rec["seconds"]
             step_cpu += rec.get("cpu_seconds", 0.0)
-            row = {k: rec[k] for k in ("seed", "method", "mode", "fraction", "n_train", "n_removed",
-                                       "n_flipped_removed", "seconds")}
+            row = {
+                k: rec[k]
+                for k in (
+                    "seed",
+                    "method",
+                    "mode",
+                    "fraction",
+                    "n_train",
+                    "n_removed",
+                    "n_flipped_removed",
+                    "seconds",
+                )
+            }
             row["accuracy"] = rec["test"]["accuracy"]
             row["delta"] = rec["test"]["accuracy"] - base["test"]["accuracy"]
             if "clean" in rec["test"]:
@@ -1269,12 +1492,24 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
             continue
         acc_m, acc_s = mean_std([r["accuracy"] for r in rows])
         d_m, d_s = mean_std([r["delta"] for r in rows])
-        entry = {"method": method, "mode": mode, "fraction": fraction, "n_seeds": len(rows),
-                 "accuracy_mean": acc_m, "accuracy_std": acc_s, "delta_mean": d_m, "delta_std": d_s,
-                 "n_removed": rows[0]["n_removed"],
-                 "flipped_share_of_removed": float(np.mean([r["n_flipped_removed"] / r["n_removed"] for r in rows]))}
+        entry = {
+            "method": method,
+            "mode": mode,
+            "fraction": fraction,
+            "n_seeds": len(rows),
+            "accuracy_mean": acc_m,
+            "accuracy_std": acc_s,
+            "delta_mean": d_m,
+            "delta_std": d_s,
+            "n_removed": rows[0]["n_removed"],
+            "flipped_share_of_removed": float(
+                np.mean([r["n_flipped_removed"] / r["n_removed"] for r in rows])
+            ),
+        }
         if "clean_accuracy" in rows[0]:
-            entry["clean_accuracy_mean"], entry["clean_accuracy_std"] = mean_std([r["clean_accuracy"] for r in rows])
+            entry["clean_accuracy_mean"], entry["clean_accuracy_std"] = mean_std(
+                [r["clean_accuracy"] for r in rows]
+            )
             entry["clean_delta_mean"], entry["clean_delta_std"] = mean_std([r["clean_delta"] for r in rows])
         summary_arms.append(entry)
     base_vals = [b["accuracy"] for b in per_seed_baseline.values()]
@@ -1290,20 +1525,34 @@ def collect_results(cfg: ExperimentConfig, out: Path, *, dataset, splits, flippe
             continue
         am, as_ = mean_std([d["auc"] for d in rows])
         pm, ps = mean_std([d["precision_at_k"] for d in rows])
-        det_summary.append({"method": method, "auc_mean": am, "auc_std": as_, "precision_at_k_mean": pm,
-                            "precision_at_k_std": ps, "k": rows[0]["k"], "n_seeds": len(rows)})
+        det_summary.append(
+            {
+                "method": method,
+                "auc_mean": am,
+                "auc_std": as_,
+                "precision_at_k_mean": pm,
+                "precision_at_k_std": ps,
+                "k": rows[0]["k"],
+                "n_seeds": len(rows),
+            }
+        )
     return {
         "config": json.loads(json.dumps(cfg.to_dict(), default=_json_default)),
         "versions": _versions(),
         "machine": _machine(),
         "data": {
-            "source": dataset.source, "schema": dataset.schema, "n_pairs": len(dataset),
-            "n_train": len(train), "n_validation": len(val), "n_test": len(test),
-            "n_flipped": len(dataset.flipped_ids), "n_flipped_train": len(flipped),
+            "source": dataset.source,
+            "schema": dataset.schema,
+            "n_pairs": len(dataset),
+            "n_train": len(train),
+            "n_validation": len(val),
+            "n_test": len(test),
+            "n_flipped": len(dataset.flipped_ids),
+            "n_flipped_train": len(flipped),
             "n_flipped_validation": len(dataset.flipped_ids & set(val.ids)),
             "n_flipped_test": len(dataset.flipped_ids & set(test.ids)),
             "split_note": "one split (split_seed) shared by all seeds; validation used only for scoring, "
-                          "test only for accuracy",
+            "test only for accuracy",
         },
         "baseline": {"per_seed": per_seed_baseline, **baseline_summary},
         "arms": arms,

@@ -14,21 +14,24 @@ import numpy as np
 __all__ = ["detection_auc", "mean_std", "precision_at_k", "suspicion_order"]
 
 
-def _as_arrays(scores: Sequence[float] | np.ndarray,
-               is_noisy: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _as_arrays(
+    scores: Sequence[float] | np.ndarray, is_noisy: Sequence[bool] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(is_noisy, dtype=bool).reshape(-1)
     if s.shape != y.shape:
         raise ValueError(f"scores ({s.shape[0]}) and is_noisy ({y.shape[0]}) must have the same length")
     bad = np.flatnonzero(~np.isfinite(s))
     if bad.size:
-        raise ValueError(f"scores must be finite; {bad.size} are not "
-                         f"(first at index {int(bad[0])}: {s[bad[0]]})")
+        raise ValueError(
+            f"scores must be finite; {bad.size} are not (first at index {int(bad[0])}: {s[bad[0]]})"
+        )
     return s, y
 
 
-def suspicion_order(scores: Sequence[float] | np.ndarray, *, higher_is_suspect: bool,
-                    ids: Sequence[str] | None = None) -> np.ndarray:
+def suspicion_order(
+    scores: Sequence[float] | np.ndarray, *, higher_is_suspect: bool, ids: Sequence[str] | None = None
+) -> np.ndarray:
     """Indices from most to least suspect; ties broken by id (then index) so the order is deterministic.
 
     Args:
@@ -46,8 +49,9 @@ def suspicion_order(scores: Sequence[float] | np.ndarray, *, higher_is_suspect: 
     return np.lexsort((tie, key)).astype(np.int64)
 
 
-def detection_auc(scores: Sequence[float] | np.ndarray, is_noisy: Sequence[bool] | np.ndarray, *,
-                  higher_is_suspect: bool) -> float:
+def detection_auc(
+    scores: Sequence[float] | np.ndarray, is_noisy: Sequence[bool] | np.ndarray, *, higher_is_suspect: bool
+) -> float:
     """Area under the ROC curve of "score flags a noisy pair", by the Mann–Whitney rank statistic.
 
     AUC = P(suspicion(noisy) > suspicion(clean)) + ½ P(equal), computed from average ranks in
@@ -79,8 +83,14 @@ def detection_auc(scores: Sequence[float] | np.ndarray, is_noisy: Sequence[bool]
     return float(u / (n_pos * n_neg))
 
 
-def precision_at_k(scores: Sequence[float] | np.ndarray, is_noisy: Sequence[bool] | np.ndarray, *, k: int,
-                   higher_is_suspect: bool, ids: Sequence[str] | None = None) -> float:
+def precision_at_k(
+    scores: Sequence[float] | np.ndarray,
+    is_noisy: Sequence[bool] | np.ndarray,
+    *,
+    k: int,
+    higher_is_suspect: bool,
+    ids: Sequence[str] | None = None,
+) -> float:
     """Share of noisy pairs among the k most suspect (ties broken as in `suspicion_order`).
 
     Args:

@@ -78,8 +78,9 @@ def n_to_select(n: int, fraction: float) -> int:
     check_fraction(fraction)
     k = int(math.floor(fraction * n + 0.5))
     if k < 1 or k >= n:
-        raise ValueError(f"fraction {fraction} of {n} pairs selects {k} pairs; "
-                         f"need at least 1 and fewer than {n}")
+        raise ValueError(
+            f"fraction {fraction} of {n} pairs selects {k} pairs; need at least 1 and fewer than {n}"
+        )
     return k
 
 
@@ -130,9 +131,12 @@ class ScoreTable:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], *, source: str = "<json>") -> ScoreTable:
-        return cls(ids=list(obj["ids"]), columns={k: np.asarray(v, dtype=np.float64)
-                                                  for k, v in obj["columns"].items()},
-                   metadata=dict(obj.get("metadata", {})), source=source)
+        return cls(
+            ids=list(obj["ids"]),
+            columns={k: np.asarray(v, dtype=np.float64) for k, v in obj["columns"].items()},
+            metadata=dict(obj.get("metadata", {})),
+            source=source,
+        )
 
 
 def _table_from_records(records: list[dict[str, Any]], source: str) -> ScoreTable:
@@ -216,8 +220,10 @@ def check_ids_match(dataset_ids: Sequence[str], table: ScoreTable) -> None:
         parts.append(f"{len(missing)} dataset ids have no score (e.g. {missing[:3]})")
     if extra:
         parts.append(f"{len(extra)} scored ids are not in the dataset (e.g. {extra[:3]})")
-    raise ValueError(f"score file {table.source} does not match the dataset ({len(want)} pairs vs "
-                     f"{len(have)} scores): " + "; ".join(parts))
+    raise ValueError(
+        f"score file {table.source} does not match the dataset ({len(want)} pairs vs "
+        f"{len(have)} scores): " + "; ".join(parts)
+    )
 
 
 @dataclass(frozen=True)
@@ -241,8 +247,15 @@ class Selection:
     n_total: int
 
 
-def select_pairs(ids: Sequence[str], scores: Sequence[float] | np.ndarray | None, *, method: str,
-                 fraction: float, mode: str = "harmful", seed: int = 0) -> Selection:
+def select_pairs(
+    ids: Sequence[str],
+    scores: Sequence[float] | np.ndarray | None,
+    *,
+    method: str,
+    fraction: float,
+    mode: str = "harmful",
+    seed: int = 0,
+) -> Selection:
     """Pick round(fraction · n) pairs: the harmful (or helpful) end of `scores`, or a random draw.
 
     Args:
@@ -271,16 +284,27 @@ def select_pairs(ids: Sequence[str], scores: Sequence[float] | np.ndarray | None
         raise ValueError(f"{s.shape[0]} scores for {len(ids)} ids")
     bad = np.flatnonzero(~np.isfinite(s))
     if bad.size:
-        raise ValueError(f"column {method!r} has {bad.size} non-finite scores (e.g. id {ids[bad[0]]!r}: "
-                         f"{s[bad[0]]}); fix the score run before pruning")
+        raise ValueError(
+            f"column {method!r} has {bad.size} non-finite scores (e.g. id {ids[bad[0]]!r}: "
+            f"{s[bad[0]]}); fix the score run before pruning"
+        )
     suspect_high = higher_is_suspect(method)
-    order = suspicion_order(s, higher_is_suspect=suspect_high if mode == "harmful" else not suspect_high,
-                            ids=ids)
+    order = suspicion_order(
+        s, higher_is_suspect=suspect_high if mode == "harmful" else not suspect_high, ids=ids
+    )
     return Selection(method, float(fraction), mode, None, tuple(ids[i] for i in order[:k]), len(ids))
 
 
-def prune_dataset(dataset, table: ScoreTable | None, *, method: str, fraction: float, mode: str = "harmful",
-                  keep: bool = False, seed: int = 0):
+def prune_dataset(
+    dataset,
+    table: ScoreTable | None,
+    *,
+    method: str,
+    fraction: float,
+    mode: str = "harmful",
+    keep: bool = False,
+    seed: int = 0,
+):
     """Drop (or, with `keep=True`, keep only) the pairs `select_pairs` picks.
 
     Args:
@@ -317,10 +341,21 @@ def write_ids(ids: Sequence[str], path: str | os.PathLike) -> None:
     os.replace(tmp, p)
 
 
-def prune_file(data: str | os.PathLike, scores: str | os.PathLike | None, output: str | os.PathLike, *,
-               method: str, fraction: float, mode: str = "harmful", keep: bool = False, seed: int = 0,
-               schema: str = "auto", split: str = "train", name: str | None = None,
-               removed_ids: str | os.PathLike | None = None) -> dict[str, Any]:
+def prune_file(
+    data: str | os.PathLike,
+    scores: str | os.PathLike | None,
+    output: str | os.PathLike,
+    *,
+    method: str,
+    fraction: float,
+    mode: str = "harmful",
+    keep: bool = False,
+    seed: int = 0,
+    schema: str = "auto",
+    split: str = "train",
+    name: str | None = None,
+    removed_ids: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Load a dataset and its scores, prune, write the result in the input's schema and the ids.
 
     Args:
@@ -353,8 +388,9 @@ def prune_file(data: str | os.PathLike, scores: str | os.PathLike | None, output
     else:
         dataset = data
         data = dataset.source or "<dataset>"
-    pruned, sel = prune_dataset(dataset, table, method=method, fraction=fraction, mode=mode, keep=keep,
-                                seed=seed)
+    pruned, sel = prune_dataset(
+        dataset, table, method=method, fraction=fraction, mode=mode, keep=keep, seed=seed
+    )
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     pruned.save(out)
@@ -366,11 +402,21 @@ def prune_file(data: str | os.PathLike, scores: str | os.PathLike | None, output
     ids_path = Path(removed_ids) if removed_ids is not None else out.with_name(out.name + ".removed.txt")
     write_ids(dropped, ids_path)
     summary = {
-        "data": str(data), "scores": None if scores is None else str(scores), "output": str(out),
-        "removed_ids": str(ids_path), "method": method, "fraction": sel.fraction, "mode": mode, "keep": keep,
-        "seed": sel.seed, "n_input": len(dataset), "n_output": len(pruned), "n_removed": len(dropped),
+        "data": str(data),
+        "scores": None if scores is None else str(scores),
+        "output": str(out),
+        "removed_ids": str(ids_path),
+        "method": method,
+        "fraction": sel.fraction,
+        "mode": mode,
+        "keep": keep,
+        "seed": sel.seed,
+        "n_input": len(dataset),
+        "n_output": len(pruned),
+        "n_removed": len(dropped),
         "n_flipped_removed": len(set(dropped) & set(dataset.flipped_ids)),
     }
-    logger.info("pruned %s: %d -> %d pairs (%s, %s, %.3g)", data, len(dataset), len(pruned), method, mode,
-                fraction)
+    logger.info(
+        "pruned %s: %d -> %d pairs (%s, %s, %.3g)", data, len(dataset), len(pruned), method, mode, fraction
+    )
     return summary

@@ -1,4 +1,4 @@
-"""Turn an experiment's results.json into report.md tables and PNG plots (matplotlib, Agg, imported lazily)."""
+"""Turn an experiment's results.json into report.md tables and PNG plots (matplotlib Agg, imported lazily)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def accuracy_table(results: Mapping[str, Any], *, mode: str = "harmful", clean: 
             if r is None or f"{key}_mean" not in r:
                 cells.append("—")
                 continue
-            cells.append(f"{_pm(r[f'{key}_mean'], r[f'{key}_std'])} (Δ {_pm(r[f'{dkey}_mean'], r[f'{dkey}_std'], signed=True)})")
+            acc = _pm(r[f"{key}_mean"], r[f"{key}_std"])
+            delta = _pm(r[f"{dkey}_mean"], r[f"{dkey}_std"], signed=True)
+            cells.append(f"{acc} (Δ {delta})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -73,8 +75,11 @@ def detection_table(results: Mapping[str, Any]) -> str:
         return ""
     arms = [r for r in results["summary"]["arms"] if r["mode"] == "harmful"]
     fracs = _fractions(arms)
-    head = ("| score | AUC | precision@k | " + " | ".join(f"flipped share of removed {100 * f:g}%" for f in fracs)
-            + " |")
+    head = (
+        "| score | AUC | precision@k | "
+        + " | ".join(f"flipped share of removed {100 * f:g}%" for f in fracs)
+        + " |"
+    )
     lines = [head, "|---|---|---|" + "---|" * len(fracs)]
     for d in det:
         cells = []
@@ -104,8 +109,8 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
     out = [f"# Pruning experiment: {Path(cfg['output']).name}", ""]
     out.append(
         f"Data: `{data['source']}` ({data['schema']}), {data['n_pairs']} pairs → train {data['n_train']} / "
-        f"validation {data['n_validation']} / test {data['n_test']} (one split, seed {cfg['split_seed']}, shared "
-        "by all seeds; validation is used only for scoring, test only for accuracy)."
+        f"validation {data['n_validation']} / test {data['n_test']} (one split, seed {cfg['split_seed']}, "
+        "shared by all seeds; validation is used only for scoring, test only for accuracy)."
     )
     if noisy:
         out.append(
@@ -125,44 +130,77 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
         "over seeds; Δ is the paired difference to the same seed's unpruned baseline."
     )
     machine = results.get("machine", {})
+    gpu = f", {machine['cuda_device']}" if machine.get("cuda_device") else ""
     out.append(
         f"Machine: {machine.get('processor', '?')}, {machine.get('cpu_count', '?')} CPUs, torch threads "
-        f"{machine.get('torch_threads', '?')}{', ' + machine['cuda_device'] if machine.get('cuda_device') else ''}. "
+        f"{machine.get('torch_threads', '?')}{gpu}. "
         f"Compute time of all steps: {_fmt_seconds(t.get('sum_of_step_seconds'))}; this invocation: "
         f"{_fmt_seconds(t.get('this_invocation_seconds'))}."
     )
     out += ["", "## Unpruned baseline", ""]
-    out.append(f"Test accuracy {_pm(base.get('accuracy_mean'), base.get('accuracy_std'))} over "
-               f"{base.get('n_seeds', 0)} seed(s)"
-               + (f"; on the test pairs without planted noise {_pm(base.get('clean_accuracy_mean'), base.get('clean_accuracy_std'))}."
-                  if noisy and "clean_accuracy_mean" in base else "."))
-    out += ["", "## Pruning the most harmful pairs", "",
-            "Removed: lowest influence / grad_dot / grad_cos, highest train_loss, or a random draw.", "",
-            accuracy_table(results, mode="harmful")]
+    clean = ""
+    if noisy and "clean_accuracy_mean" in base:
+        clean_acc = _pm(base["clean_accuracy_mean"], base["clean_accuracy_std"])
+        clean = f"; on the test pairs without planted noise {clean_acc}"
+    out.append(
+        f"Test accuracy {_pm(base.get('accuracy_mean'), base.get('accuracy_std'))} over "
+        f"{base.get('n_seeds', 0)} seed(s){clean}."
+    )
+    out += [
+        "",
+        "## Pruning the most harmful pairs",
+        "",
+        "Removed: lowest influence / grad_dot / grad_cos, highest train_loss, or a random draw.",
+        "",
+        accuracy_table(results, mode="harmful"),
+    ]
     if noisy and any("clean_accuracy_mean" in r for r in results["summary"]["arms"]):
-        out += ["", "Same, measured on the test pairs whose labels were not flipped:", "",
-                accuracy_table(results, mode="harmful", clean=True)]
+        out += [
+            "",
+            "Same, measured on the test pairs whose labels were not flipped:",
+            "",
+            accuracy_table(results, mode="harmful", clean=True),
+        ]
     helpful = accuracy_table(results, mode="helpful")
     if helpful:
-        out += ["", "## Helpful arm: removing the most helpful pairs", "",
-                "Removed: the *highest* scores (lowest train_loss). A score that finds helpful pairs well "
-                "hurts accuracy most here.", "", helpful]
+        out += [
+            "",
+            "## Helpful arm: removing the most helpful pairs",
+            "",
+            "Removed: the *highest* scores (lowest train_loss). A score that finds helpful pairs well "
+            "hurts accuracy most here.",
+            "",
+            helpful,
+        ]
     det = detection_table(results)
     if det:
-        out += ["", "## Noise detection", "",
-                f"How well each score ranks the {data['n_flipped_train']} flipped training pairs first (low "
-                "influence / grad_dot / grad_cos = suspect, high train_loss = suspect). AUC: Mann–Whitney "
-                "rank statistic, 0.5 = chance; precision@k with k = number of flipped training pairs.", "", det]
+        out += [
+            "",
+            "## Noise detection",
+            "",
+            f"How well each score ranks the {data['n_flipped_train']} flipped training pairs first (low "
+            "influence / grad_dot / grad_cos = suspect, high train_loss = suspect). AUC: Mann–Whitney "
+            "rank statistic, 0.5 = chance; precision@k with k = number of flipped training pairs.",
+            "",
+            det,
+        ]
     solves = results.get("scores", {}).get("metadata", {})
     if solves:
-        out += ["", "## Scoring runs", "", "| seed/curvature | solve status | CG iterations | residual | seconds |",
-                "|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Scoring runs",
+            "",
+            "| seed/curvature | solve status | CG iterations | residual | seconds |",
+            "|---|---|---|---|---|",
+        ]
         secs = results["scores"].get("seconds", {})
         for key, meta in solves.items():
             s = meta.get("solve", {}) if isinstance(meta, Mapping) else {}
             res = s.get("residual")
-            out.append(f"| {key} | {s.get('status', 'n/a')} | {s.get('iterations', 'n/a')} | "
-                       f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} |")
+            out.append(
+                f"| {key} | {s.get('status', 'n/a')} | {s.get('iterations', 'n/a')} | "
+                f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} |"
+            )
     if plots:
         out += ["", "## Plots", ""]
         out += [f"![{Path(p).stem}]({p})" for p in plots]
@@ -192,8 +230,10 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for mode, style in (("harmful", "-o"), ("helpful", "--s")):
             for method in dict.fromkeys(r["method"] for r in arms if r["mode"] == mode):
-                rows = sorted((r for r in arms if r["mode"] == mode and r["method"] == method),
-                              key=lambda r: r["fraction"])
+                rows = sorted(
+                    (r for r in arms if r["mode"] == mode and r["method"] == method),
+                    key=lambda r: r["fraction"],
+                )
                 xs = [0.0] + [100 * r["fraction"] for r in rows]
                 ys = [100 * base["accuracy_mean"]] + [100 * r["accuracy_mean"] for r in rows]
                 es = [100 * (base.get("accuracy_std") or 0.0)] + [100 * r["accuracy_std"] for r in rows]
@@ -220,7 +260,7 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
                     ax.hist(values, bins=30, alpha=0.6, label=f"{label} ({len(values)})", density=True)
             ax.set_title(name, fontsize=9)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(names):]:
+        for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")
         fig.suptitle("Score distributions (first seed)", fontsize=10)
         fig.tight_layout()
@@ -230,7 +270,9 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
     return written
 
 
-def write_report(results: Mapping[str, Any] | str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+def write_report(
+    results: Mapping[str, Any] | str | os.PathLike, folder: str | os.PathLike | None = None
+) -> Path:
     """Write report.md and the plots next to results.json.
 
     Args:

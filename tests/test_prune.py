@@ -24,8 +24,13 @@ from prefprune.prune import (
 
 def _dataset(n: int = 40, *, flipped: set[int] = frozenset()) -> PreferenceDataset:
     pairs = [
-        PreferencePair(id=f"p{i:03d}", prompt=f"Question {i}?", chosen=f" good answer {i}",
-                       rejected=f" bad {i}", meta={"flipped": True} if i in flipped else {})
+        PreferencePair(
+            id=f"p{i:03d}",
+            prompt=f"Question {i}?",
+            chosen=f" good answer {i}",
+            rejected=f" bad {i}",
+            meta={"flipped": True} if i in flipped else {},
+        )
         for i in range(n)
     ]
     return PreferenceDataset(pairs, schema="prompt_chosen_rejected", source="test")
@@ -35,9 +40,16 @@ def _table(ds: PreferenceDataset, seed: int = 0) -> ScoreTable:
     rng = np.random.default_rng(seed)
     n = len(ds)
     ids = ds.ids[::-1]  # a score file need not be in dataset order
-    return ScoreTable(ids=ids, columns={
-        "influence": rng.normal(size=n), "grad_dot": rng.normal(size=n), "grad_cos": rng.uniform(-1, 1, n),
-        "train_loss": rng.exponential(size=n), "margin": rng.normal(size=n)})
+    return ScoreTable(
+        ids=ids,
+        columns={
+            "influence": rng.normal(size=n),
+            "grad_dot": rng.normal(size=n),
+            "grad_cos": rng.uniform(-1, 1, n),
+            "train_loss": rng.exponential(size=n),
+            "margin": rng.normal(size=n),
+        },
+    )
 
 
 def _brute_auc(susp: np.ndarray, y: np.ndarray) -> float:
@@ -134,8 +146,9 @@ def test_bad_inputs():
         prune_dataset(ds, table, method="bogus", fraction=0.1)
     with pytest.raises(ValueError, match="mode must be"):
         prune_dataset(ds, table, method="influence", fraction=0.1, mode="worst")
-    other = ScoreTable(ids=[f"x{i}" for i in range(20)], columns={"influence": np.zeros(20)},
-                       source="s.jsonl")
+    other = ScoreTable(
+        ids=[f"x{i}" for i in range(20)], columns={"influence": np.zeros(20)}, source="s.jsonl"
+    )
     with pytest.raises(ValueError, match=r"s.jsonl does not match the dataset.*20 dataset ids have no score"):
         prune_dataset(ds, other, method="influence", fraction=0.1)
     short = ScoreTable(ids=ds.ids[:-1], columns={"influence": np.zeros(19)}, source="s2")
@@ -209,3 +222,59 @@ def test_prune_file_roundtrip(tmp_path):
     assert first.prompt == loaded.pairs[5].prompt and first.chosen == loaded.pairs[5].chosen
     with pytest.raises(ValueError, match="no score column 'grad_dot'"):
         prune_file(data, scores, out, method="grad_dot", fraction=0.1)
+
+
+def test_prune_cli(tmp_path, capsys):
+    from prefprune.cli import main
+
+    ds = _dataset(20)
+    data = tmp_path / "d.jsonl"
+    ds.save(data)
+    ids = load_preferences(data).ids
+    scores = tmp_path / "s.csv"
+    scores.write_text("id,train_loss\n" + "".join(f"{i},{k}\n" for k, i in enumerate(ids)))
+    out = tmp_path / "p.parquet"
+    assert (
+        main(
+            [
+                "prune",
+                "--data",
+                str(data),
+                "--scores",
+                str(scores),
+                "--by",
+                "train_loss",
+                "--fraction",
+                "0.1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert set(load_preferences(out).ids) == set(ids[:-2])  # the two highest losses are gone
+    assert (tmp_path / "p.parquet.removed.txt").read_text().split() == [ids[-1], ids[-2]]
+    assert (
+        main(
+            [
+                "prune",
+                "--data",
+                str(data),
+                "--scores",
+                str(scores),
+                "--by",
+                "train_loss",
+                "--fraction",
+                "1.5",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "--fraction must be in the open interval (0, 1), got 1.5" in capsys.readouterr().err
+    assert (
+        main(["prune", "--data", str(data), "--by", "influence", "--fraction", "0.1", "--output", str(out)])
+        == 2
+    )
+    assert "--by influence needs --scores" in capsys.readouterr().err

@@ -10,27 +10,78 @@ from prefprune.report import accuracy_table, detection_table, render_markdown, w
 def _results() -> dict:
     arms = []
     for method, mode, frac, acc, d in [
-        ("influence_ggn", "harmful", 0.1, 0.80, 0.05), ("influence_ggn", "harmful", 0.2, 0.82, 0.07),
-        ("random", "harmful", 0.1, 0.74, -0.01), ("influence_ggn", "helpful", 0.1, 0.60, -0.15),
+        ("influence_ggn", "harmful", 0.1, 0.80, 0.05),
+        ("influence_ggn", "harmful", 0.2, 0.82, 0.07),
+        ("random", "harmful", 0.1, 0.74, -0.01),
+        ("influence_ggn", "helpful", 0.1, 0.60, -0.15),
     ]:
-        arms.append({"method": method, "mode": mode, "fraction": frac, "n_seeds": 2, "accuracy_mean": acc,
-                     "accuracy_std": 0.01, "delta_mean": d, "delta_std": 0.02, "n_removed": 10,
-                     "flipped_share_of_removed": 0.9 if method != "random" else 0.2})
+        arms.append(
+            {
+                "method": method,
+                "mode": mode,
+                "fraction": frac,
+                "n_seeds": 2,
+                "accuracy_mean": acc,
+                "accuracy_std": 0.01,
+                "delta_mean": d,
+                "delta_std": 0.02,
+                "n_removed": 10,
+                "flipped_share_of_removed": 0.9 if method != "random" else 0.2,
+            }
+        )
     return {
-        "config": {"output": "runs/x", "split_seed": 0, "model": "tiny:gpt_neox", "lora": {"r": 2},
-                   "lora_layers": None, "max_length": 64, "train": {}, "score": {}, "curvatures": ["ggn"],
-                   "seeds": [0, 1]},
-        "data": {"source": "synthetic", "schema": "tldr", "n_pairs": 100, "n_train": 60, "n_validation": 10,
-                 "n_test": 30, "n_flipped": 20, "n_flipped_train": 12, "n_flipped_validation": 2,
-                 "n_flipped_test": 6},
+        "config": {
+            "output": "runs/x",
+            "split_seed": 0,
+            "model": "tiny:gpt_neox",
+            "lora": {"r": 2},
+            "lora_layers": None,
+            "max_length": 64,
+            "train": {},
+            "score": {},
+            "curvatures": ["ggn"],
+            "seeds": [0, 1],
+        },
+        "data": {
+            "source": "synthetic",
+            "schema": "tldr",
+            "n_pairs": 100,
+            "n_train": 60,
+            "n_validation": 10,
+            "n_test": 30,
+            "n_flipped": 20,
+            "n_flipped_train": 12,
+            "n_flipped_validation": 2,
+            "n_flipped_test": 6,
+        },
         "baseline": {"accuracy_mean": 0.75, "accuracy_std": 0.02, "n_seeds": 2, "per_seed": {}},
-        "summary": {"arms": arms, "noise_detection": [
-            {"method": "influence_ggn", "auc_mean": 0.91, "auc_std": 0.01, "precision_at_k_mean": 0.75,
-             "precision_at_k_std": 0.05, "k": 12, "n_seeds": 2},
-            {"method": "random", "auc_mean": 0.5, "auc_std": 0.03, "precision_at_k_mean": 0.2,
-             "precision_at_k_std": 0.1, "k": 12, "n_seeds": 2}]},
-        "scores": {"metadata": {"seed0/ggn": {"solve": {"status": "converged", "iterations": 4, "residual": 1e-5}}},
-                   "seconds": {"seed0/ggn": 1.5}},
+        "summary": {
+            "arms": arms,
+            "noise_detection": [
+                {
+                    "method": "influence_ggn",
+                    "auc_mean": 0.91,
+                    "auc_std": 0.01,
+                    "precision_at_k_mean": 0.75,
+                    "precision_at_k_std": 0.05,
+                    "k": 12,
+                    "n_seeds": 2,
+                },
+                {
+                    "method": "random",
+                    "auc_mean": 0.5,
+                    "auc_std": 0.03,
+                    "precision_at_k_mean": 0.2,
+                    "precision_at_k_std": 0.1,
+                    "k": 12,
+                    "n_seeds": 2,
+                },
+            ],
+        },
+        "scores": {
+            "metadata": {"seed0/ggn": {"solve": {"status": "converged", "iterations": 4, "residual": 1e-5}}},
+            "seconds": {"seed0/ggn": 1.5},
+        },
         "histograms": {"influence_ggn": {"flipped": [-1.0, -0.5, -0.7], "clean": [0.1, 0.3, 0.2, 0.5]}},
         "machine": {"processor": "x86_64", "cpu_count": 2, "torch_threads": 1},
         "timings": {"sum_of_step_seconds": 30.0, "this_invocation_seconds": 42.0},
@@ -62,7 +113,9 @@ def test_write_report_from_results_file(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
         assert f"]({png})" in text
-    assert "## Helpful arm" in text and "## Noise detection" in text and "| seed0/ggn | converged | 4 |" in text
+    assert (
+        "## Helpful arm" in text and "## Noise detection" in text and "| seed0/ggn | converged | 4 |" in text
+    )
     assert "12 flipped training pairs" in text
 
 
