@@ -61,7 +61,7 @@ class TrainConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=16, metadata={"help": "pairs per micro-batch (2x sequences)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate of AdamW"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warm-up from 0"})
     schedule: str = field(
         default="linear", metadata={"help": "decay after warm-up: linear | cosine | constant"}
