@@ -865,7 +865,12 @@ def _load_data(cfg: ExperimentConfig):
     if cfg.data == "synthetic":
         return make_synthetic(cfg.synthetic_pairs, label_noise=cfg.label_noise, seed=cfg.data_seed)
     data = load_preferences(
-        cfg.data, schema=cfg.data_schema, split=cfg.data_split, name=cfg.data_name, max_pairs=cfg.max_pairs
+        cfg.data,
+        schema=cfg.data_schema,
+        split=cfg.data_split,
+        name=cfg.data_name,
+        max_pairs=cfg.max_pairs,
+        skip_bad=cfg.skip_bad,
     )
     if cfg.label_noise:
         data = plant_label_noise(data, cfg.label_noise, seed=cfg.data_seed)
@@ -1126,18 +1131,31 @@ class _SeedRun:
         self.model = None
 
 
-def _fits(pairs, tokenizer, max_length: int) -> tuple[list[str], list[str]]:
-    """Ids of the pairs that fit `max_length` without truncation, and of those that do not."""
+def _fits(pairs, tokenizer, max_length: int, *, truncation: str = "error") -> tuple[list[str], list[str]]:
+    """Ids of the pairs that fit `max_length` (with `truncation`), and of those that do not."""
     from prefprune.data import encode_pairs
 
     ok, too_long = [], []
     for p in pairs:
         try:
-            encode_pairs([p], tokenizer, max_length=max_length, truncation="error")
+            encode_pairs([p], tokenizer, max_length=max_length, truncation=truncation)
             ok.append(p.id)
         except ValueError:
             too_long.append(p.id)
     return ok, too_long
+
+
+def _load_tokenizer(cfg: ExperimentConfig):
+    """The tokenizer of the configured model, without loading the model."""
+    if cfg.model.startswith("tiny:"):
+        from prefprune.model import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    from prefprune.model import resolve_backbone
+
+    return AutoTokenizer.from_pretrained(resolve_backbone(cfg.model))
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -1162,6 +1180,18 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
     dataset = _load_data(cfg)
     train, val, test = _split(cfg, dataset, steps)
+    # Training pairs whose response alone exceeds max_length can be neither trained on nor scored: leave
+    # them out of the experiment (counted in results.json) rather than let each stage treat them its own way.
+    fit_ids, too_long_ids = _fits(train, _load_tokenizer(cfg), cfg.max_length, truncation="prompt")
+    if too_long_ids:
+        logger.warning(
+            "left out %d of %d training pairs whose responses exceed max_length=%d (e.g. %s)",
+            len(too_long_ids),
+            len(train),
+            cfg.max_length,
+            too_long_ids[:3],
+        )
+        train = train.select(fit_ids)
     _validate_before_training(cfg, len(train))
     _check_resume(out, cfg)
 
@@ -1307,6 +1337,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         curvatures=curvatures,
     )
     results["timings"]["this_invocation_seconds"] = time.perf_counter() - t_start
+    results["data"]["train_left_out_too_long"] = too_long_ids
+    results["data"]["n_validation_used_for_scoring"] = len(val_scoring)
     if cache is not None:
         results["prefix_cache"] = {
             "sequences": len(cache),

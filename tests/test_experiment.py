@@ -106,6 +106,9 @@ def test_adapt_top_layers_rejects_trained_adapters():
         adapt_top_layers(model, 3)
 
 
+LONG_IDS_EVERY = 15  # every 15th pair has a response longer than max_length=64 (byte tokens)
+
+
 def _write_short_data(path, n: int = 60) -> str:
     """Short pairs (a tiny byte-level model sees ~40 tokens): the chosen answer repeats the prompt's word."""
     rng = np.random.default_rng(5)
@@ -113,7 +116,8 @@ def _write_short_data(path, n: int = 60) -> str:
     rows = []
     for i in range(n):
         w, other = rng.choice(words, size=2, replace=False)
-        rows.append({"prompt": f"Say {w} ({i}):", "chosen": f" {w} {w}", "rejected": f" {other} {other}"})
+        rejected = f" {other} {other}" if i % LONG_IDS_EVERY else " " + " ".join([str(other)] * 20)
+        rows.append({"id": f"q{i}", "prompt": f"Say {w} ({i}):", "chosen": f" {w} {w}", "rejected": rejected})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -177,6 +181,11 @@ def test_tiny_experiment_end_to_end_bookkeeping_and_resume(tmp_path, counted):
     assert len(train_ids) == 36 and len(val_ids) == 9 and len(test_ids) == 15
     assert not (set(train_ids) & set(val_ids)) and not (set(train_ids) & set(test_ids))
     assert not (set(val_ids) & set(test_ids))
+    # Pairs whose response cannot fit max_length are left out of training (and recorded), not crashed on.
+    long_ids = {f"q{i}" for i in range(0, 60, LONG_IDS_EVERY)}
+    left_out = set(results["data"]["train_left_out_too_long"])
+    assert left_out == long_ids & set(train_ids) and left_out
+    train_ids = [i for i in train_ids if i not in left_out]
 
     # 1 baseline + 4 methods x 1 fraction + 1 helpful arm; one score pass.
     assert len(counted["train"]) == 6 and counted["score"] == 1
@@ -205,12 +214,10 @@ def test_tiny_experiment_end_to_end_bookkeeping_and_resume(tmp_path, counted):
             seed=0,
         )
         assert rec["removed_ids"] == list(expected.ids), method
-        assert len(rec["removed_ids"]) == round(0.2 * 36)
+        assert len(rec["removed_ids"]) == round(0.2 * len(train_ids))
         # The model was retrained on exactly the training split minus the removed ids.
         assert trained == [i for i in train_ids if i not in set(rec["removed_ids"])], method
-        flipped = set(results["data"].get("flipped_train_ids", [])) or None
-        assert rec["n_train"] == 36 - len(rec["removed_ids"])
-        del flipped
+        assert rec["n_train"] == len(train_ids) - len(rec["removed_ids"])
     # train_loss removes the highest-loss pairs, influence (harmful) the lowest influence.
     loss = dict(zip(table.ids, table.column("train_loss"), strict=True))
     rec = json.loads((out / arm_step_name(0, "train_loss", "harmful", 0.2)).read_text())
