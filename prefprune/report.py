@@ -219,6 +219,7 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
     except ImportError:
         logger.warning("matplotlib is not installed: no plots (pip install 'prefprune[plots]')")
         return []
@@ -255,9 +256,12 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
         for ax, name in zip(axes.flat, names, strict=False):
             groups = hists[name]
+            every = [v for values in groups.values() for v in values]
+            # Shared bin edges, so the flipped and clean histograms are comparable bar for bar.
+            edges = np.histogram_bin_edges(every, bins=30) if every else 30
             for label, values in groups.items():
                 if values:
-                    ax.hist(values, bins=30, alpha=0.6, label=f"{label} ({len(values)})", density=True)
+                    ax.hist(values, bins=edges, alpha=0.6, label=f"{label} ({len(values)})", density=True)
             ax.set_title(name, fontsize=9)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(names) :]:
