@@ -371,3 +371,22 @@ def test_shipped_configs_load(name):
         assert "exact" in cfg.curvatures and cfg.model.startswith("EleutherAI/pythia")
     else:
         assert cfg.skip_bad and cfg.model == "minilm"
+
+
+def test_experiment_cli_prints_the_table(tmp_path, capsys):
+    from prefprune.cli import main
+
+    data = _write_short_data(tmp_path / "pairs.jsonl")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        f"data: {data}\nmodel: tiny:gpt_neox\nmax_length: 64\nseeds: [0]\nfractions: [0.2]\n"
+        "methods: [random]\nhelpful_methods: []\nlora: {r: 2}\ntrain: {epochs: 1, batch_size: 8}\n"
+        "progress: false\n"
+    )
+    out = tmp_path / "o"
+    assert main(["experiment", "--config", str(cfg), "--output", str(out), "--seeds", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "| random | " in printed and "*unpruned baseline*" in printed
+    assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [3]
+    assert main(["experiment", "--config", str(cfg), "--output", str(out), "--fractions", "0,5"]) == 2
+    assert "fractions entry must be in the open interval (0, 1), got 0" in capsys.readouterr().err
