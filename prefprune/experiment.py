@@ -142,6 +142,11 @@ class ExperimentConfig:
         default=0.0,
     )
     data_seed: int = _help("seed of the synthetic data generator and of planted label noise", default=0)
+    trusted_validation: bool = _help(
+        "score against the validation pairs without planted noise only (a trusted, clean validation set); "
+        "default: the validation split as it is, noise included",
+        default=False,
+    )
     split: list[float] = _help(
         "train / validation / test fractions of the data (disjoint)", default_factory=lambda: [0.7, 0.1, 0.2]
     )
@@ -1216,6 +1221,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         if cfg.lora_layers < n_layers:
             cache = PrefixCache(n_layers - cfg.lora_layers)
     val_scoring = val
+    val_checked = False
+    if cfg.trusted_validation:
+        if not flipped:
+            raise ValueError(
+                "trusted_validation needs planted label noise (label_noise > 0) to know the clean pairs"
+            )
+        # A clean validation set: the assumption of noisy-label methods that rely on trusted data.
+        val_scoring = val.exclude(flipped & set(val.ids))
     for seed in cfg.seeds:
         run = _SeedRun(cfg, seed, out, cache, test, clean_ids)
 
@@ -1242,19 +1255,20 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             rec = steps.get(rel)
             if rec is None:
                 model, tok = run.ensure_model()
-                if val_scoring is val:
-                    ok, too_long = _fits(val, tok, cfg.max_length)
+                if not val_checked:
+                    ok, too_long = _fits(val_scoring, tok, cfg.max_length)
                     if too_long:
                         logger.warning(
                             "scoring uses %d of %d validation pairs: %d do not fit max_length=%d uncut",
                             len(ok),
-                            len(val),
+                            len(val_scoring),
                             len(too_long),
                             cfg.max_length,
                         )
                         if not ok:
                             raise ValueError(f"no validation pair fits max_length={cfg.max_length}")
-                        val_scoring = val.select(ok)
+                        val_scoring = val_scoring.select(ok)
+                    val_checked = True
                 _load_trainable(model, torch.load(base_state_path, map_location="cpu"))
                 with _Timer() as tm:
                     res = score_mod.score_pairs(

@@ -390,3 +390,30 @@ def test_experiment_cli_prints_the_table(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [3]
     assert main(["experiment", "--config", str(cfg), "--output", str(out), "--fractions", "0,5"]) == 2
     assert "fractions entry must be in the open interval (0, 1), got 0" in capsys.readouterr().err
+
+
+def test_trusted_validation_scores_against_clean_pairs_only(tmp_path, monkeypatch):
+    seen = []
+    real = score_mod.score_pairs
+
+    def score(model, tok, train, val, **kw):
+        seen.append(list(val.ids))
+        return real(model, tok, train, val, **kw)
+
+    monkeypatch.setattr(score_mod, "score_pairs", score)
+    cfg = _tiny_config(tmp_path, methods=["grad_dot"], helpful_methods=[], trusted_validation=True)
+    res = run_experiment(cfg)
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    flipped = _flipped_ids(tmp_path)
+    assert seen and set(seen[0]) == set(splits["validation"]) - flipped
+    assert res["data"]["n_flipped_validation"] > 0 and len(seen[0]) < len(splits["validation"])
+    with pytest.raises(ValueError, match="trusted_validation needs planted label noise"):
+        run_experiment(
+            _tiny_config(tmp_path, output=str(tmp_path / "b"), label_noise=0.0, trusted_validation=True)
+        )
+
+
+def _flipped_ids(tmp_path) -> set[str]:
+    from prefprune.experiment import _load_data
+
+    return _load_data(_tiny_config(tmp_path)).flipped_ids
