@@ -48,7 +48,9 @@ class ImplUnavailableError(RuntimeError):
     """An explicitly requested implementation cannot run these inputs."""
 
 
-def select(op: str, fast_paths: Sequence[FastPath], reference: Callable, *, impl: str | None = None) -> Selection:
+def select(
+    op: str, fast_paths: Sequence[FastPath], reference: Callable, *, impl: str | None = None
+) -> Selection:
     """Pick the implementation of `op` per `impl`/`PREFPRUNE_IMPL` (see module docstring)."""
     want = requested_impl(impl)
     if want == "reference":

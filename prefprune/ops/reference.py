@@ -18,7 +18,11 @@ from torch import Tensor
 CG_CONVERGED = 0
 CG_MAX_ITER = 1
 CG_NONPOSITIVE_CURVATURE = 2
-CG_STATUS_NAMES = {CG_CONVERGED: "converged", CG_MAX_ITER: "max_iter", CG_NONPOSITIVE_CURVATURE: "nonpositive_curvature"}
+CG_STATUS_NAMES = {
+    CG_CONVERGED: "converged",
+    CG_MAX_ITER: "max_iter",
+    CG_NONPOSITIVE_CURVATURE: "nonpositive_curvature",
+}
 
 
 @dataclass
@@ -129,7 +133,8 @@ def cg_reference(
         active = active & ~done
         z = precond(r)
         rz_new = (r * z).sum(0)
-        beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        safe_rz = torch.where(active, rz, torch.ones_like(rz))
+        beta = torch.where(active, rz_new / safe_rz, torch.zeros_like(rz))
         p = torch.where(active, z + beta * p, p)
         rz = torch.where(active, rz_new, rz)
         if history is not None:
