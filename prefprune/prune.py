@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from prefprune._io import atomic_write_text
 from prefprune.metrics import suspicion_order
 
 logger = logging.getLogger(__name__)
@@ -336,9 +337,7 @@ def write_ids(ids: Sequence[str], path: str | os.PathLike) -> None:
     """Write one id per line (atomically: a temporary file, then rename)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(p, "".join(f"{i}\n" for i in ids))
 
 
 def prune_file(

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prefprune._io import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["accuracy_table", "detection_table", "render_markdown", "write_plots", "write_report"]
@@ -296,7 +298,5 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     plots = write_plots(results, folder)
     report = folder / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text(render_markdown(results, plots=plots), encoding="utf-8")
-    os.replace(tmp, report)
+    atomic_write_text(report, render_markdown(results, plots=plots))
     return report

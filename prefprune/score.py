@@ -13,13 +13,11 @@ from one fused call. Columns (positive = helpful for all but train_loss, DESIGN 
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import io
 import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prefprune._io import atomic_write_bytes, package_versions
 from prefprune.curvature import CURVATURES, PairBatches, SolveInfo, length_order, mean_gradient, solve_query
 from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat, trainable_linears
 
@@ -208,16 +207,6 @@ def _check_ids(ids: Sequence[str], what: str) -> None:
         seen.add(i)
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "prefprune"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
 def _segment_impl_name(
     impl: str | None, device: torch.device, dtype: torch.dtype, op: str = "segment_grad_dot_grouped"
 ) -> str:
@@ -373,7 +362,7 @@ def score_pairs(
         },
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "versions": _versions(),
+        "versions": package_versions(),
         "model": getattr(model, "prefprune_info", None),
     }
     return ScoreResult(ids=[e.id for e in train_enc], columns=cols, solve=info, metadata=metadata)
@@ -473,19 +462,6 @@ def _encode_table(result: ScoreResult, suffix: str) -> bytes:
     return buf.getvalue().encode()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_scores(result: ScoreResult, path: str | os.PathLike) -> None:
     """Write `result` to `path` (.parquet, .jsonl or .csv) and the sidecar `<path>.json`.
 
@@ -495,8 +471,8 @@ def write_scores(result: ScoreResult, path: str | os.PathLike) -> None:
     p = check_output_path(path)
     data = _encode_table(result, p.suffix.lower())
     sidecar = json.dumps(_jsonable(result.metadata), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(p, data)
-    _atomic_write(Path(str(p) + ".json"), sidecar.encode())
+    atomic_write_bytes(p, data)
+    atomic_write_bytes(Path(str(p) + ".json"), sidecar.encode())
 
 
 def _jsonable(obj: Any) -> Any:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prefprune._io import atomic_write_text
 from prefprune.data import EncodedPair, PreferencePair, collate_pairs, encode_pairs
 from prefprune.model import reward_forward, save_reward_model
 
@@ -544,5 +545,5 @@ def write_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
     path = Path(path)
     target = path / METRICS_FILE if path.is_dir() or not path.suffix else path
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    atomic_write_text(target, json.dumps(metrics, indent=2, default=str) + "\n")
     return target

@@ -14,8 +14,6 @@ import prefprune.train as train_mod
 from prefprune.data import PreferenceDataset, PreferencePair, collate_pairs, encode_pairs
 from prefprune.experiment import (
     ExperimentConfig,
-    PrefixCache,
-    adapt_top_layers,
     add_config_arguments,
     arm_step_name,
     config_from_args,
@@ -24,6 +22,7 @@ from prefprune.experiment import (
 )
 from prefprune.grads import pair_margins
 from prefprune.model import build_reward_model, tiny_config, tiny_tokenizer
+from prefprune.prefix_cache import PrefixCache, adapt_top_layers
 from prefprune.prune import ScoreTable, select_pairs
 
 
