@@ -104,9 +104,9 @@ DEMO_CONFIG: dict[str, Any] = {
     "seeds": [0, 1, 2],
     "curvatures": ["ggn"],
     "methods": ["influence", "grad_dot", "grad_cos", "train_loss", "random"],
-    "fractions": [0.1, 0.2],
+    "fractions": [0.05, 0.1, 0.2],
     "helpful_methods": ["influence", "grad_dot", "grad_cos"],
-    "helpful_fractions": [0.1],
+    "helpful_fractions": None,
 }
 
 
