@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
+from _pairs import easy_pairs
 
 from prefprune.cli import build_parser, main
-from prefprune.data import PreferenceDataset, PreferencePair, load_preferences
+from prefprune.data import load_preferences
 from prefprune.model import load_reward_model, tiny_config, tiny_tokenizer
 from prefprune.train import evaluate
 
-WORDS = ["cat", "dog", "sun", "tree", "car", "rain", "book", "milk"]
 FAST = ["--max-length", "64", "--batch-size", "8", "--lr", "1e-2", "--no-progress", "--log-level", "WARNING"]
 
 
 def _write_pairs(path, n, seed=0):
-    rng = random.Random(seed)
-    pairs = []
-    for i in range(n):
-        words = rng.sample(WORDS, 3)
-        other = rng.choice([w for w in WORDS if w not in words])
-        pairs.append(
-            PreferencePair(
-                id=f"p{seed}-{i}",
-                prompt=f"Q: {' '.join(words)}? A:",
-                chosen=f" {words[0]} good",
-                rejected=f" {other} bad",
-            )
-        )
-    PreferenceDataset(pairs, schema="prompt_chosen_rejected", source="test").save(path)
+    easy_pairs(n, seed=seed, prefix=f"p{seed}-").save(path)
     return path
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _pairs import easy_pairs
 
 from prefprune.data import PreferenceDataset, PreferencePair, collate_pairs, encode_pairs
 from prefprune.model import build_reward_model, load_reward_model, reward_forward, tiny_config, tiny_tokenizer
@@ -20,26 +20,6 @@ from prefprune.train import (
     train_reward_model,
     write_metrics,
 )
-
-WORDS = ["cat", "dog", "sun", "tree", "car", "rain", "book", "milk"]
-
-
-def easy_pairs(n: int, *, seed: int = 0, prefix: str = "e") -> PreferenceDataset:
-    """An easy task: the chosen answer repeats the prompt's first word, the rejected one another word."""
-    rng = random.Random(seed)
-    pairs = []
-    for i in range(n):
-        words = rng.sample(WORDS, 3)
-        other = rng.choice([w for w in WORDS if w not in words])
-        pairs.append(
-            PreferencePair(
-                id=f"{prefix}{i}",
-                prompt=f"Q: {' '.join(words)}? A:",
-                chosen=f" {words[0]} good",
-                rejected=f" {other} bad",
-            )
-        )
-    return PreferenceDataset(pairs, schema="prompt_chosen_rejected", source="easy")
 
 
 def _cfg(**kw) -> TrainConfig:
