@@ -101,17 +101,13 @@ def _add_data_args(
 
 def _load_data_from_args(args: argparse.Namespace, source: str | None = None) -> Any:
     """The dataset named by ``--data`` (or ``source``) and the data options."""
-    from prefprune.data import load_preferences
-    from prefprune.data.synthetic import make_synthetic
+    from prefprune.data import load_or_generate
 
-    source = source if source is not None else args.data
-    if source == "synthetic":
-        n = args.synthetic_pairs if args.max_pairs is None else min(args.synthetic_pairs, args.max_pairs)
-        if n < 1:
-            raise ValueError(f"--synthetic-pairs must be positive, got {n}")
-        return make_synthetic(n, label_noise=args.label_noise, seed=args.data_seed)
-    return load_preferences(
-        source,
+    return load_or_generate(
+        source if source is not None else args.data,
+        synthetic_pairs=args.synthetic_pairs,
+        label_noise=args.label_noise,
+        seed=args.data_seed,
         schema=args.schema,
         split=args.split,
         name=args.data_config,

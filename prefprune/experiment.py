@@ -639,19 +639,20 @@ def _machine() -> dict[str, Any]:
 
 
 def _load_data(cfg: ExperimentConfig):
-    from prefprune.data import load_preferences, make_synthetic
+    from prefprune.data import load_or_generate
 
-    if cfg.data == "synthetic":
-        return make_synthetic(cfg.synthetic_pairs, label_noise=cfg.label_noise, seed=cfg.data_seed)
-    data = load_preferences(
+    data = load_or_generate(
         cfg.data,
+        synthetic_pairs=cfg.synthetic_pairs,
+        label_noise=cfg.label_noise,
+        seed=cfg.data_seed,
         schema=cfg.data_schema,
         split=cfg.data_split,
         name=cfg.data_name,
         max_pairs=cfg.max_pairs,
         skip_bad=cfg.skip_bad,
     )
-    if cfg.label_noise:
+    if cfg.label_noise and cfg.data != "synthetic":
         data = plant_label_noise(data, cfg.label_noise, seed=cfg.data_seed)
     return data
 

@@ -121,3 +121,15 @@ def test_bad_arguments():
         make_synthetic(0)
     with pytest.raises(ValueError, match=r"label_noise must be in \[0, 1\], got 1.5"):
         make_synthetic(10, label_noise=1.5)
+
+
+def test_load_or_generate_generates_or_loads(tmp_path):
+    from prefprune.data import load_or_generate
+
+    gen = load_or_generate("synthetic", synthetic_pairs=10, max_pairs=4, label_noise=0.5, seed=1)
+    ref = make_synthetic(4, label_noise=0.5, seed=1)
+    assert gen.ids == ref.ids and gen.flipped_ids == ref.flipped_ids and len(gen) == 4
+    path = tmp_path / "pairs.jsonl"
+    make_synthetic(6, seed=2).save(path)
+    loaded = load_or_generate(str(path), max_pairs=5, schema="auto")
+    assert loaded.ids == make_synthetic(6, seed=2).ids[:5]

@@ -2,7 +2,7 @@
 
 from prefprune.data.encode import EncodedPair, collate_pairs, encode_pairs, special_tokens_layout
 from prefprune.data.loading import SCHEMAS, PreferenceDataset, PreferencePair, load_preferences, tldr_prompt
-from prefprune.data.synthetic import make_synthetic
+from prefprune.data.synthetic import load_or_generate, make_synthetic
 
 __all__ = [
     "SCHEMAS",
@@ -11,6 +11,7 @@ __all__ = [
     "PreferencePair",
     "collate_pairs",
     "encode_pairs",
+    "load_or_generate",
     "load_preferences",
     "make_synthetic",
     "special_tokens_layout",

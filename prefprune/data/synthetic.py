@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
-from prefprune.data.loading import PreferenceDataset, PreferencePair, tldr_prompt
+from prefprune.data.loading import PreferenceDataset, PreferencePair, load_preferences, tldr_prompt
 
-__all__ = ["make_synthetic", "NEGATIVE_KINDS"]
+__all__ = ["NEGATIVE_KINDS", "load_or_generate", "make_synthetic"]
 
 NEGATIVE_KINDS = ("contradict", "off_topic", "generic")
 # Mixture of rejected-summary kinds; contradictions are the hard case (they look like good summaries).
@@ -412,3 +413,23 @@ def make_synthetic(n_pairs: int, *, label_noise: float = 0.0, seed: int = 0) -> 
         "flipped": n_flip,
     }
     return PreferenceDataset(pairs, schema="tldr", source=f"synthetic(n={n_pairs}, seed={seed})", stats=stats)
+
+
+def load_or_generate(
+    source: str,
+    *,
+    synthetic_pairs: int = 1000,
+    label_noise: float = 0.0,
+    seed: int = 0,
+    max_pairs: int | None = None,
+    **load_kwargs: Any,
+) -> PreferenceDataset:
+    """`make_synthetic` when `source` is ``"synthetic"``, else `load_preferences(source, **load_kwargs)`.
+
+    The one place where the CLI and the experiment turn a data setting into a dataset. For synthetic
+    data, `max_pairs` caps `synthetic_pairs`; `label_noise` and `seed` apply to synthetic data only.
+    """
+    if source == "synthetic":
+        n = synthetic_pairs if max_pairs is None else min(synthetic_pairs, max_pairs)
+        return make_synthetic(n, label_noise=label_noise, seed=seed)
+    return load_preferences(source, max_pairs=max_pairs, **load_kwargs)
