@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.prefprune-installed
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py pyproject.toml
 
-.PHONY: install test demo train bench nvcc-check clean
+.PHONY: install test lint demo train bench nvcc-check clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/prefprune train --output runs/default-train
