@@ -273,3 +273,21 @@ def test_projected_ggn_correlates_with_ggn_increasingly_with_k():
         assert res.solve.status == "converged"
         corr.append(float(np.corrcoef(res.columns["influence"], base.columns["influence"])[0, 1]))
     assert corr[0] < corr[1] < corr[2] and corr[2] > 0.9, f"correlation with ggn influence by k: {corr}"
+
+
+@pytest.mark.parametrize("curvature", ["exact", "ggn"])
+def test_native_cg_in_the_scorer_matches_the_reference(curvature):
+    from prefprune import _ext
+
+    if _ext.native() is None:
+        pytest.skip(_ext.native_error())
+    model, tok = tiny_model("gpt_neox"), tokenizer()
+    cols = {}
+    for impl in ("reference", "native"):
+        cfg = ScoreConfig(curvature=curvature, damping=5.0, batch_size=3, tol=1e-12, max_iter=500, impl=impl,
+                          progress=False)
+        res = score_pairs(model, tok, TRAIN, VAL, config=cfg)
+        assert res.metadata["impl"]["cg"] == impl and res.solve.status == "converged", res.metadata
+        cols[impl] = res.columns
+    errs = {c: rel_err(cols["native"][c], cols["reference"][c]) for c in SCORED}
+    assert all(e <= 1e-10 for e in errs.values()), f"native vs reference CG in the scorer: {errs}"

@@ -3,7 +3,9 @@
 Each op's dispatcher lists its fast paths with a function that returns the reasons a path
 cannot serve the given inputs (empty list = usable). `auto` takes the first usable path and
 falls back to the reference quietly (debug log); an explicit request that cannot be met raises
-with the reasons.
+with the reasons. `PREFPRUNE_IMPL` is one setting for every op, so an explicit request names the
+fast path of the ops that have one: an op that offers no such path at all (the segment ops have no
+native path, CG has no Triton path) runs its reference, and the declined reasons say so.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def select(
     if want == "reference":
         return Selection("reference", reference)
     declined: dict[str, list[str]] = {}
+    if want != "auto" and all(path.name != want for path in fast_paths):
+        declined[want] = [f"{op} has no {want} implementation"]
+        logger.debug("%s: using reference; %s", op, declined[want][0])
+        return Selection("reference", reference, declined)
     for path in fast_paths:
         if want not in ("auto", path.name):
             continue
@@ -64,7 +70,7 @@ def select(
             return Selection(path.name, path.load(), declined)
         declined[path.name] = reasons
     if want != "auto":
-        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in declined.items()) or "no such fast path"
+        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in declined.items())
         raise ImplUnavailableError(f"{op}: PREFPRUNE_IMPL={want} cannot be used ({detail})")
     if declined:
         logger.debug("%s: using reference; declined %s", op, declined)
