@@ -18,39 +18,20 @@ Every section is time-boxed (`budget_s`); rows that do not fit are returned with
 
 from __future__ import annotations
 
+import functools
 import math
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _gpu_common import result_row, skipped_row
+from _gpu_common import time_ms as _time_ms
 
 from prefprune import _ext
 from prefprune.cg import FactoredOperator, solve
 from prefprune.ops.reference import CG_CONVERGED, CG_NONPOSITIVE_CURVATURE, cg_reference
 
-_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
-# H200 SXM datasheet: HBM3e 4.8 TB/s; fp32 (no tensor cores) 67 TFLOP/s, fp64 tensor core 67 TFLOP/s.
-_CEILINGS = {"H200": (4.8e12, 67e12), "H100": (3.35e12, 67e12)}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], device: str, *, budget_ms: float = 300.0, max_reps: int = 20) -> float:
-    """Median wall time of fn in ms, device synchronised around each call; the warm-up call excluded."""
-    fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 3 or 1e3 * (time.perf_counter() - start) < budget_ms):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+time_ms = functools.partial(_time_ms, budget_ms=300.0, max_reps=20)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,62 +64,14 @@ def _counts(k: int, n: int, m: int, iters: int, esize: int) -> tuple[int, int]:
     return nbytes, flops
 
 
-def _row(
-    op,
-    shape,
-    dtype,
-    err,
-    tol,
-    *,
-    ok=None,
-    ms_fast=None,
-    ms_ref=None,
-    nbytes=None,
-    flops=None,
-    device="",
-    note=None,
-) -> dict:
-    speedup = ms_ref / ms_fast if (ms_fast and ms_ref) else None
-    bw_rate = next(
-        (v for key, v in _CEILINGS.items() if device.startswith("cuda") and key in _dev_name(device)), None
-    )
-    roof = None
-    if bw_rate and ms_fast and nbytes is not None:
-        roof = 1e3 * max(nbytes / bw_rate[0], flops / bw_rate[1])
-    return {
-        "op": op,
-        "shape": shape,
-        "dtype": _NAMES.get(dtype, str(dtype)),
-        "impl": "native",
-        "max_rel_err": err,
-        "tol": tol,
-        "ok": bool(ok) if ok is not None else bool(math.isfinite(err) and err <= tol),
-        "ms_fast": ms_fast,
-        "ms_ref": ms_ref,
-        "speedup": speedup,
-        "gbps": nbytes / (ms_fast * 1e-3) / 1e9 if (ms_fast and nbytes is not None) else None,
-        "tflops": flops / (ms_fast * 1e-3) / 1e12 if (ms_fast and flops is not None) else None,
-        "bytes": nbytes,
-        "flops": flops,
-        "roofline_ms": roof,
-        "roofline_frac": roof / ms_fast if (roof and ms_fast) else None,
-        "note": note,
-    }
-
-
-def _dev_name(device: str) -> str:
-    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+def _row(op, shape, dtype, err, tol, *, note=None, **kw) -> dict:
+    # fp64 CG runs on the fp64 tensor cores' rate, fp32 on the plain fp32 rate (both 67 TFLOP/s on H100/H200).
+    precision = "fp64" if dtype == torch.float64 else "fp32"
+    return result_row(op, shape, dtype, "native", err, tol, precision=precision, note=note, **kw)
 
 
 def _skipped(op, shape, dtype, why) -> dict:
-    return {
-        "op": op,
-        "shape": shape,
-        "dtype": _NAMES.get(dtype, str(dtype)),
-        "impl": "native",
-        "ok": None,
-        "skipped": why,
-    }
+    return skipped_row(op, shape, dtype, "native", why)
 
 
 def check_solution(k, n, m, cond, dtype, device, *, callable_op=False) -> dict:

@@ -18,26 +18,21 @@ bound).
 
 from __future__ import annotations
 
-import math
-import statistics
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _gpu_common import result_row, skipped_row
+from _gpu_common import time_ms as _time_ms
 
 from prefprune.ops import reference
 from prefprune.ops import segment as sg
 
-# (bandwidth B/s, {precision: flop/s}) by device-name substring.
-CEILINGS = {
-    "H200": (4.8e12, {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-    "H100": (3.35e12, {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
-}
 # Error floor of every tolerance: 16 fp32 ulps, the precision every kernel accumulates in (below it, "2x the
 # PyTorch error" compares rounding noise).
 _FLOOR = 16 * 2.0**-24
-_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -130,31 +125,7 @@ def count_project(X, dY, offsets, P_in, P_out) -> tuple[int, int]:
     return nbytes, flops
 
 
-def roofline_ms(device: str, nbytes: int, flops: int, precision: str) -> tuple[float | None, str | None]:
-    """Lower bound on the time from the device's ceilings, and which one binds (None off H100/H200)."""
-    if not device.startswith("cuda"):
-        return None, None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for key, (bw, rates) in CEILINGS.items():
-        if key in name:
-            t_mem, t_math = nbytes / bw, flops / rates[precision]
-            return 1e3 * max(t_mem, t_math), ("memory" if t_mem >= t_math else "compute")
-    return None, None
-
-
-def time_ms(fn: Callable[[], object], device: str, *, budget_ms: float = 200.0, max_reps: int = 50) -> float:
-    """Median wall time of fn in ms, synchronising the device around each call; warm-up (JIT) excluded."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 3 or 1e3 * (time.perf_counter() - start) < budget_ms):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+time_ms = functools.partial(_time_ms, budget_ms=200.0, max_reps=50)
 
 
 def _rel(a, b) -> float:
@@ -194,34 +165,17 @@ def _same_precision_project(X, dY, offsets, P_in, P_out):
 
 
 def _row(op, label, dtype, err, tol, ms_fast, ms_ref, nbytes, flops, device, precision, target):
-    roof, bound = roofline_ms(device, nbytes, flops, precision) if ms_fast is not None else (None, None)
-    speedup = None if not (ms_fast and ms_ref) else ms_ref / ms_fast
-    return {
-        "op": op,
-        "shape": label,
-        "dtype": _NAMES[dtype],
-        "impl": "triton",
-        "max_rel_err": err,
-        "tol": tol,
-        "ok": bool(err <= tol) if math.isfinite(err) else False,
-        "ms_fast": ms_fast,
-        "ms_ref": ms_ref,
-        "speedup": speedup,
-        "gbps": None if not ms_fast else nbytes / (ms_fast * 1e-3) / 1e9,
-        "tflops": None if not ms_fast else flops / (ms_fast * 1e-3) / 1e12,
-        "bytes": nbytes,
-        "flops": flops,
-        "roofline_ms": roof,
-        "bound": bound,
-        "roofline_frac": None if not (roof and ms_fast) else roof / ms_fast,
-        "speedup_target": target,
-        # issue 5 targets: fused dot >= 3x and projection >= 2x the reference, each within 2x of the roofline
-        "meets_target": None if not (speedup and roof) else bool(speedup >= target and roof / ms_fast >= 0.5),
-    }
+    row = result_row(op, label, dtype, "triton", err, tol, ms_fast=ms_fast, ms_ref=ms_ref, nbytes=nbytes,
+                     flops=flops, device=device, precision=precision, speedup_target=target)
+    speedup, roof = row["speedup"], row["roofline_ms"]
+    # issue 5 targets: fused dot >= 3x and projection >= 2x the reference, each within 2x of the roofline
+    met = None if not (speedup and roof) else bool(speedup >= target and roof / ms_fast >= 0.5)
+    row["meets_target"] = met
+    return row
 
 
 def _skipped(op, label, dtype, why):
-    return {"op": op, "shape": label, "dtype": _NAMES[dtype], "impl": "triton", "ok": None, "skipped": why}
+    return skipped_row(op, label, dtype, "triton", why)
 
 
 def _check_dot(shape, dtype, device, *, timed):

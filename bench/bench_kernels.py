@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _gpu_triton as gt  # noqa: E402  (sibling helper module; bench/ is not a package)
+from _gpu_common import roofline_ms  # noqa: E402
 
 from prefprune.ops import reference  # noqa: E402
 from prefprune.ops import segment as sg  # noqa: E402
@@ -82,7 +83,7 @@ def _run(benchmark, fn, args, nbytes: int, flops: int, precision: str) -> None:
     timed()  # warm-up: Triton JIT compile, cuBLAS heuristics
     benchmark.pedantic(timed, rounds=20 if CUDA else 5, iterations=1, warmup_rounds=2)
     median = benchmark.stats.stats.median
-    roof, bound = gt.roofline_ms(DEVICE, nbytes, flops, precision)
+    roof, bound = roofline_ms(DEVICE, nbytes, flops, precision)
     benchmark.extra_info.update(
         _versions(),
         bytes=nbytes,

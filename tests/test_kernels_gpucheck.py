@@ -19,7 +19,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _load():
-    path = Path(__file__).resolve().parents[1] / "bench" / "_gpu_triton.py"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))  # its sibling _gpu_common (bench/ is not a package)
+    path = bench / "_gpu_triton.py"
     spec = importlib.util.spec_from_file_location("_gpu_triton", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there

@@ -1,0 +1,97 @@
+"""Row format, timing and roofline shared by the GPU checks (`_gpu_cg.py`, `_gpu_triton.py`, `gpu_check.py`).
+
+A row: op, shape, dtype, impl, max_rel_err, tol, ok, ms_fast, ms_ref, speedup, gbps, tflops, bytes, flops,
+roofline_ms, bound, roofline_frac, plus check-specific keys. Ceilings (vendor datasheets, SXM parts): HBM
+4.8 TB/s (H200) / 3.35 TB/s (H100); dense bf16/fp16 tensor core 989 TFLOP/s; tf32 494 TFLOP/s; fp32 without
+tensor cores and fp64 tensor core 67 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (bandwidth B/s, {precision: flop/s}) by device-name substring.
+_RATES = {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12}
+CEILINGS = {"H200": (4.8e12, _RATES), "H100": (3.35e12, _RATES)}
+
+
+def roofline_ms(device: str, nbytes: int, flops: int, precision: str) -> tuple[float | None, str | None]:
+    """Lower bound on the time from the device's ceilings, and which one binds (None off H100/H200)."""
+    if not device.startswith("cuda"):
+        return None, None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, (bw, rates) in CEILINGS.items():
+        if key in name:
+            t_mem, t_math = nbytes / bw, flops / rates[precision]
+            return 1e3 * max(t_mem, t_math), ("memory" if t_mem >= t_math else "compute")
+    return None, None
+
+
+def time_ms(fn: Callable[[], object], device: str, *, budget_ms: float, max_reps: int) -> float:
+    """Median wall time of fn in ms, synchronising the device around each call; the warm-up (JIT) excluded."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or 1e3 * (time.perf_counter() - start) < budget_ms):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def result_row(
+    op: str,
+    shape: str,
+    dtype: torch.dtype,
+    impl: str,
+    err: float,
+    tol: float,
+    *,
+    ok: bool | None = None,
+    ms_fast: float | None = None,
+    ms_ref: float | None = None,
+    nbytes: int | None = None,
+    flops: int | None = None,
+    device: str = "",
+    precision: str = "fp32",
+    **extra: Any,
+) -> dict:
+    """One checked (and optionally timed) row; `ok` defaults to err <= tol with a finite err."""
+    timed = bool(ms_fast) and nbytes is not None and flops is not None
+    roof, bound = roofline_ms(device, nbytes, flops, precision) if timed else (None, None)
+    return {
+        "op": op,
+        "shape": shape,
+        "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+        "impl": impl,
+        "max_rel_err": err,
+        "tol": tol,
+        "ok": bool(ok) if ok is not None else bool(math.isfinite(err) and err <= tol),
+        "ms_fast": ms_fast,
+        "ms_ref": ms_ref,
+        "speedup": ms_ref / ms_fast if (ms_fast and ms_ref) else None,
+        "gbps": nbytes / (ms_fast * 1e-3) / 1e9 if timed else None,
+        "tflops": flops / (ms_fast * 1e-3) / 1e12 if timed else None,
+        "bytes": nbytes,
+        "flops": flops,
+        "roofline_ms": roof,
+        "bound": bound,
+        "roofline_frac": roof / ms_fast if (roof and ms_fast) else None,
+        **extra,
+    }
+
+
+def skipped_row(op: str, shape: str, dtype: torch.dtype, impl: str, why: str) -> dict:
+    """A check that did not run, and why."""
+    return {"op": op, "shape": shape, "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "impl": impl, "ok": None,
+            "skipped": why}
