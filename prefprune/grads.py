@@ -12,13 +12,14 @@ order, each layer's augmented matrix flattened row-major. `flatten_site_matrices
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from prefprune.model import reward_forward
 
 __all__ = [
     "LinearSite",
@@ -149,20 +150,11 @@ def split_flat(vec: Tensor, sites: Sequence[LinearSite]) -> list[Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "position_ids" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def pair_margins(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Margins m_i = r(chosen_i) − r(rejected_i) of a collated pair batch.
 
-    Position ids are derived from the attention mask (first real token = 0) so a pair's reward
-    does not depend on how much padding sits on its left; with right padding this equals the
-    models' default positions.
+    Rewards come from `prefprune.model.reward_forward`, the same forward as training, so a pair's
+    reward does not depend on how much padding sits on its left.
 
     Args:
         batch: {"input_ids": (2B, L), "attention_mask": (2B, L)}, rows 0..B-1 chosen, B..2B-1 rejected.
@@ -170,11 +162,7 @@ def pair_margins(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     Returns:
         (B,) margins.
     """
-    kwargs = dict(batch)
-    if "position_ids" not in kwargs and _accepts_position_ids(model):
-        mask = batch["attention_mask"]
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    rewards = model(**kwargs).logits[:, 0]
+    rewards = reward_forward(model, batch)
     n = rewards.shape[0] // 2
     return rewards[:n] - rewards[n:]
 
