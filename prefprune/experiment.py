@@ -909,16 +909,13 @@ class _SeedRun:
 
 def _fits(pairs, tokenizer, max_length: int, *, truncation: str = "error") -> tuple[list[str], list[str]]:
     """Ids of the pairs that fit `max_length` (with `truncation`), and of those that do not."""
-    from prefprune.data import encode_pairs
+    from prefprune.train import encode_for_training
 
-    ok, too_long = [], []
-    for p in pairs:
-        try:
-            encode_pairs([p], tokenizer, max_length=max_length, truncation=truncation)
-            ok.append(p.id)
-        except ValueError:
-            too_long.append(p.id)
-    return ok, too_long
+    _, too_long = encode_for_training(
+        pairs, tokenizer, max_length=max_length, truncation=truncation, too_long="skip"
+    )
+    left_out = set(too_long)
+    return [p.id for p in pairs if p.id not in left_out], too_long
 
 
 def _load_tokenizer(cfg: ExperimentConfig):
