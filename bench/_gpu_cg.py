@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _gpu_common import rel_err as _rel
 from _gpu_common import result_row, skipped_row
 from _gpu_common import time_ms as _time_ms
 
@@ -32,12 +33,6 @@ from prefprune.cg import FactoredOperator, solve
 from prefprune.ops.reference import CG_CONVERGED, CG_NONPOSITIVE_CURVATURE, cg_reference
 
 time_ms = functools.partial(_time_ms, budget_ms=300.0, max_reps=20)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    den = float(torch.linalg.vector_norm(b))
-    return float(torch.linalg.vector_norm(a - b)) / (den if den > 0 else 1.0)
 
 
 def make_system(k: int, n: int, cond: float, dtype: torch.dtype, device: str, *, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Row format, timing and roofline shared by the GPU checks (`_gpu_cg.py`, `_gpu_triton.py`, `gpu_check.py`).
+"""Row format, error metric, timing, roofline, table and JSON output shared by the GPU checks and benchmarks.
 
 A row: op, shape, dtype, impl, max_rel_err, tol, ok, ms_fast, ms_ref, speedup, gbps, tflops, bytes, flops,
 roofline_ms, bound, roofline_frac, plus check-specific keys. Ceilings (vendor datasheets, SXM parts): HBM
@@ -8,10 +8,12 @@ tensor cores and fp64 tensor core 67 TFLOP/s.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,20 @@ DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp1
 # (bandwidth B/s, {precision: flop/s}) by device-name substring.
 _RATES = {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12}
 CEILINGS = {"H200": (4.8e12, _RATES), "H100": (3.35e12, _RATES)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖₂ / ‖b‖₂ in float64 (‖a‖₂ when b = 0): the one error metric of every check and benchmark.
+
+    NaN or Inf anywhere in `a` gives inf, so a non-finite result never passes a tolerance.
+    """
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        raise ValueError(f"rel_err: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    den = float(torch.linalg.vector_norm(b))
+    return float(torch.linalg.vector_norm(a - b)) / (den if den > 0 else 1.0)
 
 
 def roofline_ms(device: str, nbytes: int, flops: int, precision: str) -> tuple[float | None, str | None]:
@@ -95,3 +111,56 @@ def skipped_row(op: str, shape: str, dtype: torch.dtype, impl: str, why: str) ->
     """A check that did not run, and why."""
     return {"op": op, "shape": shape, "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "impl": impl, "ok": None,
             "skipped": why}
+
+
+def _fmt(v, spec: str) -> str:
+    """format(v, spec), or a dash right-aligned to the same width when v is None."""
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The one plain-text table of check rows (every section of gpu_check, the sections' own __main__)."""
+    head = (
+        f"{'':4} {'op':<34} {'impl':<7} {'dtype':<5} {'max_rel_err':>11} {'tol':>9} {'fast ms':>9} "
+        f"{'ref ms':>9} {'speedup':>7} {'GB/s':>7} {'TFLOP/s':>7}  shape / note"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        op = f"{r['op']:<34} {r.get('impl', '-'):<7}"
+        if r.get("skipped"):
+            lines.append(f"SKIP {op} {r['dtype']:<5} {r['shape']} ({r['skipped']})")
+            continue
+        if r.get("error"):
+            lines.append(f"FAIL {op} error: {r['error'].strip().splitlines()[-1]}")
+            continue
+        status = "ok  " if r.get("ok") else "FAIL"
+        note = f" [{r['note']}]" if r.get("note") else ""
+        err = f"{_fmt(r.get('max_rel_err'), '11.2e')} {_fmt(r.get('tol'), '9.1e')}"
+        ms = f"{_fmt(r.get('ms_fast'), '9.3f')} {_fmt(r.get('ms_ref'), '9.3f')}"
+        ms += f" {_fmt(r.get('speedup'), '7.2f')}"
+        rate = f"{_fmt(r.get('gbps'), '7.0f')} {_fmt(r.get('tflops'), '7.3f')}"
+        lines.append(f"{status} {op} {r['dtype']:<5} {err} {ms} {rate}  {r['shape']}{note}")
+    return "\n".join(lines)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return _jsonable(v.detach().cpu().tolist())
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """The one JSON writer of bench/: strict JSON (NaN → null, ±inf → "inf"), indented, parent made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
+    return path

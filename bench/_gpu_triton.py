@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _gpu_common import result_row, skipped_row
+from _gpu_common import format_table, result_row, skipped_row
+from _gpu_common import rel_err as _rel
 from _gpu_common import time_ms as _time_ms
 
 from prefprune.ops import reference
@@ -128,12 +129,6 @@ def count_project(X, dY, offsets, P_in, P_out) -> tuple[int, int]:
 time_ms = functools.partial(_time_ms, budget_ms=200.0, max_reps=50)
 
 
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    scale = b.abs().max().item() if b.numel() else 0.0
-    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0) if b.numel() else 0.0
-
-
 def _same_precision_grads(X, dY, offsets):
     """Per-segment gradients by PyTorch in the inputs' dtype (padded bmm per chunk): the error yardstick."""
     out = []
@@ -179,7 +174,7 @@ def _skipped(op, label, dtype, why):
 
 
 def _check_dot(shape, dtype, device, *, timed):
-    from prefprune.kernels.segment import segment_grad_dot_triton
+    from prefprune.kernels.grad_dot import segment_grad_dot_triton
 
     X, dY, offsets, Q = make_inputs(shape, dtype, device)
     S, sq = segment_grad_dot_triton(X, dY, offsets, Q)
@@ -199,7 +194,7 @@ def _check_dot(shape, dtype, device, *, timed):
 
 
 def _check_project(shape, dtype, device, *, timed):
-    from prefprune.kernels.segment import segment_project_triton
+    from prefprune.kernels.project import segment_project_triton
 
     X, dY, offsets, _ = make_inputs(shape, dtype, device)
     P_in = None if shape.k_in is None else sg.projection_matrix(shape.k_in, shape.d_in, seed=1, device=device)
@@ -223,7 +218,7 @@ def _check_project(shape, dtype, device, *, timed):
 
 
 def _check_group(group, dtype, device, *, timed):
-    from prefprune.kernels.segment import segment_grad_dot_grouped_triton
+    from prefprune.kernels.grad_dot import segment_grad_dot_grouped_triton
 
     Xs, dYs, offsets, Qs = group_inputs(group, dtype, device)
     S, sq = segment_grad_dot_grouped_triton(Xs, dYs, offsets, Qs)
@@ -330,31 +325,10 @@ def checks(device: str, *, small: bool = False, budget_s: float = 180.0, timed: 
     return rows
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_rows(rows: list[dict]) -> str:
-    """A plain-text table of check rows (for logs and reports)."""
-    lines = []
-    for r in rows:
-        if r.get("skipped"):
-            lines.append(f"SKIP {r['op']:<26} {r['dtype']:<5} {r['shape']}  ({r['skipped']})")
-            continue
-        head = f"{'ok  ' if r['ok'] else 'FAIL'} {r['op']:<26} {r['dtype']:<5}"
-        err = f"err={r['max_rel_err']:.2e} tol={r['tol']:.2e}"
-        ms = f"fast={_fmt(r['ms_fast'], '.3f')}ms ref={_fmt(r['ms_ref'], '.3f')}ms"
-        ms += f" x{_fmt(r['speedup'], '.1f')}"
-        rate = f"{_fmt(r['gbps'], '.0f')}GB/s {_fmt(r['tflops'], '.1f')}TF/s"
-        roof = f"roof={_fmt(r['roofline_frac'], '.2f')} ({r['bound'] or '-'})"
-        lines.append(f"{head} {err} {ms} {rate} {roof} {r['shape']}")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     import os
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("no CUDA device: rerun with TRITON_INTERPRET=1 for the small interpreted check")
-    print(format_rows(checks(dev, small=dev == "cpu")))
+    print(format_table(checks(dev, small=dev == "cpu")))

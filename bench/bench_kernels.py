@@ -64,12 +64,12 @@ def _fn(impl: str, op: str):
             "dot": reference.segment_grad_dot_reference,
             "grouped": reference.segment_grad_dot_grouped_reference,
         }[op]
-    from prefprune.kernels import segment as ks
+    from prefprune.kernels import grad_dot, project
 
     return {
-        "project": ks.segment_project_triton,
-        "dot": ks.segment_grad_dot_triton,
-        "grouped": ks.segment_grad_dot_grouped_triton,
+        "project": project.segment_project_triton,
+        "dot": grad_dot.segment_grad_dot_triton,
+        "grouped": grad_dot.segment_grad_dot_grouped_triton,
     }[op]
 
 

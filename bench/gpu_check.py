@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import os
 import platform
 import subprocess
@@ -103,37 +102,6 @@ def _error_row(section: str, exc: BaseException) -> dict:
     }
 
 
-def _fmt(v, spec: str) -> str:
-    """format(v, spec), or a dash right-aligned to the same width when v is None."""
-    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
-    return "-".rjust(width) if v is None else format(v, spec)
-
-
-def format_table(rows: list[dict]) -> str:
-    """One plain-text table for every row of every section."""
-    head = (
-        f"{'':4} {'op':<34} {'impl':<7} {'dtype':<5} {'max_rel_err':>11} {'tol':>9} {'fast ms':>9} "
-        f"{'ref ms':>9} {'speedup':>7} {'GB/s':>7} {'TFLOP/s':>7}  shape / note"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        op = f"{r['op']:<34} {r.get('impl', '-'):<7}"
-        if r.get("skipped"):
-            lines.append(f"SKIP {op} {r['dtype']:<5} {r['shape']} ({r['skipped']})")
-            continue
-        if r.get("error"):
-            lines.append(f"FAIL {op} error: {r['error'].strip().splitlines()[-1]}")
-            continue
-        status = "ok  " if r.get("ok") else "FAIL"
-        note = f" [{r['note']}]" if r.get("note") else ""
-        err = f"{_fmt(r.get('max_rel_err'), '11.2e')} {_fmt(r.get('tol'), '9.1e')}"
-        ms = f"{_fmt(r.get('ms_fast'), '9.3f')} {_fmt(r.get('ms_ref'), '9.3f')}"
-        ms += f" {_fmt(r.get('speedup'), '7.2f')}"
-        rate = f"{_fmt(r.get('gbps'), '7.0f')} {_fmt(r.get('tflops'), '7.3f')}"
-        lines.append(f"{status} {op} {r['dtype']:<5} {err} {ms} {rate}  {r['shape']}{note}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = _args(argv)
     if args.cpu:
@@ -141,6 +109,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path[:0] = [str(ROOT), str(BENCH)]
     import torch
+    from _gpu_common import format_table, write_json
 
     t_start = time.perf_counter()
 
@@ -225,7 +194,7 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out:
         path = Path(out) / "gpu_check.json"
-        path.write_text(json.dumps(report, indent=1, default=str))
+        write_json(path, report)
         print(f"wrote {path}")
     return 0 if report["ok"] else 1
 

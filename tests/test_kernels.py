@@ -106,7 +106,7 @@ def test_project_matches_float64(dtype, impl, k_in, k_out):
 @needs_triton
 @pytest.mark.parametrize("split", [2, 3])
 def test_project_token_split_matches(split):
-    from prefprune.kernels.segment import segment_project_triton
+    from prefprune.kernels.project import segment_project_triton
 
     X, dY, offsets = _case(LENS, 40, 6, torch.float32, seed=3)
     P_in = sg.projection_matrix(20, 40, seed=4, kind="rademacher", device=DEVICE)

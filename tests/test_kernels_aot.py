@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from prefprune.kernels import segment as ks
+from prefprune.kernels import grad_dot, project
 
 
 def compile_(fn, signature, constexprs, num_warps):
@@ -48,9 +48,9 @@ def spills(kernel):
 out = {}
 dot_sig = {"meta_ptr": "*i64", "tiles_ptr": "*i64", "offsets_ptr": "*i64", "dots_ptr": "*fp32",
            "sq_ptr": "*fp32", "N": "i32", "m": "i32", "n_tiles": "i32"}
-cfg = ks.dot_launch_config(16, torch.bfloat16, interpret=False)  # LoRA r = 16, bf16 model
+cfg = grad_dot.dot_launch_config(16, torch.bfloat16, interpret=False)  # LoRA r = 16, bf16 model
 warps = cfg.pop("num_warps")
-k = compile_(ks._segment_grad_dot_kernel, dot_sig, {"DTYPE": tl.bfloat16, "HAS_Q": True, **cfg}, warps)
+k = compile_(grad_dot._segment_grad_dot_kernel, dot_sig, {"DTYPE": tl.bfloat16, "HAS_Q": True, **cfg}, warps)
 out["dot bf16 r16"] = spills(k)
 
 proj_sig = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "pin_ptr": "*fp32", "pout_ptr": "*fp32",
@@ -60,10 +60,10 @@ for name in ("N", "d_in", "d_out", "k_in", "k_out", "n_tiles", "n_tiles_in", "sp
 for name in ("x_t", "x_d", "dy_t", "dy_d", "pin_k", "pin_d", "pout_k", "pout_d", "out_s", "out_n"):
     proj_sig["stride_" + name] = "i64"
 for has_pin, has_pout, k_out in ((True, False, 16), (True, True, 64)):
-    cfg = ks.project_launch_config(k_out, 64, torch.bfloat16, interpret=False)
+    cfg = project.project_launch_config(k_out, 64, torch.bfloat16, interpret=False)
     warps = cfg.pop("num_warps")
     flags = {"HAS_PIN": has_pin, "HAS_POUT": has_pout}
-    k = compile_(ks._segment_project_kernel, proj_sig, {**flags, **cfg}, warps)
+    k = compile_(project._segment_project_kernel, proj_sig, {**flags, **cfg}, warps)
     out[f"project bf16 P_in={has_pin} P_out={has_pout}"] = spills(k)
 print(json.dumps(out))
 """

@@ -43,7 +43,7 @@ def test_gpu_check_logic_small():
         assert r["bytes"] > 0 and r["flops"] > 0
     skipped = [r for r in rows if r.get("skipped")]
     assert all(r["dtype"] == "bf16" and "11584" in r["skipped"] for r in skipped) or device == "cuda"
-    assert "FAIL" not in mod.format_rows(rows)
+    assert "FAIL" not in mod.format_table(rows)
     # counted work of a known case: X (10, 4), dY (10, 2), 3 segments, m = 2
     X, dY = torch.zeros(10, 4), torch.zeros(10, 2)
     offsets, Q = torch.tensor([0, 3, 3, 10]), torch.zeros(2, 2, 4)

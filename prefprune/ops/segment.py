@@ -1,8 +1,8 @@
 """Per-segment weight gradients of nn.Linear layers from packed (X, dY, offsets): projection and fused dots.
 
 Public entry points check their inputs (for every implementation), then dispatch per
-`prefprune.ops.dispatch.select` between the Triton kernels (`prefprune.kernels.segment`, imported lazily)
-and the pure-PyTorch references in `prefprune.ops.reference`.
+`prefprune.ops.dispatch.select` between the Triton kernels (one module per op in `prefprune.kernels`:
+`grad_dot`, `project`; imported lazily) and the pure-PyTorch references in `prefprune.ops.reference`.
 
 Packed layout: X (T_total×d_in) layer inputs and dY (T_total×d_out) output gradients of all tokens of N
 segments back to back; offsets (N+1,) int64 with offsets[0] = 0, non-decreasing, offsets[N] = T_total.
@@ -80,11 +80,19 @@ def _triton_reasons(tensors: Sequence[Tensor], *, explicit: bool = False) -> lis
     return reasons
 
 
-def _load_kernel(name: str):
-    def load():
-        from prefprune.kernels import segment as kernels  # lazy: needs Triton, reads TRITON_INTERPRET
+# The Triton module (in prefprune.kernels) that holds each op's launcher.
+_KERNEL_MODULES = {
+    "segment_project": "project",
+    "segment_grad_dot": "grad_dot",
+    "segment_grad_dot_grouped": "grad_dot",
+}
 
-        return getattr(kernels, name)
+
+def _load_kernel(op: str):
+    def load():
+        import importlib  # lazy: the kernels need Triton and read TRITON_INTERPRET at import
+
+        return getattr(importlib.import_module(f"prefprune.kernels.{_KERNEL_MODULES[op]}"), f"{op}_triton")
 
     return load
 
@@ -106,7 +114,7 @@ def select_segment_impl(op: str, tensors: Sequence[Tensor], *, impl: str | None 
         raise ValueError(f"unknown segment op {op!r}; expected one of {sorted(refs)}")
     explicit = requested_impl(impl) == "triton"
     reasons = lambda: _triton_reasons(tensors, explicit=explicit)
-    fast = [FastPath("triton", reasons, _load_kernel(f"{op}_triton"))]
+    fast = [FastPath("triton", reasons, _load_kernel(op))]
     return select(op, fast, refs[op], impl=impl)
 
 
