@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from prefprune.curvature import PairBatches, length_order
 from prefprune.data import PreferencePair, encode_pairs
-from prefprune.grads import oracle_pair_gradients, trainable_linears
-from prefprune.model import LoRASettings, build_reward_model, tiny_config, tiny_tokenizer
+from prefprune.grads import oracle_pair_gradients
+from prefprune.model import LoRASettings, build_reward_model, trainable_linears
 from prefprune.score import stream_scores
+from prefprune.testing import tiny_config, tiny_tokenizer
 from prefprune.train import bradley_terry_loss
 
 N_PAIRS = 64

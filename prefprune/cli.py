@@ -150,7 +150,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _build_model_from_args(args: argparse.Namespace, *, seed: int) -> tuple[Any, Any]:
     import torch
 
-    from prefprune.model import LoRASettings, build_reward_model, tiny_config, tiny_tokenizer
+    from prefprune.model import LoRASettings, build_reward_model
+    from prefprune.testing import tiny_config, tiny_tokenizer
 
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     lora = LoRASettings(

@@ -24,8 +24,10 @@ import contextlib
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +44,17 @@ from prefprune.grads import (
     pair_margins,
     split_flat,
 )
+from prefprune.model import eager_attention
 from prefprune.ops import dispatch
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CURVATURES",
+    "Curvature",
     "NonPositiveCurvatureError",
     "PairBatches",
     "SolveInfo",
-    "eager_attention",
     "exact_hvp",
     "ggn_product",
     "length_order",
@@ -60,7 +63,9 @@ __all__ = [
     "solve_query",
 ]
 
-CURVATURES = ("exact", "ggn", "projected_ggn", "identity")
+#: The Hessians influence can use (DESIGN.md §2); the one list every setting and check derives from.
+Curvature = Literal["exact", "ggn", "projected_ggn", "identity"]
+CURVATURES: tuple[str, ...] = typing.get_args(Curvature)
 
 
 class NonPositiveCurvatureError(RuntimeError):
@@ -157,23 +162,6 @@ def mean_gradient(
         total = flat if total is None else total + flat
         margins.append(m.detach())
     return total / batches.n_pairs, torch.cat(margins)
-
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run `model` with eager attention inside the block (fused kernels cannot double-backward)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    switch = before is not None and before != "eager" and hasattr(base, "set_attn_implementation")
-    if switch:
-        logger.debug("switching attention from %s to eager for double backward", before)
-        base.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            base.set_attn_implementation(before)
 
 
 def exact_hvp(

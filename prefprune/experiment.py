@@ -682,7 +682,8 @@ def plant_label_noise(dataset, fraction: float, *, seed: int):
 
 
 def _build_model(cfg: ExperimentConfig, seed: int):
-    from prefprune.model import LoRASettings, build_reward_model, tiny_config, tiny_tokenizer
+    from prefprune.model import LoRASettings, build_reward_model
+    from prefprune.testing import tiny_config, tiny_tokenizer
 
     lora = LoRASettings(**cfg.lora)
     dtype = _DTYPES[cfg.dtype]
@@ -701,7 +702,7 @@ def _build_model(cfg: ExperimentConfig, seed: int):
 def _num_layers(cfg: ExperimentConfig) -> int:
     """Number of transformer layers of the configured base model (read from its config only)."""
     if cfg.model.startswith("tiny:"):
-        from prefprune.model import tiny_config
+        from prefprune.testing import tiny_config
 
         return int(tiny_config(cfg.model.split(":", 1)[1]).num_hidden_layers)
     from transformers import AutoConfig
@@ -921,7 +922,7 @@ def _fits(pairs, tokenizer, max_length: int, *, truncation: str = "error") -> tu
 def _load_tokenizer(cfg: ExperimentConfig):
     """The tokenizer of the configured model, without loading the model."""
     if cfg.model.startswith("tiny:"):
-        from prefprune.model import tiny_tokenizer
+        from prefprune.testing import tiny_tokenizer
 
         return tiny_tokenizer()
     from transformers import AutoTokenizer

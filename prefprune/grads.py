@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefprune.model import reward_forward
+from prefprune.model import LinearSite, reward_forward, trainable_linears
 
 __all__ = [
-    "LinearSite",
     "PackedLayer",
     "SegmentCapture",
     "capture_pairs",
@@ -32,82 +31,7 @@ __all__ = [
     "pair_dots",
     "pair_margins",
     "split_flat",
-    "trainable_linears",
 ]
-
-
-@dataclass(frozen=True)
-class LinearSite:
-    """A trainable `nn.Linear` whose per-pair gradients are captured.
-
-    Attributes:
-        name: module name in `model.named_modules()`.
-        module: the layer.
-    """
-
-    name: str
-    module: nn.Linear
-
-    @property
-    def has_bias(self) -> bool:
-        """True when the layer has a trainable bias (an extra ones column in X)."""
-        return self.module.bias is not None and self.module.bias.requires_grad
-
-    @property
-    def d_out(self) -> int:
-        return int(self.module.weight.shape[0])
-
-    @property
-    def d_in(self) -> int:
-        """Input width including the ones column of a trainable bias."""
-        return int(self.module.weight.shape[1]) + int(self.has_bias)
-
-    @property
-    def numel(self) -> int:
-        return self.d_out * self.d_in
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The layer's trainable parameters in flat-layout order (weight, then bias)."""
-        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
-
-    def augmented(self, grads: Sequence[Tensor]) -> Tensor:
-        """Stack (∇W, ∇b) given in `parameters()` order into the (d_out, d_in') matrix."""
-        if self.has_bias:
-            return torch.cat([grads[0], grads[1].unsqueeze(1)], dim=1)
-        return grads[0]
-
-
-def trainable_linears(model: nn.Module) -> list[LinearSite]:
-    """The trainable linear layers of `model`, checked to cover every trainable parameter.
-
-    Raises:
-        ValueError: the model has no trainable parameters, or a trainable parameter is not the
-            weight/bias of an `nn.Linear` (e.g. a DoRA magnitude vector), or a linear layer has a
-            trainable bias but a frozen weight.
-    """
-    sites: list[LinearSite] = []
-    covered: set[int] = set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        w_train = mod.weight.requires_grad
-        b_train = mod.bias is not None and mod.bias.requires_grad
-        if b_train and not w_train:
-            raise ValueError(f"linear layer {name!r} has a trainable bias but a frozen weight; unsupported")
-        if w_train:
-            site = LinearSite(name, mod)
-            sites.append(site)
-            covered.update(id(p) for p in site.parameters())
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters (expected LoRA adapters and a score head)")
-    stray = [n for n, p in trainable if id(p) not in covered]
-    if stray:
-        raise ValueError(
-            f"trainable parameters that are not nn.Linear weights/biases are not supported: {stray[:5]}"
-            + (f" (+{len(stray) - 5} more)" if len(stray) > 5 else "")
-        )
-    return sites
 
 
 def num_params(sites: Sequence[LinearSite]) -> int:

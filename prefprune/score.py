@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from prefprune._io import atomic_write_bytes, package_versions
 from prefprune.curvature import CURVATURES, PairBatches, SolveInfo, length_order, mean_gradient, solve_query
-from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat, trainable_linears
+from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat
+from prefprune.model import trainable_linears
 
 logger = logging.getLogger(__name__)
 

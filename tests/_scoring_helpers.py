@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from prefprune.data import PreferencePair, collate_pairs, encode_pairs
-from prefprune.grads import flatten_site_matrices, oracle_pair_gradients, split_flat, trainable_linears
-from prefprune.model import LoRASettings, build_reward_model, tiny_config, tiny_tokenizer
+from prefprune.grads import flatten_site_matrices, oracle_pair_gradients, split_flat
+from prefprune.model import LoRASettings, build_reward_model, trainable_linears
+from prefprune.testing import tiny_config, tiny_tokenizer
 
 PAD = 0
 

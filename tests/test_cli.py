@@ -13,7 +13,8 @@ from _pairs import easy_pairs
 
 from prefprune.cli import build_parser, main
 from prefprune.data import load_preferences
-from prefprune.model import load_reward_model, tiny_config, tiny_tokenizer
+from prefprune.model import load_reward_model
+from prefprune.testing import tiny_config, tiny_tokenizer
 from prefprune.train import evaluate
 
 FAST = ["--max-length", "64", "--batch-size", "8", "--lr", "1e-2", "--no-progress", "--log-level", "WARNING"]

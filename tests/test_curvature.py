@@ -16,7 +16,8 @@ from prefprune.curvature import (
     solve_query,
 )
 from prefprune.data import encode_pairs
-from prefprune.grads import oracle_pair_gradients, trainable_linears
+from prefprune.grads import oracle_pair_gradients
+from prefprune.model import trainable_linears
 
 _CACHE: dict = {}
 

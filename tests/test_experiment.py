@@ -21,9 +21,10 @@ from prefprune.experiment import (
     run_experiment,
 )
 from prefprune.grads import pair_margins
-from prefprune.model import build_reward_model, tiny_config, tiny_tokenizer
+from prefprune.model import build_reward_model
 from prefprune.prefix_cache import PrefixCache, adapt_top_layers
 from prefprune.prune import ScoreTable, select_pairs
+from prefprune.testing import tiny_config, tiny_tokenizer
 
 
 def _short_pairs(n: int = 8) -> PreferenceDataset:

@@ -19,8 +19,8 @@ from prefprune.grads import (
     oracle_pair_gradients,
     pair_dots,
     split_flat,
-    trainable_linears,
 )
+from prefprune.model import trainable_linears
 
 CASES = [
     ("gpt_neox", "right"), ("gpt_neox", "left"),

