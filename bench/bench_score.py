@@ -26,8 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefprune.curvature import PairBatches, length_order
-from prefprune.data import PreferencePair, encode_pairs
+from prefprune.data import PairBatches, PreferencePair, encode_pairs, length_order
 from prefprune.grads import oracle_pair_gradients
 from prefprune.model import LoRASettings, build_reward_model, trainable_linears
 from prefprune.score import stream_scores

@@ -1,13 +1,18 @@
-"""Files that appear whole or not at all, and the version stamp written beside every result."""
+"""Files that appear whole or not at all, the JSON form of result values, and the version stamp."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import math
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
 
 _STAMPED = ("prefprune", "torch", "transformers", "peft", "datasets", "numpy")
 
@@ -51,3 +56,42 @@ def package_versions(names: Iterable[str] = _STAMPED) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def jsonable(obj: Any, *, finite: bool = False) -> Any:
+    """`obj` as plain JSON values: dicts (keys as str), lists, str, int, float, bool, None.
+
+    Tuples and sets become lists (sets sorted when their items allow it, so the output is stable),
+    numpy and torch scalars become Python numbers, arrays and tensors nested lists, paths strings,
+    dtypes and devices their names, dataclasses dicts of their fields.
+
+    Args:
+        obj: the value.
+        finite: turn NaN and ±inf into None (strict JSON, e.g. for `json.dumps(..., allow_nan=False)`);
+            by default they stay floats.
+
+    Raises:
+        TypeError: a value of another type (named in the message).
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, finite=finite) for k, v in obj.items()}
+    if isinstance(obj, set | frozenset):
+        try:
+            obj = sorted(obj)
+        except TypeError:
+            obj = list(obj)
+    if isinstance(obj, list | tuple):
+        return [jsonable(v, finite=finite) for v in obj]
+    if isinstance(obj, np.ndarray | torch.Tensor):
+        return jsonable(obj.tolist(), finite=finite)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return None if finite and not math.isfinite(obj) else obj
+    if isinstance(obj, Path | torch.dtype | torch.device):
+        return str(obj).replace("torch.", "") if isinstance(obj, torch.dtype) else str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__} ({obj!r:.80})")

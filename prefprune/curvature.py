@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefprune import cg
+from prefprune.data.batching import PairBatches
 from prefprune.grads import (
     LinearSite,
     SegmentCapture,
@@ -53,11 +54,9 @@ __all__ = [
     "CURVATURES",
     "Curvature",
     "NonPositiveCurvatureError",
-    "PairBatches",
     "SolveInfo",
     "exact_hvp",
     "ggn_product",
-    "length_order",
     "mean_gradient",
     "projected_ggn_rows",
     "solve_query",
@@ -70,60 +69,6 @@ CURVATURES: tuple[str, ...] = typing.get_args(Curvature)
 
 class NonPositiveCurvatureError(RuntimeError):
     """CG met pᵀ(H + λI)p <= 0: the damped Hessian is not positive definite along p."""
-
-
-class PairBatches:
-    """A re-iterable sequence of collated pair batches (collated on the fly, moved to `device`).
-
-    Args:
-        encoded: `EncodedPair`s in scoring order.
-        batch_size: pairs per batch.
-        pad_token_id: padding id.
-        padding_side: "right" or "left".
-        device: where batches go.
-    """
-
-    def __init__(
-        self,
-        encoded: Sequence,
-        *,
-        batch_size: int,
-        pad_token_id: int,
-        padding_side: str = "right",
-        device: torch.device | str = "cpu",
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        self.encoded = list(encoded)
-        self.batch_size = int(batch_size)
-        self.pad_token_id = pad_token_id
-        self.padding_side = padding_side
-        self.device = torch.device(device)
-
-    @property
-    def n_pairs(self) -> int:
-        return len(self.encoded)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.encoded) / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        from prefprune.data import collate_pairs
-
-        for start in range(0, len(self.encoded), self.batch_size):
-            chunk = self.encoded[start : start + self.batch_size]
-            batch = collate_pairs(chunk, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
-            yield {k: v.to(self.device) for k, v in batch.items()}
-
-
-def length_order(encoded: Sequence) -> list[int]:
-    """Indices of `encoded` sorted by pair length (longest sequence of the pair), ties by position.
-
-    Batching pairs of similar length wastes little compute on padding; callers scatter per-pair
-    results back to the original order.
-    """
-    return sorted(range(len(encoded)), key=lambda i: (max(len(encoded[i].chosen_ids),
-                                                          len(encoded[i].rejected_ids)), i))
 
 
 def _params(sites: Sequence[LinearSite]) -> list[nn.Parameter]:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prefprune._io import atomic_write_bytes, package_versions
-from prefprune.curvature import CURVATURES, PairBatches, SolveInfo, length_order, mean_gradient, solve_query
+from prefprune._io import atomic_write_bytes, jsonable, package_versions
+from prefprune.curvature import CURVATURES, SolveInfo, mean_gradient, solve_query
+from prefprune.data import PairBatches, length_order
 from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat
 from prefprune.model import trainable_linears
 
@@ -471,23 +472,10 @@ def write_scores(result: ScoreResult, path: str | os.PathLike) -> None:
     """
     p = check_output_path(path)
     data = _encode_table(result, p.suffix.lower())
-    sidecar = json.dumps(_jsonable(result.metadata), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    meta = jsonable(result.metadata, finite=True)
+    sidecar = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(p, data)
     atomic_write_bytes(Path(str(p) + ".json"), sidecar.encode())
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, str | int | bool) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 def score_model(

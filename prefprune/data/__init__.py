@@ -1,5 +1,6 @@
 """Preference data: pairs and datasets, loading in three schemas, tokenization, collation, synthetic data."""
 
+from prefprune.data.batching import PairBatches, length_order
 from prefprune.data.encode import EncodedPair, collate_pairs, encode_pairs, special_tokens_layout
 from prefprune.data.loading import SCHEMAS, PreferenceDataset, PreferencePair, load_preferences, tldr_prompt
 from prefprune.data.synthetic import load_or_generate, make_synthetic
@@ -7,11 +8,13 @@ from prefprune.data.synthetic import load_or_generate, make_synthetic
 __all__ = [
     "SCHEMAS",
     "EncodedPair",
+    "PairBatches",
     "PreferenceDataset",
     "PreferencePair",
     "collate_pairs",
     "encode_pairs",
     "load_or_generate",
+    "length_order",
     "load_preferences",
     "make_synthetic",
     "special_tokens_layout",
