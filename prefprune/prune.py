@@ -14,20 +14,24 @@ import json
 import logging
 import math
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from prefprune._io import atomic_write_text
+from prefprune.data import PreferenceDataset, load_preferences
 from prefprune.metrics import suspicion_order
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODES",
+    "Mode",
+    "PruneConfig",
     "ScoreTable",
     "Selection",
     "check_fraction",
@@ -36,12 +40,15 @@ __all__ = [
     "n_to_select",
     "prune_dataset",
     "prune_file",
+    "prune_with_config",
     "read_score_table",
     "select_pairs",
     "write_ids",
 ]
 
-MODES = ("harmful", "helpful")
+#: Which end of a score column a rule selects.
+Mode = Literal["harmful", "helpful"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
 #: Columns whose harmful end is the lowest value (positive = helpful).
 LOW_IS_SUSPECT = ("influence", "grad_dot", "grad_cos", "margin")
 #: Columns whose harmful end is the highest value.
@@ -369,8 +376,6 @@ def prune_file(
     Returns:
         A summary dict (counts, paths, settings).
     """
-    from prefprune.data import load_preferences
-
     check_fraction(fraction)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -419,3 +424,60 @@ def prune_file(
         "pruned %s: %d -> %d pairs (%s, %s, %.3g)", data, len(dataset), len(pruned), method, mode, fraction
     )
     return summary
+
+
+@dataclass
+class PruneConfig:
+    """Settings of `prefprune prune`: which pairs to select by which score, and where the result goes."""
+
+    fraction: float = field(metadata={"help": "share of pairs to select, in (0, 1)"})
+    output: str = field(
+        metadata={"help": "pruned dataset; format by extension (.jsonl, .jsonl.gz, .json, .parquet, .csv)"}
+    )
+    scores: str | None = field(
+        default=None,
+        metadata={
+            "help": "score file from prefprune score (.parquet/.jsonl/.csv with an id column); ids must "
+            "match the data exactly; not needed for --by random"
+        },
+    )
+    by: str = field(
+        default="influence",
+        metadata={"help": "score column: influence, influence_<damping or curvature>, grad_dot, grad_cos, "
+                  "train_loss, margin, or random"},
+    )
+    select: Mode = field(
+        default="harmful",
+        metadata={"help": "harmful: lowest scores (highest train_loss); helpful: the other end"},
+    )
+    keep: bool = field(
+        default=False, metadata={"help": "keep only the selected pairs instead of removing them"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of --by random"})
+    removed_ids: str | None = field(
+        default=None, metadata={"help": "where to list the dropped ids (default: OUTPUT.removed.txt)"}
+    )
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting before any data is read."""
+        check_fraction(self.fraction, what="--fraction")
+        if self.by != "random":
+            higher_is_suspect(self.by)
+            if self.scores is None:
+                raise ValueError(f"--by {self.by} needs --scores")
+
+
+def prune_with_config(dataset: PreferenceDataset, cfg: PruneConfig) -> dict[str, Any]:
+    """`prune_file` of a loaded dataset with the settings of `cfg`; returns its summary."""
+    cfg.validate()
+    return prune_file(
+        dataset,
+        cfg.scores,
+        cfg.output,
+        method=cfg.by,
+        fraction=cfg.fraction,
+        mode=cfg.select,
+        keep=cfg.keep,
+        seed=cfg.seed,
+        removed_ids=cfg.removed_ids,
+    )

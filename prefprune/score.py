@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,10 +31,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefprune._io import atomic_write_bytes, jsonable, package_versions
-from prefprune.curvature import CURVATURES, SolveInfo, mean_gradient, solve_query
+from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient, solve_query
 from prefprune.data import PairBatches, length_order
 from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat
 from prefprune.model import trainable_linears
+from prefprune.ops.dispatch import Impl, requested_impl
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ OUTPUT_EXTENSIONS = (".parquet", ".jsonl", ".csv")
 class ScoreConfig:
     """Settings of a scoring run (all recorded in the sidecar)."""
 
-    curvature: str = field(
+    curvature: Curvature = field(
         default="ggn",
         metadata={"help": "Hessian used by influence: exact (double-backward HVPs, the paper's method), ggn "
                           "(Gauss–Newton, PSD, no double backward), projected_ggn (Gauss–Newton in a "
@@ -99,20 +100,20 @@ class ScoreConfig:
                           "order."},
     )
     max_length: int = field(default=512, metadata={"help": "Longest sequence in tokens."})
-    truncation: str = field(
+    truncation: Literal["prompt", "error"] = field(
         default="prompt",
         metadata={"help": "Training pairs longer than max_length: 'prompt' (cut the prompt) or 'error'. "
                           "Validation pairs are never cut: a too-long one is an error."},
     )
-    padding_side: str | None = field(
+    padding_side: Literal["right", "left"] | None = field(
         default=None, metadata={"help": "'right' or 'left'; None: the tokenizer's own (else right)."}
     )
-    on_nonpositive: str = field(
+    on_nonpositive: Literal["raise", "nan"] = field(
         default="raise",
         metadata={"help": "When CG meets non-positive curvature: 'raise' an error, or 'nan' (influence "
                           "column NaN, status recorded in the sidecar)."},
     )
-    impl: str | None = field(
+    impl: Impl | None = field(
         default=None,
         metadata={"help": "auto|triton|native|reference for the fused ops and CG (None: PREFPRUNE_IMPL)."},
     )
@@ -154,8 +155,6 @@ class ScoreConfig:
         if self.on_nonpositive not in ("raise", "nan"):
             raise ValueError(f"on_nonpositive must be 'raise' or 'nan', got {self.on_nonpositive!r}")
         if self.impl is not None:
-            from prefprune.ops.dispatch import requested_impl
-
             requested_impl(self.impl)
 
 

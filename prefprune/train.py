@@ -21,10 +21,11 @@ import logging
 import math
 import os
 import time
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ __all__ = [
     "evaluate",
     "lr_factor",
     "resolve_device",
+    "split_for_eval",
     "train_reward_model",
     "write_metrics",
 ]
@@ -49,8 +51,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-_SCHEDULES = ("linear", "cosine", "constant")
-_TOO_LONG = ("skip", "error")
+Schedule = Literal["linear", "cosine", "constant"]
+Truncation = Literal["prompt", "error"]
+TooLong = Literal["skip", "error"]
+_SCHEDULES = typing.get_args(Schedule)
+_TOO_LONG = typing.get_args(TooLong)
 # How many skipped ids a log line quotes (the full list goes to the metrics).
 _LOG_IDS = 5
 
@@ -64,9 +69,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warm-up from 0"})
-    schedule: str = field(
-        default="linear", metadata={"help": "decay after warm-up: linear | cosine | constant"}
-    )
+    schedule: Schedule = field(default="linear", metadata={"help": "learning-rate decay after warm-up"})
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW weight decay (matrices only, not biases)"}
     )
@@ -74,13 +77,17 @@ class TrainConfig:
         default=1.0, metadata={"help": "clip the global gradient norm to this; None/0 = no clipping"}
     )
     max_length: int = field(default=512, metadata={"help": "max tokens per sequence (the prompt is cut)"})
-    truncation: str = field(
+    truncation: Truncation = field(
         default="prompt", metadata={"help": "prompt = cut the prompt when too long; error = raise"}
     )
-    too_long: str = field(
+    too_long: TooLong = field(
         default="skip", metadata={"help": "pairs whose response alone exceeds max_length: skip | error"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of data order and dropout"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of data order and dropout (the CLI also seeds the LoRA/head initialisation "
+                          "and the evaluation split with it)"},
+    )
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
     device: str | None = field(
         default=None, metadata={"help": "cuda | cpu | cuda:N; None = cuda if available"}
@@ -265,6 +272,21 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
+def split_for_eval(
+    data: Any, fraction: float, *, seed: int, held_out: Any | None = None
+) -> tuple[Any, Any | None]:
+    """(training pairs, held-out pairs or None): `held_out` when given (then all of `data` is trained on),
+    else a `fraction` of `data` split off by pair id and `seed`; fraction 0 holds nothing out."""
+    if held_out is not None:
+        return data, held_out
+    if fraction == 0:
+        return data, None
+    if not 0 < fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+    train, held = data.split([1 - fraction, fraction], seed=seed)
+    return train, held
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
 from _pairs import easy_pairs
 
-from prefprune.cli import build_parser, main
+from prefprune.cli import COMMANDS, main
 from prefprune.data import load_preferences
 from prefprune.model import load_reward_model
 from prefprune.testing import tiny_config, tiny_tokenizer
@@ -25,17 +26,35 @@ def _write_pairs(path, n, seed=0):
     return path
 
 
+def _flags(cls, prefix=""):
+    """(flag, help) of every setting of a command dataclass: flattened sections without a prefix."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        flat = typing.get_origin(hint) is typing.Annotated and any(
+            getattr(m, "name", None) == "" for m in hint.__metadata__
+        )
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        if dataclasses.is_dataclass(inner):
+            yield from _flags(inner, prefix if flat else f"{prefix}{f.name}.")
+        else:
+            yield f"--{prefix}{f.name.replace('_', '-')}", f.metadata.get("help", "")
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "train" in out and "eval" in out
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name, p in sub.choices.items():
-        for action in p._actions:
-            assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+    for name, cls in COMMANDS.items():
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        shown = capsys.readouterr().out
+        for flag, helptext in _flags(cls):
+            assert helptext and helptext.strip(), f"{name} {flag} has no help"
+            assert flag in shown, (name, flag)
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
     assert exc.value.code == 0
@@ -44,7 +63,7 @@ def test_help_explains_every_option(capsys):
         "--data",
         "--schema",
         "--model",
-        "--lora-r",
+        "--lora.r",
         "--lr",
         "--grad-accum",
         "--eval-fraction",
@@ -105,7 +124,7 @@ def test_train_from_a_saved_base_folder_with_separate_eval_data(tmp_path, capsys
             str(train),
             "--eval-data",
             str(held),
-            "--lora-r",
+            "--lora.r",
             "4",
             "--output",
             str(out),

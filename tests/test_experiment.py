@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -11,12 +10,12 @@ import torch
 
 import prefprune.score as score_mod
 import prefprune.train as train_mod
+from prefprune.cli import main, parse_command
 from prefprune.data import PreferenceDataset, PreferencePair, collate_pairs, encode_pairs
+from prefprune.data.config import load_data
 from prefprune.experiment import (
     ExperimentConfig,
-    add_config_arguments,
     arm_step_name,
-    config_from_args,
     load_config,
     run_experiment,
 )
@@ -25,6 +24,7 @@ from prefprune.model import build_reward_model
 from prefprune.prefix_cache import PrefixCache, adapt_top_layers
 from prefprune.prune import ScoreTable, select_pairs
 from prefprune.testing import tiny_config, tiny_tokenizer
+from prefprune.train import TrainConfig
 
 
 def _short_pairs(n: int = 8) -> PreferenceDataset:
@@ -128,18 +128,15 @@ def _tiny_config(tmp_path, **kw) -> ExperimentConfig:
         _write_short_data(data)
     base = dict(
         output=str(tmp_path / "run"),
-        data=str(data),
-        label_noise=0.2,
-        data_seed=3,
+        data={"source": str(data), "label_noise": kw.pop("label_noise", 0.2), "data_seed": 3},
         split=[0.6, 0.15, 0.25],
-        model="tiny:gpt_neox",
+        model={"model": kw.pop("model", "tiny:gpt_neox"), "lora": {"r": 2}},
         max_length=64,
         seeds=[0],
         fractions=[0.2],
         curvatures=["ggn"],
         methods=["influence", "grad_dot", "train_loss", "random"],
         helpful_methods=["influence"],
-        lora={"r": 2},
         train={"epochs": 1, "batch_size": 8, "lr": 1e-3},
         score={"max_iter": 5, "batch_size": 8},
         eval_batch_size=16,
@@ -302,17 +299,17 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "seed0").exists()
 
 
-def test_yaml_and_flags(tmp_path):
+def test_yaml_and_flags(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text("model: tiny:gpt_neox\nseeds: [1, 2]\nfractions: [0.1]\ntrain:\n  epochs: 2\n")
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    args = parser.parse_args(
+    cmd = parse_command(
         [
+            "experiment",
             "--config",
             str(good),
             "--fractions",
-            "0.05,0.2",
+            "0.05",
+            "0.2",
             "--train.lr",
             "0.002",
             "--lora-layers",
@@ -321,9 +318,9 @@ def test_yaml_and_flags(tmp_path):
             str(tmp_path / "o"),
         ]
     )
-    cfg = config_from_args(args)
+    cfg = cmd.experiment
     assert cfg.seeds == [1, 2] and cfg.fractions == [0.05, 0.2] and cfg.lora_layers == 1
-    assert cfg.train == {"epochs": 2, "lr": 0.002} and cfg.output == str(tmp_path / "o")
+    assert cfg.train == TrainConfig(epochs=2, lr=0.002) and cfg.output == str(tmp_path / "o")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny:gpt_neox\nfractoins: [0.1]\n")
     with pytest.raises(ValueError, match=r"bad.yaml, line 2: unknown config key 'fractoins'"):
@@ -333,7 +330,9 @@ def test_yaml_and_flags(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="unknown config key 'nope'"):
         load_config(None, {"nope": 1})
-    help_text = parser.format_help()
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    help_text = capsys.readouterr().out
     assert (
         "--helpful-fractions" in help_text
         and "--score.damping" in help_text
@@ -368,18 +367,16 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     if name.startswith("tldr"):
-        assert "exact" in cfg.curvatures and cfg.model.startswith("EleutherAI/pythia")
+        assert "exact" in cfg.curvatures and cfg.model.model.startswith("EleutherAI/pythia")
     else:
-        assert cfg.skip_bad and cfg.model == "minilm"
+        assert cfg.data.skip_bad and cfg.model.model == "minilm"
 
 
 def test_experiment_cli_prints_the_table(tmp_path, capsys):
-    from prefprune.cli import main
-
     data = _write_short_data(tmp_path / "pairs.jsonl")
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(
-        f"data: {data}\nmodel: tiny:gpt_neox\nmax_length: 64\nseeds: [0]\nfractions: [0.2]\n"
+        f"data: {{source: {data}}}\nmodel: tiny:gpt_neox\nmax_length: 64\nseeds: [0]\nfractions: [0.2]\n"
         "methods: [random]\nhelpful_methods: []\nlora: {r: 2}\ntrain: {epochs: 1, batch_size: 8}\n"
         "progress: false\n"
     )
@@ -388,7 +385,7 @@ def test_experiment_cli_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| random | " in printed and "*unpruned baseline*" in printed
     assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [3]
-    assert main(["experiment", "--config", str(cfg), "--output", str(out), "--fractions", "0,5"]) == 2
+    assert main(["experiment", "--config", str(cfg), "--output", str(out), "--fractions", "0", "5"]) == 2
     assert "fractions entry must be in the open interval (0, 1), got 0" in capsys.readouterr().err
 
 
@@ -414,6 +411,4 @@ def test_trusted_validation_scores_against_clean_pairs_only(tmp_path, monkeypatc
 
 
 def _flipped_ids(tmp_path) -> set[str]:
-    from prefprune.experiment import _load_data
-
-    return _load_data(_tiny_config(tmp_path)).flipped_ids
+    return load_data(_tiny_config(tmp_path).data, plant_noise=True).flipped_ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefprune.report import accuracy_table, detection_table, render_markdown, write_report
+from prefprune.experiment.report import accuracy_table, detection_table, render_markdown, write_report
 
 
 def _results() -> dict:

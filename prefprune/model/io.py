@@ -255,3 +255,15 @@ def load_reward_model(
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def training_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``extra`` record `save_reward_model` stored in a model folder (training settings, data
+    provenance); empty when the folder has none."""
+    meta_file = Path(path) / META_FILE
+    return json.loads(meta_file.read_text()).get("extra", {}) if meta_file.is_file() else {}
+
+
+def max_length_of(path: str | os.PathLike, default: int = 512) -> int:
+    """The ``max_length`` a saved reward model was trained with (`default` when not recorded)."""
+    return int(training_metadata(path).get("train_config", {}).get("max_length", default))

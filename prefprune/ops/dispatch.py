@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "triton", "native", "reference")
+#: Implementation requests (`PREFPRUNE_IMPL` and every `impl` setting).
+Impl = Literal["auto", "triton", "native", "reference"]
+IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
 
 def requested_impl(impl: str | None = None) -> str:

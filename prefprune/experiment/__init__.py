@@ -1,0 +1,22 @@
+"""Pruning experiments end to end: split, train, score, prune, retrain, test — over seeds, resumable.
+
+The package is split by job: `config` (the settings, the demo's, YAML loading), `protocol` (the seed
+protocol, `run_experiment`), `steps` (the resumable store of finished steps), `results` (gathering the
+steps into results.json: accuracies, deltas, noise detection) and `report` (report.md and plots).
+"""
+
+from prefprune.experiment.config import BASE_METHODS, DEMO_CONFIG, ExperimentConfig, demo_config, load_config
+from prefprune.experiment.protocol import run_experiment
+from prefprune.experiment.results import collect_results
+from prefprune.experiment.steps import arm_step_name
+
+__all__ = [
+    "BASE_METHODS",
+    "DEMO_CONFIG",
+    "ExperimentConfig",
+    "arm_step_name",
+    "collect_results",
+    "demo_config",
+    "load_config",
+    "run_experiment",
+]
