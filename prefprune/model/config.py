@@ -136,8 +136,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.model.startswith(TINY_PREFIX) and self.tiny_family not in TINY_FAMILIES:
             raise ValueError(
-                f"unknown tiny model family {self.tiny_family!r} in model {self.model!r}: the tiny family must "
-                f"be one of {', '.join(TINY_FAMILIES)}"
+                f"unknown tiny model family {self.tiny_family!r} in model {self.model!r}: the tiny family "
+                f"must be one of {', '.join(TINY_FAMILIES)}"
             )
         if isinstance(self.lora, dict):
             self.lora = LoRASettings(**self.lora)
