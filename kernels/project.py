@@ -17,6 +17,8 @@ precision). fp32 inputs use IEEE fp32 dots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -49,14 +51,10 @@ def _segment_project_kernel(
     n_tiles,
     n_tiles_in,
     split,
-    stride_x_t,
-    stride_x_d,
-    stride_dy_t,
-    stride_dy_d,
-    stride_pin_k,
-    stride_pin_d,
-    stride_pout_k,
-    stride_pout_d,
+    stride_x,
+    stride_dy,
+    stride_pin,
+    stride_pout,
     stride_out_s,
     stride_out_n,
     HAS_PIN: tl.constexpr,
@@ -70,8 +68,12 @@ def _segment_project_kernel(
     """Φ_i[ko, ki] = Σ_{t in segment i} (P_out dY_t)[ko] (P_in X_t)[ki], for one output tile and token split.
 
     x_ptr: (T, d_in), dy_ptr: (T, d_out), pin_ptr: (k_in, d_in) fp32 (unused without HAS_PIN, then
-    k_in = d_in), pout_ptr: (k_out, d_out) fp32 (likewise), offsets_ptr: (N+1,) int64,
+    k_in = d_in), pout_ptr: (k_out, d_out) fp32 (likewise), all with unit inner stride (the launcher makes
+    them so; stride_* are the row strides); offsets_ptr: (N+1,) int64;
     out_ptr: (split, N, k_out*k_in) fp32 (stride_out_s = 0 when split = 1).
+    Alignment reaches the compiler through Triton's argument specialisation: a pointer argument whose
+    address is a multiple of 16 bytes and an integer argument that is a multiple of 16 are compiled as such
+    (`JIT_DIVISIBLE_ARGS` lists the ones the loads depend on), which is what lets it issue 128-bit loads.
     Program pid = (seg * split + s) * n_tiles + tile; split s takes token blocks s, s+split, ... of the
     segment; tile = (ko block, ki block) of the k_out×k_in output.
     """
@@ -99,19 +101,19 @@ def _segment_project_kernel(
                 cols = d0 + rd
                 mask_d = cols < d_in
                 x = tl.load(
-                    x_ptr + rows[:, None] * stride_x_t + cols[None, :] * stride_x_d,
+                    x_ptr + rows[:, None] * stride_x + cols[None, :],
                     mask=mask_t[:, None] & mask_d[None, :],
                     other=0.0,
                 ).to(tl.float32)
                 p = tl.load(
-                    pin_ptr + cols[:, None] * stride_pin_d + rki[None, :] * stride_pin_k,
+                    pin_ptr + cols[:, None] + rki[None, :] * stride_pin,
                     mask=mask_d[:, None] & mask_ki[None, :],
                     other=0.0,
                 )
                 xt = tl.dot(x, p, xt, input_precision=PRECISION)
         else:
             xt = tl.load(
-                x_ptr + rows[:, None] * stride_x_t + rki[None, :] * stride_x_d,
+                x_ptr + rows[:, None] * stride_x + rki[None, :],
                 mask=mask_t[:, None] & mask_ki[None, :],
                 other=0.0,
             ).to(tl.float32)
@@ -122,19 +124,19 @@ def _segment_project_kernel(
                 cols = d0 + rd
                 mask_d = cols < d_out
                 p = tl.load(
-                    pout_ptr + rko[:, None] * stride_pout_k + cols[None, :] * stride_pout_d,
+                    pout_ptr + rko[:, None] * stride_pout + cols[None, :],
                     mask=mask_ko[:, None] & mask_d[None, :],
                     other=0.0,
                 )
                 dy = tl.load(
-                    dy_ptr + rows[None, :] * stride_dy_t + cols[:, None] * stride_dy_d,
+                    dy_ptr + rows[None, :] * stride_dy + cols[:, None],
                     mask=mask_d[:, None] & mask_t[None, :],
                     other=0.0,
                 ).to(tl.float32)
                 yt = tl.dot(p, dy, yt, input_precision=PRECISION)
         else:
             yt = tl.load(
-                dy_ptr + rows[None, :] * stride_dy_t + rko[:, None] * stride_dy_d,
+                dy_ptr + rows[None, :] * stride_dy + rko[:, None],
                 mask=mask_ko[:, None] & mask_t[None, :],
                 other=0.0,
             ).to(tl.float32)
@@ -145,16 +147,16 @@ def _segment_project_kernel(
 
 
 def project_launch_config(k_out: int, k_in: int, dtype: torch.dtype, *, interpret: bool) -> dict:
-    """Constexprs (except HAS_PIN/HAS_POUT) and num_warps of _segment_project_kernel.
+    """Constexprs (except HAS_PIN, HAS_POUT) and num_warps of _segment_project_kernel.
 
-    Register budget checked with ptxas -v for sm_90a (8 warps, BLOCK_D=32; 4 warps or BLOCK_D=64 spill):
-    16-bit inputs compile without spills at BLOCK_T=64 for every HAS_PIN/HAS_POUT combination; the IEEE-fp32
-    dots of fp32 inputs need BLOCK_T=16 (a 72-byte spill remains with both sides projected). Larger token
-    blocks re-read the projection matrices (from L2) less often per token.
+    8 warps, BLOCK_D = 32; BLOCK_T = 64 for 16-bit inputs, 32 for fp32 (16 under the interpreter): larger
+    token blocks re-read the projection matrices (from L2) less often per token. Register use is checked for
+    sm_90 by tests/test_kernels_aot.py (no spills for every dtype, projected side and block size).
     """
     return {
         "PRECISION": dot_precision(dtype),
-        "BLOCK_T": 16 if interpret or dtype == torch.float32 else 64,
+        # fp32 tf32x3 dots hold three operand splits: 32-token blocks keep them in registers.
+        "BLOCK_T": 16 if interpret else (32 if dtype == torch.float32 else 64),
         "BLOCK_KO": pow2_clamp(k_out, 16, 64),
         "BLOCK_KI": pow2_clamp(k_in, 16, 64),
         "BLOCK_D": 32,
@@ -162,7 +164,71 @@ def project_launch_config(k_out: int, k_in: int, dtype: torch.dtype, *, interpre
     }
 
 
-def segment_project_triton(
+_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# Arguments whose divisibility by 16 (bytes for pointers, value for integers) Triton's JIT specialises on
+# and the 128-bit loads depend on; `aligned_for_jit` says whether a launch gets all of them.
+JIT_DIVISIBLE_ARGS = ("x_ptr", "dy_ptr", "pin_ptr", "pout_ptr", "offsets_ptr", "out_ptr", "d_in", "d_out",
+                      "k_in", "k_out", "stride_x", "stride_dy", "stride_pin", "stride_pout", "stride_out_n")
+
+
+def aot_variants() -> list[dict]:
+    """Every kernel variant `plan_project` can launch on a GPU, for ahead-of-time compile checks
+    (tests/test_kernels_aot.py): dtype × projected sides × alignment, at the largest output tile (64×64:
+    the most registers; an identity side of 16 or 32 needs fewer). Aligned variants carry the JIT's
+    divisibility specialisation of `JIT_DIVISIBLE_ARGS`."""
+    out = []
+    for dtype, name in _TL_NAMES.items():
+        sig = {"x_ptr": f"*{name}", "dy_ptr": f"*{name}", "pin_ptr": "*fp32", "pout_ptr": "*fp32",
+               "offsets_ptr": "*i64", "out_ptr": "*fp32"}
+        for arg in ("N", "d_in", "d_out", "k_in", "k_out", "n_tiles", "n_tiles_in", "split", "stride_x",
+                    "stride_dy", "stride_pin", "stride_pout", "stride_out_s", "stride_out_n"):
+            sig[arg] = "i32"
+        for has_pin in (True, False):
+            for has_pout in (True, False):
+                for aligned in (True, False):
+                    cfg = project_launch_config(64, 64, dtype, interpret=False)
+                    warps = cfg.pop("num_warps")
+                    label = f"project {name} P_in={int(has_pin)} P_out={int(has_pout)} al={int(aligned)}"
+                    out.append(dict(name=label, kernel=_segment_project_kernel, signature=sig,
+                                    constexprs=dict(HAS_PIN=has_pin, HAS_POUT=has_pout, **cfg),
+                                    num_warps=warps, divisible=JIT_DIVISIBLE_ARGS if aligned else (),
+                                    aligned=aligned))
+    return out
+
+
+def aligned_for_jit(args: tuple) -> bool:
+    """Whether every `JIT_DIVISIBLE_ARGS` value of a launch is divisible by 16 (the fast, 128-bit variant)."""
+    names = _segment_project_kernel.arg_names
+    vals = dict(zip(names, args, strict=False))
+    return all(
+        (v.data_ptr() if isinstance(v, Tensor) else int(v)) % 16 == 0
+        for k, v in vals.items()
+        if k in JIT_DIVISIBLE_ARGS
+    )
+
+
+def _unit_inner(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+@dataclass
+class ProjectPlan:
+    """One prepared projection launch; `run()` launches the kernel and sums the token splits only."""
+
+    args: tuple
+    constexprs: dict
+    grid: int
+    split: int
+
+    def run(self) -> Tensor:
+        out = self.args[5]
+        _segment_project_kernel[(self.grid,)](*self.args, **self.constexprs)
+        return out.sum(0) if self.split > 1 else out
+
+
+def plan_project(
     X: Tensor,
     dY: Tensor,
     offsets: Tensor,
@@ -170,15 +236,8 @@ def segment_project_triton(
     P_out: Tensor | None,
     *,
     split: int | None = None,
-) -> Tensor:
-    """Φ (N, k_out*k_in) fp32 with Φ_i = P_out (dY_iᵀ X_i) P_inᵀ flattened row-major.
-
-    Args:
-        X: (T, d_in), dY: (T, d_out), one dtype (fp32/fp16/bf16), any strides.
-        offsets: (N+1,) int64, validated.
-        P_in: (k_in, d_in) or None (identity); P_out: (k_out, d_out) or None (identity).
-        split: token splits per segment (None: enough programs to fill the GPU; 1 under the interpreter).
-    """
+) -> ProjectPlan | Tensor:
+    """Prepare `segment_project_triton` (same arguments); an empty problem returns its (zero) result."""
     device = X.device
     n_seg, total = offsets.numel() - 1, X.shape[0]
     d_in, d_out = X.shape[1], dY.shape[1]
@@ -186,8 +245,9 @@ def segment_project_triton(
     k_out = d_out if P_out is None else P_out.shape[0]
     if n_seg == 0 or total == 0 or k_in == 0 or k_out == 0:
         return torch.zeros((n_seg, k_out * k_in), dtype=torch.float32, device=device)
-    pin = None if P_in is None else P_in.to(torch.float32)
-    pout = None if P_out is None else P_out.to(torch.float32)
+    X, dY = _unit_inner(X), _unit_inner(dY)
+    pin = None if P_in is None else _unit_inner(P_in.to(torch.float32))
+    pout = None if P_out is None else _unit_inner(P_out.to(torch.float32))
     interp = interpreting()
     cfg = project_launch_config(k_out, k_in, X.dtype, interpret=interp)
     block_t, block_ko, block_ki = cfg["BLOCK_T"], cfg["BLOCK_KO"], cfg["BLOCK_KI"]
@@ -208,33 +268,35 @@ def segment_project_triton(
     # A dummy (never dereferenced) pointer stands in for an identity side.
     pin_arg = pin if pin is not None else out
     pout_arg = pout if pout is not None else out
-    _segment_project_kernel[(n_seg * split * n_tiles,)](
-        X,
-        dY,
-        pin_arg,
-        pout_arg,
-        offsets,
-        out,
-        n_seg,
-        d_in,
-        d_out,
-        k_in,
-        k_out,
-        n_tiles,
-        n_tiles_in,
-        split,
-        X.stride(0),
-        X.stride(1),
-        dY.stride(0),
-        dY.stride(1),
+    args = (
+        X, dY, pin_arg, pout_arg, offsets, out,
+        n_seg, d_in, d_out, k_in, k_out, n_tiles, n_tiles_in, split,
+        X.stride(0), dY.stride(0),
         pin.stride(0) if pin is not None else 0,
-        pin.stride(1) if pin is not None else 0,
         pout.stride(0) if pout is not None else 0,
-        pout.stride(1) if pout is not None else 0,
-        stride_out_s,
-        stride_out_n,
-        HAS_PIN=pin is not None,
-        HAS_POUT=pout is not None,
-        **cfg,
-    )
-    return out.sum(0) if split > 1 else out
+        stride_out_s, stride_out_n,
+    )  # fmt: skip
+    constexprs = dict(HAS_PIN=pin is not None, HAS_POUT=pout is not None, **cfg)
+    return ProjectPlan(args, constexprs, n_seg * split * n_tiles, split)
+
+
+def segment_project_triton(
+    X: Tensor,
+    dY: Tensor,
+    offsets: Tensor,
+    P_in: Tensor | None,
+    P_out: Tensor | None,
+    *,
+    split: int | None = None,
+) -> Tensor:
+    """Φ (N, k_out*k_in) fp32 with Φ_i = P_out (dY_iᵀ X_i) P_inᵀ flattened row-major.
+
+    Args:
+        X: (T, d_in), dY: (T, d_out), one dtype (fp32/fp16/bf16), any strides (a tensor whose last stride
+            is not 1 is copied first).
+        offsets: (N+1,) int64, validated.
+        P_in: (k_in, d_in) or None (identity); P_out: (k_out, d_out) or None (identity).
+        split: token splits per segment (None: enough programs to fill the GPU; 1 under the interpreter).
+    """
+    plan = plan_project(X, dY, offsets, P_in, P_out, split=split)
+    return plan if isinstance(plan, Tensor) else plan.run()
