@@ -31,7 +31,7 @@ import tyro
 from prefprune import __version__
 from prefprune.data.config import DataConfig, load_data
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
-from prefprune.experiment.report import accuracy_table, detection_table
+from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
 from prefprune.model import ModelConfig, build_model, load_reward_model, max_length_of, save_reward_model
 from prefprune.prune import PruneConfig, prune_with_config
 from prefprune.score import ScoreConfig, score_model
@@ -287,10 +287,17 @@ class PruneCommand:
 def _print_summary(results: dict, folder: Path) -> None:
     print("\nTest accuracy (%), mean ± std over seeds; Δ = difference to the unpruned baseline:\n")
     print(accuracy_table(results, mode="harmful"))
+    intervals = interval_table(results, mode="harmful")
+    if intervals:
+        print("\nΔ accuracy in points with its paired bootstrap interval (* = excludes 0):\n")
+        print(intervals)
     helpful = accuracy_table(results, mode="helpful")
     if helpful:
         print("\nHelpful arm (the most helpful pairs removed):\n")
         print(helpful)
+        if interval_table(results, mode="helpful"):
+            print("\n" + interval_table(results, mode="helpful"))
+    print("\n" + distinguishable(results))
     det = detection_table(results)
     if det:
         print("\nNoise detection (planted flipped labels):\n")

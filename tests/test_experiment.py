@@ -10,6 +10,7 @@ import torch
 
 import prefprune.score as score_mod
 import prefprune.train as train_mod
+from prefprune.bootstrap import paired_delta
 from prefprune.cli import main, parse_command
 from prefprune.data import PreferenceDataset, PreferencePair, collate_pairs, encode_pairs
 from prefprune.data.config import load_data
@@ -234,6 +235,19 @@ def test_tiny_experiment_end_to_end_bookkeeping_and_resume(tmp_path, counted):
     assert res["versions"]["torch"] == torch.__version__.split("+")[0] or res["versions"]["torch"]
     report = (out / "report.md").read_text()
     assert "influence_ggn" in report and "Noise detection" in report and "Helpful arm" in report
+    # Every arm has its paired bootstrap interval, recomputable from the step files' test margins.
+    assert "distinguishable from zero" in report.lower() and "Δ vs random" in report
+    base_m = json.loads((out / "seed0" / "baseline.json").read_text())["test_margins"]
+    for entry in res["summary"]["arms"]:
+        iv = entry["delta_interval"]
+        step = arm_step_name(0, entry["method"], entry["mode"], entry["fraction"])
+        rec = json.loads((out / step).read_text())
+        ids = sorted(rec["test_margins"])
+        a = np.asarray([[float(rec["test_margins"][i] > 0) for i in ids]])
+        b = np.asarray([[float(base_m[i] > 0) for i in ids]])
+        want = paired_delta(a, b, n_boot=2000, level=0.95, seed=0)
+        assert (iv["value"], iv["low"], iv["high"]) == (want.value, want.low, want.high), entry["method"]
+        assert iv["value"] == pytest.approx(entry["delta_mean"], abs=1e-12)
 
     # Resume: nothing is redone.
     counted["train"].clear()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from prefprune.experiment.report import accuracy_table, detection_table, render_markdown, write_report
+from prefprune.experiment.report import (
+    accuracy_table,
+    detection_table,
+    distinguishable,
+    interval_table,
+    render_markdown,
+    write_report,
+)
 
 
 def _results() -> dict:
@@ -126,3 +133,38 @@ def test_report_without_noise_or_helpful_arm():
     res["summary"]["noise_detection"] = []
     text = render_markdown(res)
     assert "Noise detection" not in text and "Helpful arm" not in text and "Planted label noise" not in text
+
+
+def _iv(value, low, high):
+    return {
+        "value": value,
+        "low": low,
+        "high": high,
+        "level": 0.95,
+        "n_boot": 2000,
+        "excludes_zero": low > 0 or high < 0,
+    }
+
+
+def test_interval_table_and_plain_verdicts():
+    res = _results()
+    assert distinguishable(res).startswith("No intervals")  # results without per-pair margins
+    arms = res["summary"]["arms"]
+    for a in arms:
+        a["delta_interval"] = _iv(a["delta_mean"], a["delta_mean"] - 0.01, a["delta_mean"] + 0.01)
+        if a["method"] != "random":
+            a["delta_vs_random_interval"] = _iv(0.004, -0.01, 0.02)
+    table = interval_table(res, mode="harmful").splitlines()
+    assert table[0] == "| method | removed | Δ vs unpruned [95% CI] | Δ vs random [95% CI] |"
+    assert "| influence_ggn | 10% | +5.0 [+4.0, +6.0] * | +0.4 [-1.0, +2.0] |" in table
+    assert "| random | 10% | -1.0 [-2.0, +0.0] | — |" in table
+    text = distinguishable(res)
+    assert (
+        "- influence_ggn (harmful arm, 10% removed) is better than the unpruned baseline: Δ +5.0 [+4.0, +6.0]"
+        in text
+    )
+    assert "random pruning" not in text  # every vs-random interval contains 0
+    for a in arms:
+        a["delta_interval"] = _iv(0.0, -0.01, 0.01)
+        a.pop("delta_vs_random_interval", None)
+    assert distinguishable(res).startswith("No difference is distinguishable from zero")

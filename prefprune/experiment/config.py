@@ -31,7 +31,7 @@ __all__ = [
 #: Methods a config may name; "influence" expands to one method per requested curvature.
 BASE_METHODS = ("influence", "grad_dot", "grad_cos", "train_loss", "margin", "random")
 #: Keys of the experiment config that may differ when a run is resumed (they change no result).
-RESUME_FREE = ("output", "num_threads", "progress", "device")
+RESUME_FREE = ("output", "num_threads", "progress", "device", "bootstrap_samples", "interval_level")
 #: Fields of the train / score sections that the experiment sets itself (from the top-level fields).
 MANAGED = {
     "train": {"seed": "seeds", "max_length": "max_length", "device": "device", "progress": "progress"},
@@ -120,6 +120,11 @@ class ExperimentConfig:
     helpful_fractions: list[float] | None = _help(
         "fractions of the helpful arm (None: same as fractions)", default=None
     )
+    bootstrap_samples: int = _help(
+        "resamples of the paired bootstrap (over seeds and test pairs) behind every reported interval",
+        default=2000,
+    )
+    interval_level: float = _help("coverage of the reported intervals", default=0.95)
     device: str = _help("device: auto, cpu or cuda[:N]", default="auto")
     num_threads: int | None = _help("torch CPU threads (None: torch's default)", default=None)
     progress: bool = _help("show progress bars", default=True)
@@ -196,6 +201,10 @@ class ExperimentConfig:
             raise ValueError(
                 f"lora_layers must be a positive number of layers (or None), got {self.lora_layers!r}"
             )
+        if self.bootstrap_samples < 100:
+            raise ValueError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples!r}")
+        if not 0 < self.interval_level < 1:
+            raise ValueError(f"interval_level must be in (0, 1), got {self.interval_level!r}")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be positive, got {self.eval_batch_size!r}")
         self._validate_managed()

@@ -107,8 +107,11 @@ def _load_tokenizer(cfg: ExperimentConfig) -> Any:
     return AutoTokenizer.from_pretrained(resolve_backbone(cfg.model.model))
 
 
-def _evaluate(model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None) -> dict:
-    """Test metrics; with `clean_ids`, also accuracy/loss on those pairs (from the same margins)."""
+def _evaluate(
+    model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """(test metrics, margin of every test pair); with `clean_ids`, the metrics also hold accuracy/loss on
+    those pairs (from the same margins). The margins let the report bootstrap over test pairs."""
     out = dict(
         train_mod.evaluate(
             model,
@@ -116,11 +119,11 @@ def _evaluate(model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[s
             data,
             batch_size=cfg.eval_batch_size,
             max_length=cfg.max_length,
-            return_margins=clean_ids is not None,
+            return_margins=True,
         )
     )
-    margins = out.pop("margins", None)
-    if margins is not None:
+    margins = out.pop("margins")
+    if clean_ids is not None:
         m = torch.tensor([v for k, v in margins.items() if k in clean_ids], dtype=torch.float64)
         out["clean"] = {
             "accuracy": float((m > 0).double().mean()),
@@ -128,7 +131,7 @@ def _evaluate(model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[s
             "loss": float(F.softplus(-m).mean()),
             "n": int(m.numel()),
         }
-    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}, margins
 
 
 def _fits(pairs, tokenizer, max_length: int, *, truncation: str = "error") -> tuple[list[str], list[str]]:
@@ -170,18 +173,24 @@ class _SeedRun:
             self.init_state = _trainable_state(model)
         return self.model, self.tokenizer
 
-    def train_and_test(self, data, tag: str) -> tuple[dict[str, Any], dict[str, Any], _Timer]:
-        """Restore the seed's initial weights, train on `data`, evaluate on the test split."""
+    def train_and_test(
+        self, data, tag: str
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], _Timer]:
+        """Restore the seed's initial weights, train on `data`, evaluate on the test split.
+
+        Returns:
+            (training stats, test metrics, test margins by pair id, timer).
+        """
         model, tok = self.ensure_model()
         _load_trainable(model, self.init_state)
         with _Timer() as tm:
             stats = train_mod.train_reward_model(model, tok, data, config=self.cfg.train_config(self.seed))
-            result = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
+            result, margins = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
         logger.info("seed %d %s: test accuracy %.4f (%.1fs)", self.seed, tag, result["accuracy"], tm.seconds)
         stats = {k: v for k, v in stats.items() if k != "history"} | {
             "final_step": (stats.get("history") or [{}])[-1]
         }
-        return stats, result, tm
+        return stats, result, margins, tm
 
     def close(self) -> None:
         if self.installed is not None:
@@ -326,7 +335,7 @@ def _baseline(plan: _Plan, run: _SeedRun) -> None:
     state_path = plan.out / f"seed{seed}" / "baseline_state.pt"
     if plan.steps.get(rel) is not None and state_path.is_file():
         return
-    stats, result, tm = run.train_and_test(plan.train, "baseline")
+    stats, result, margins, tm = run.train_and_test(plan.train, "baseline")
     save_state(_trainable_state(run.model), state_path)
     plan.steps.put(
         rel,
@@ -334,6 +343,7 @@ def _baseline(plan: _Plan, run: _SeedRun) -> None:
             "seed": seed,
             "n_train": len(plan.train),
             "test": result,
+            "test_margins": margins,
             "train_stats": stats,
             "seconds": tm.seconds,
             "cpu_seconds": tm.cpu_seconds,
@@ -416,7 +426,7 @@ def _arms(plan: _Plan, run: _SeedRun, merged: ScoreTable | None) -> None:
         else:
             sel = select_pairs(merged.ids, merged.column(method), method=method, fraction=fraction, mode=mode)
         pruned = plan.train.exclude(sel.ids)
-        stats, result, tm = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
+        stats, result, margins, tm = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
         plan.steps.put(
             rel,
             {
@@ -429,6 +439,7 @@ def _arms(plan: _Plan, run: _SeedRun, merged: ScoreTable | None) -> None:
                 "n_flipped_removed": len(set(sel.ids) & flipped),
                 "removed_ids": list(sel.ids),
                 "test": result,
+                "test_margins": margins,
                 "train_stats": stats,
                 "seconds": tm.seconds,
                 "cpu_seconds": tm.cpu_seconds,

@@ -14,7 +14,15 @@ from prefprune._io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["accuracy_table", "detection_table", "render_markdown", "write_plots", "write_report"]
+__all__ = [
+    "accuracy_table",
+    "detection_table",
+    "distinguishable",
+    "interval_table",
+    "render_markdown",
+    "write_plots",
+    "write_report",
+]
 
 ACCURACY_PLOT = "accuracy_vs_fraction.png"
 HISTOGRAM_PLOT = "score_histograms.png"
@@ -70,6 +78,59 @@ def accuracy_table(results: Mapping[str, Any], *, mode: str = "harmful", clean: 
     return "\n".join(lines)
 
 
+def _ci(iv: Mapping[str, Any] | None) -> str:
+    if not iv:
+        return "n/a"
+    mark = " *" if iv["excludes_zero"] else ""
+    lo, hi = _pct(iv["low"], signed=True), _pct(iv["high"], signed=True)
+    return f"{_pct(iv['value'], signed=True)} [{lo}, {hi}]{mark}"
+
+
+def interval_table(results: Mapping[str, Any], *, mode: str = "harmful") -> str:
+    """A markdown table of each arm's Δ accuracy (points) with its paired bootstrap interval, vs the
+    unpruned baseline and vs random pruning at the same fraction; ``*`` = the interval excludes zero."""
+    rows = [r for r in results["summary"]["arms"] if r["mode"] == mode and r.get("delta_interval")]
+    if not rows:
+        return ""
+    level = rows[0]["delta_interval"]["level"]
+    lines = [
+        f"| method | removed | Δ vs unpruned [{100 * level:g}% CI] | Δ vs random [{100 * level:g}% CI] |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        vs_random = "—" if r["method"] == "random" else _ci(r.get("delta_vs_random_interval"))
+        lines.append(
+            f"| {r['method']} | {100 * r['fraction']:g}% | {_ci(r['delta_interval'])} | {vs_random} |"
+        )
+    return "\n".join(lines)
+
+
+def distinguishable(results: Mapping[str, Any]) -> str:
+    """One plain sentence per arm whose Δ interval excludes zero, or a sentence saying none does."""
+    said = []
+    for r in results["summary"]["arms"]:
+        for key, what in (
+            ("delta_interval", "the unpruned baseline"),
+            ("delta_vs_random_interval", "random pruning"),
+        ):
+            iv = r.get(key)
+            if iv and iv["excludes_zero"]:
+                word = "better" if iv["value"] > 0 else "worse"
+                said.append(
+                    f"- {r['method']} ({r['mode']} arm, {100 * r['fraction']:g}% removed) is {word} than "
+                    f"{what}: "
+                    f"Δ {_ci(iv).rstrip(' *')} points."
+                )
+    if not any(r.get("delta_interval") for r in results["summary"]["arms"]):
+        return "No intervals: the step files hold no per-pair test margins (a run from an older version)."
+    if not said:
+        return (
+            "No difference is distinguishable from zero: every interval, against the unpruned baseline and "
+            "against random pruning, contains 0."
+        )
+    return "Distinguishable from zero (the interval excludes 0):\n\n" + "\n".join(said)
+
+
 def detection_table(results: Mapping[str, Any]) -> str:
     """A markdown table of noise-detection AUC and precision@k per score (mean ± std over seeds)."""
     det = results["summary"].get("noise_detection") or []
@@ -101,12 +162,8 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
 
-def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
-    """The full report.md text."""
-    cfg = results["config"]
-    data = results["data"]
-    base = results["baseline"]
-    noisy = data.get("n_flipped", 0) > 0
+def _header(results: Mapping[str, Any]) -> list[str]:
+    cfg, data = results["config"], results["data"]
     t = results.get("timings", {})
     out = [f"# Pruning experiment: {Path(cfg['output']).name}", ""]
     out.append(
@@ -114,7 +171,7 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
         f"validation {data['n_validation']} / test {data['n_test']} (one split, seed {cfg['split_seed']}, "
         "shared by all seeds; validation is used only for scoring, test only for accuracy)."
     )
-    if noisy:
+    if data.get("n_flipped", 0) > 0:
         out.append(
             f"Planted label noise: {data['n_flipped']} flipped pairs ({data['n_flipped_train']} in train, "
             f"{data['n_flipped_validation']} in validation, {data['n_flipped_test']} in test)."
@@ -129,7 +186,8 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
     out.append(
         f"Seeds {cfg['seeds']} (initialisation and data order; every retrain starts from its seed's initial "
         "weights with the same hyperparameters). Accuracy is pairwise test accuracy in %, mean ± sample std "
-        "over seeds; Δ is the paired difference to the same seed's unpruned baseline."
+        "over seeds; Δ is the paired difference to the same seed's unpruned baseline. Intervals: paired "
+        "bootstrap over seeds and test pairs (both drawn with replacement, the same draw for both arms)."
     )
     machine = results.get("machine", {})
     gpu = f", {machine['cuda_device']}" if machine.get("cuda_device") else ""
@@ -139,7 +197,12 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
         f"Compute time of all steps: {_fmt_seconds(t.get('sum_of_step_seconds'))}; this invocation: "
         f"{_fmt_seconds(t.get('this_invocation_seconds'))}."
     )
-    out += ["", "## Unpruned baseline", ""]
+    return out
+
+
+def _pruning_sections(results: Mapping[str, Any]) -> list[str]:
+    base, noisy = results["baseline"], results["data"].get("n_flipped", 0) > 0
+    out = ["", "## Unpruned baseline", ""]
     clean = ""
     if noisy and "clean_accuracy_mean" in base:
         clean_acc = _pm(base["clean_accuracy_mean"], base["clean_accuracy_std"])
@@ -156,6 +219,9 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
         "",
         accuracy_table(results, mode="harmful"),
     ]
+    intervals = interval_table(results, mode="harmful")
+    if intervals:
+        out += ["", "Δ accuracy in points with its interval (`*`: the interval excludes 0):", "", intervals]
     if noisy and any("clean_accuracy_mean" in r for r in results["summary"]["arms"]):
         out += [
             "",
@@ -174,14 +240,24 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
             "",
             helpful,
         ]
+        intervals = interval_table(results, mode="helpful")
+        if intervals:
+            out += ["", intervals]
+    out += ["", "## Which differences are distinguishable from zero", "", distinguishable(results)]
+    return out
+
+
+def _detection_and_solves(results: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
     det = detection_table(results)
     if det:
         out += [
             "",
             "## Noise detection",
             "",
-            f"How well each score ranks the {data['n_flipped_train']} flipped training pairs first (low "
-            "influence / grad_dot / grad_cos = suspect, high train_loss = suspect). AUC: Mann–Whitney "
+            f"How well each score ranks the {results['data']['n_flipped_train']} flipped training pairs "
+            "first "
+            "(low influence / grad_dot / grad_cos = suspect, high train_loss = suspect). AUC: Mann–Whitney "
             "rank statistic, 0.5 = chance; precision@k with k = number of flipped training pairs.",
             "",
             det,
@@ -203,6 +279,12 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
                 f"| {key} | {s.get('status', 'n/a')} | {s.get('iterations', 'n/a')} | "
                 f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} |"
             )
+    return out
+
+
+def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
+    """The full report.md text."""
+    out = _header(results) + _pruning_sections(results) + _detection_and_solves(results)
     if plots:
         out += ["", "## Plots", ""]
         out += [f"![{Path(p).stem}]({p})" for p in plots]

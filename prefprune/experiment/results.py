@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from prefprune._io import jsonable, package_versions
+from prefprune.bootstrap import paired_delta
 from prefprune.experiment.config import ExperimentConfig
 from prefprune.experiment.steps import StepStore, arm_step_name
 from prefprune.metrics import detection_auc, mean_std, precision_at_k
@@ -166,6 +167,39 @@ def _summarise_arms(keys: Sequence[tuple[str, str, float]], arms: Sequence[Mappi
     return out
 
 
+def _correct(margins: Sequence[Mapping[str, float]], ids: Sequence[str]) -> np.ndarray:
+    """(seeds, pairs) 1.0 where the pair's margin is positive (ranked correctly)."""
+    return np.asarray([[1.0 if m[i] > 0 else 0.0 for i in ids] for m in margins])
+
+
+def _interval(
+    cfg: ExperimentConfig, margins: Mapping[tuple, Mapping[str, float]], arm: tuple, ref: tuple
+) -> dict[str, Any] | None:
+    """The paired bootstrap interval of accuracy(arm) - accuracy(ref) over the seeds that have both
+    (keys without their seed: ``(method, mode, fraction)`` or ``("baseline",)``); None without margins."""
+    seeds = [s for s in cfg.seeds if (s, *arm) in margins and (s, *ref) in margins]
+    if not seeds:
+        return None
+    ids = sorted(set.intersection(*(set(margins[(s, *k)]) for s in seeds for k in (arm, ref))))
+    if not ids:
+        return None
+    a = _correct([margins[(s, *arm)] for s in seeds], ids)
+    b = _correct([margins[(s, *ref)] for s in seeds], ids)
+    iv = paired_delta(a, b, n_boot=cfg.bootstrap_samples, level=cfg.interval_level, seed=0)
+    return {**iv.to_dict(), "n_seeds": len(seeds), "n_test_pairs": len(ids)}
+
+
+def add_intervals(cfg: ExperimentConfig, summary_arms: list[dict], margins: Mapping[tuple, Mapping]) -> None:
+    """Add to each summary arm its Δ interval vs the unpruned baseline and vs random at the same fraction."""
+    for entry in summary_arms:
+        arm = (entry["method"], entry["mode"], entry["fraction"])
+        entry["delta_interval"] = _interval(cfg, margins, arm, ("baseline",))
+        if entry["method"] != "random":
+            entry["delta_vs_random_interval"] = _interval(
+                cfg, margins, arm, ("random", "harmful", entry["fraction"])
+            )
+
+
 def _summarise_detection(detection: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for method in dict.fromkeys(d["method"] for d in detection):
@@ -211,6 +245,8 @@ class _Collector:
         self.score_seconds: dict[str, float] = {}
         self.seconds = 0.0
         self.cpu_seconds = 0.0
+        #: (seed, "baseline") or (seed, method, mode, fraction) -> {test pair id: margin}
+        self.margins: dict[tuple, dict[str, float]] = {}
 
     def _count(self, rec: Mapping[str, Any]) -> None:
         self.seconds += rec["seconds"]
@@ -227,6 +263,8 @@ class _Collector:
             "train_stats": base["train_stats"],
             "seconds": base["seconds"],
         }
+        if "test_margins" in base:
+            self.margins[(seed, "baseline")] = base["test_margins"]
         self._scores(seed, curvatures)
         for method, mode, fraction in arm_keys(self.cfg):
             rec = self.steps.get(arm_step_name(seed, method, mode, fraction))
@@ -237,6 +275,8 @@ class _Collector:
                 continue
             self._count(rec)
             self.arms.append(_arm_row(rec, base))
+            if "test_margins" in rec:
+                self.margins[(seed, method, mode, fraction)] = rec["test_margins"]
 
     def _scores(self, seed: int, curvatures: Sequence[str]) -> None:
         tables = {}
@@ -275,6 +315,8 @@ def collect_results(
     c = _Collector(cfg, out, train.ids, set(flipped_train))
     for seed in cfg.seeds:
         c.seed(seed, curvatures)
+    summary_arms = _summarise_arms(arm_keys(cfg), c.arms)
+    add_intervals(cfg, summary_arms, c.margins)
     return {
         "config": cfg.to_dict(),
         "versions": package_versions(),
@@ -297,7 +339,7 @@ def collect_results(
         "arms": c.arms,
         "skipped_arms": c.skipped,
         "summary": {
-            "arms": _summarise_arms(arm_keys(cfg), c.arms),
+            "arms": summary_arms,
             "noise_detection": _summarise_detection(c.detection),
         },
         "noise_detection": c.detection,
