@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cg.h"
+#include "cg_launch.h"
 
 namespace py = pybind11;
 
@@ -16,7 +17,7 @@ using prefprune::CGOutput;
 // Runs the C++ loop without the GIL and takes it back only around each call of `fn`, so other
 // Python threads run while the vector updates do.
 CGOutput cg_callable(const py::function& fn, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
-                     int64_t max_iter, bool record_history, bool fused) {
+                     int64_t max_iter, bool record_history, bool fused, int64_t check_every) {
   prefprune::check_solve_args("cg_callable", B, diag, tol, max_iter);
   // The loop runs under NoGradGuard; the operator (autograd HVPs) gets the caller's mode back.
   const bool grad_enabled = c10::GradMode::is_enabled();
@@ -43,7 +44,7 @@ CGOutput cg_callable(const py::function& fn, const at::Tensor& B, const std::opt
   CGOutput result;
   {
     py::gil_scoped_release nogil;
-    result = prefprune::cg_solve(apply, B, diag, tol, max_iter, record_history, fused);
+    result = prefprune::cg_solve(apply, B, diag, tol, max_iter, record_history, fused, check_every);
   }
   return result;
 }
@@ -76,12 +77,15 @@ Args:
     tol: a column stops when ||r|| <= tol ||b||; max_iter: A-products per column at most.
     record_history: also return the (iters + 1, m) relative residuals.
     fused: use the fused CPU/CUDA update (False: composite ATen ops, for testing).
+    check_every: test for running columns every this many iterations (-1: every iteration on CPU, every
+        4 on CUDA, where each test is a host sync; 0: never, run max_iter iterations, as a CUDA graph needs).
 
 Returns:
     (x (k, m), status (m,) int64, iterations (m,) int64, residual (m,), curvature (m,), history or None),
     the fields of prefprune.ops.reference.CGResult. Same algorithm as cg_reference.)doc",
         py::arg("G"), py::arg("w"), py::arg("damping"), py::arg("B"), py::arg("diag"), py::arg("tol"),
-        py::arg("max_iter"), py::arg("record_history"), py::kw_only(), py::arg("fused") = true);
+        py::arg("max_iter"), py::arg("record_history"), py::kw_only(), py::arg("fused") = true,
+        py::arg("check_every") = -1);
   m.def("cg_callable", &cg_callable,
         R"doc(Solve A X = B by conjugate gradient with A given as a Python callable on (k, m) blocks.
 
@@ -89,5 +93,16 @@ The loop runs in C++ without the GIL; `fn` is called with the GIL held and the c
 mode (so it may compute autograd Hessian-vector products). It must return a (k, m) tensor of
 B's dtype and device. Other arguments and the result as for cg_factored.)doc",
         py::arg("fn"), py::arg("B"), py::arg("diag"), py::arg("tol"), py::arg("max_iter"),
-        py::arg("record_history"), py::kw_only(), py::arg("fused") = true);
+        py::arg("record_history"), py::kw_only(), py::arg("fused") = true, py::arg("check_every") = -1);
+  m.def(
+      "cg_launch_config",
+      [](int64_t m_cols, int64_t k, int64_t sm_count) {
+        const prefprune::CGLaunch c = prefprune::cg_launch_config(m_cols, k, sm_count);
+        return py::make_tuple(c.threads, c.blocks_per_column, c.grid_y);
+      },
+      R"doc(Grid of the fused CUDA CG update for m columns of length k on a GPU with sm_count SMs:
+(threads per block, blocks per column, grid y). The same arithmetic the CUDA launcher uses (cg_launch.h),
+compiled into every build so that it can be checked without a GPU.)doc",
+      py::arg("m"), py::arg("k"), py::arg("sm_count"));
+  m.attr("CG_CUDA_CHECK_EVERY") = prefprune::kCudaCheckEvery;
 }

@@ -145,7 +145,7 @@ void check_solve_args(const char* op, const at::Tensor& B, const std::optional<a
 }
 
 CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
-                  int64_t max_iter, bool record_history, bool fused) {
+                  int64_t max_iter, bool record_history, bool fused, int64_t check_every) {
   check_solve_args("cg_solve", B, diag, tol, max_iter);
   c10::DeviceGuard guard(B.device());
   c10::NoGradGuard no_grad;
@@ -182,8 +182,9 @@ CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional
 #ifdef WITH_CUDA
   const bool cuda_fused = fused && B.is_cuda();
 #endif
+  const int64_t every = check_every >= 0 ? check_every : (B.is_cuda() ? kCudaCheckEvery : 1);
   for (int64_t it = 0; it < max_iter; ++it) {
-    if (!any_active(s)) break;
+    if (every > 0 && it % every == 0 && !any_active(s)) break;
     apply(s.p, s.q);
     at::Tensor hist_row;
     if (record_history) {
@@ -203,13 +204,19 @@ CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional
   }
   s.status.masked_fill_(s.status.eq(kRunning), kMaxIter);
   std::optional<at::Tensor> history;
-  if (record_history) history = hist.narrow(0, 0, rows).clone();
+  if (record_history) {
+    // Iterations run after every column had stopped (checks only every few iterations) add rows the
+    // reference does not have: it records one row per loop iteration, i.e. 1 + the most iterations any
+    // column used (a column that runs at all runs from the first iteration on).
+    const int64_t used = m > 0 ? s.iterations.max().item<int64_t>() : 0;
+    history = hist.narrow(0, 0, std::min<int64_t>(rows, used + 1)).clone();
+  }
   return {s.x.t().contiguous(), s.status, s.iterations, s.rel, s.curvature, history};
 }
 
 CGOutput cg_factored(const at::Tensor& G, const at::Tensor& w, double damping, const at::Tensor& B,
                      const std::optional<at::Tensor>& diag, double tol, int64_t max_iter, bool record_history,
-                     bool fused) {
+                     bool fused, int64_t check_every) {
   check_solve_args("cg_factored", B, diag, tol, max_iter);
   TORCH_CHECK(G.dim() == 2, "cg_factored: G must be 2-D (n, k), got shape ", G.sizes());
   TORCH_CHECK(G.size(1) == B.size(0), "cg_factored: G ", G.sizes(), " has ", G.size(1),
@@ -249,7 +256,7 @@ CGOutput cg_factored(const at::Tensor& G, const at::Tensor& w, double damping, c
     at::addmm_out(Q, X, Gt, Y, damping, 1.0);
     if (m > 1) out.copy_(Q.t());
   };
-  return cg_solve(apply, B, diag, tol, max_iter, record_history, fused);
+  return cg_solve(apply, B, diag, tol, max_iter, record_history, fused, check_every);
 }
 
 }  // namespace prefprune

@@ -33,17 +33,25 @@ struct CGState {
   at::Tensor curvature; // pᵀAp that stopped a column, NaN otherwise
   at::Tensor status;    // int64, kRunning while the column is active
   at::Tensor iterations;  // int64, A-products used per column
+  at::Tensor work;        // CUDA fused update only: partial sums and step sizes (cg_cuda.cpp)
+  at::Tensor arrivals;    // CUDA fused update only: per-column block counters, int32, zero between launches
 };
+
+// How often the loop asks whether any column is still running: every iteration on CPU (free), every
+// kCudaCheckEvery iterations on CUDA (each check is a device-to-host sync). 0: never (run max_iter
+// iterations; finished columns are skipped by the update), which a CUDA graph capture needs.
+constexpr int64_t kCudaCheckEvery = 4;
 
 // Generic loop; `fused` = false forces the composite-ATen update on every device (tests use it
 // to check that path on CPU).
+// check_every < 0 picks the default above.
 CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
-                  int64_t max_iter, bool record_history, bool fused);
+                  int64_t max_iter, bool record_history, bool fused, int64_t check_every = -1);
 
 // A = Gᵀ diag(w) G / n + λI applied natively (two GEMMs per iteration).
 CGOutput cg_factored(const at::Tensor& G, const at::Tensor& w, double damping, const at::Tensor& B,
                      const std::optional<at::Tensor>& diag, double tol, int64_t max_iter, bool record_history,
-                     bool fused);
+                     bool fused, int64_t check_every = -1);
 
 // Validation shared by both operators (TORCH_CHECK with the actual values).
 void check_solve_args(const char* op, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,

@@ -2,7 +2,9 @@
 
 `solve` dispatches between the native loop in `prefprune._C` (C++ over ATen, with fused CUDA
 update kernels in CUDA builds) and the pure-PyTorch `cg_reference`; both follow the same
-algorithm and return the same `CGResult`.
+algorithm and return the same `CGResult`. A factored solve without history goes through the dispatcher
+op `torch.ops.prefprune.cg_factored` (registered by `prefprune._C`; a Meta kernel gives its output
+shapes, so it composes with torch.compile; `check_every=0` keeps host syncs out for CUDA graphs).
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ def _native(operator, B, *, tol, max_iter, diag, record_history) -> CGResult:
         diag = diag.to(B.dtype)
     if isinstance(operator, FactoredOperator):
         G, w, lam = operator.G, operator.w, float(operator.damping)
+        op = getattr(getattr(torch.ops, "prefprune", None), "cg_factored", None)
+        if op is not None and not record_history:
+            # The dispatcher op (same C++ solve): composes with torch.compile through its Meta kernel.
+            x, status, iterations, residual, curvature = op(G, w, lam, B, diag, float(tol), int(max_iter))
+            return CGResult(x=x, status=status, iterations=iterations, residual=residual, curvature=curvature,
+                            history=None)
         out = mod.cg_factored(G, w, lam, B, diag, float(tol), int(max_iter), bool(record_history))
     else:
         out = mod.cg_callable(operator, B, diag, float(tol), int(max_iter), bool(record_history))
