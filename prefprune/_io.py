@@ -1,50 +1,359 @@
-"""Files that appear whole or not at all, the JSON form of result values, and the version stamp."""
+"""Files that appear whole or not at all, output-folder locks, checksums, the JSON form of results.
+
+Every file the toolkit writes goes through `atomic_write_bytes` (a temporary sibling, fsync, rename,
+fsync of the folder; the temporary is removed on failure), so a crash or a full disk leaves the
+previous file or the new one, never half of one. Files that belong together (a score file and its
+sidecar) go through `commit_files`: a small journal written after both temporaries are complete is
+the commit point, and `recover_commit` rolls an interrupted commit forward (SQLite's and git's way).
+`output_lock` keeps two processes out of one output folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
+import io
+import json
 import math
 import os
 import platform
-from collections.abc import Callable, Iterable, Mapping
+import secrets
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import filelock
 import numpy as np
-import torch
+
+__all__ = [
+    "OutputLocked",
+    "atomic_folder",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "commit_files",
+    "jsonable",
+    "output_lock",
+    "package_versions",
+    "recover_commit",
+    "remove_stale_temps",
+    "sha256_bytes",
+]
 
 _STAMPED = ("prefprune", "torch", "transformers", "peft", "datasets", "numpy")
+_CHUNK = 1 << 16  # bytes per os.write: a kill or a full disk can land between any two
+_TMP_TAG = ".tmp-"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Write `path` through `write(fh)` into a temporary sibling, then rename it into place.
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of `data` (the content hash score sidecars carry)."""
+    return hashlib.sha256(data).hexdigest()
 
-    A crash part-way leaves no file under the final name (the temporary one is removed), so a reader
-    never sees a half-written score file, step record or report. The folder must exist.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself must reach the disk, not only the file's blocks (POSIX: fsync the folder).
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """`data` in a new, fsynced temporary sibling of `path`; nothing is left behind on failure."""
+    tmp = _temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view[:_CHUNK])
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
-    return path
+    return tmp
+
+
+def _folder_of(path: Path) -> Path:
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{path}: folder {str(parent)!r} does not exist")
+    return parent
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """`atomic_write` of a bytes payload."""
-    return atomic_write(path, lambda fh: fh.write(data))
+    """Write `data` to `path` whole or not at all.
+
+    The bytes go to a temporary sibling (same folder, so the rename cannot cross file systems),
+    which is fsynced and renamed over `path`; the folder is fsynced after the rename. A crash or an
+    error part-way (a full disk) leaves the previous file untouched and no temporary behind (a
+    SIGKILL can leave a hidden ``.NAME.tmp-PID-...`` file, which the next writer under
+    `output_lock` removes). The folder must exist.
+    """
+    path = Path(path)
+    folder = _folder_of(path)
+    tmp = _write_temp(path, bytes(data))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """`atomic_write_bytes` of what `write(fh)` writes into a binary buffer."""
+    buf = io.BytesIO()
+    write(buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """`atomic_write` of UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """`atomic_write_bytes` of UTF-8 text (a lone surrogate is an error naming the file)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{path}: cannot write character {text[e.start]!r} at position {e.start} as UTF-8 "
+            "(a lone surrogate: undecodable input bytes that reached the output)"
+        ) from None
+    return atomic_write_bytes(path, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several files as one unit
+# ---------------------------------------------------------------------------------------------
+
+
+def _journal_of(primary: Path) -> Path:
+    return primary.with_name(f".{primary.name}.commit")
+
+
+def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
+    """Replace several files of one folder as one unit: after a crash at any moment (and
+    `recover_commit`), either every file is the previous version or every file is the new one.
+
+    Protocol: complete fsynced temporaries of every file, then a journal naming them (written
+    atomically: the commit point), then the renames, then the journal is removed. A crash before the
+    journal leaves the previous files (the temporaries are garbage); after it, `recover_commit`
+    finishes the renames. The journal is keyed by the first file (the primary).
+    """
+    paths = [Path(p) for p, _ in files]
+    if not paths:
+        return
+    folder = _folder_of(paths[0])
+    if any(p.parent.resolve() != folder.resolve() for p in paths):
+        raise ValueError(f"commit_files: all files must share one folder, got {[str(p) for p in paths]}")
+    recover_commit(paths[0])
+    temps: list[Path] = []
+    journal = _journal_of(paths[0])
+    try:
+        for p, data in zip(paths, (d for _, d in files), strict=True):
+            temps.append(_write_temp(p, bytes(data)))
+        _fsync_dir(folder)
+        record = {
+            "format": "prefprune.commit/1",
+            "pid": os.getpid(),
+            "files": [
+                {"path": p.name, "temp": t.name, "sha256": sha256_bytes(d)}
+                for p, t, d in zip(paths, temps, (d for _, d in files), strict=True)
+            ],
+        }
+        atomic_write_bytes(journal, json.dumps(record).encode())
+    except BaseException:
+        for t in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(t)
+        raise
+    recover_commit(paths[0])
+
+
+def recover_commit(primary: str | os.PathLike) -> bool:
+    """Finish a `commit_files` of `primary` that a crash interrupted after its commit point.
+
+    Returns True when there was one to finish. Readers call this before reading, so they see the
+    previous unit or the new one, never a mix.
+    """
+    primary = Path(primary)
+    journal = _journal_of(primary)
+    try:
+        raw = journal.read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        record = json.loads(raw)
+        entries = [(e["path"], e["temp"]) for e in record["files"]]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"{journal}: unreadable commit journal of {primary.name} (it is written atomically, so "
+            "something else wrote it); remove it after checking the files beside it"
+        ) from None
+    folder = primary.parent
+    for name, temp in entries:
+        with contextlib.suppress(FileNotFoundError):  # already renamed (or by a concurrent reader)
+            os.replace(folder / temp, folder / name)
+    _fsync_dir(folder)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(journal)
+    _fsync_dir(folder)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers left in `folder` (call it holding `output_lock`)."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{_TMP_TAG}*"):
+        try:
+            pid = int(tmp.name.rsplit(_TMP_TAG, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name and move it into place when the block ends.
+
+    An existing folder at `path` is replaced only after the new one is complete (moved aside,
+    the new one renamed in, the old one removed). On an error the temporary folder is removed and
+    `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = _temp_sibling(path)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output-folder locks
+# ---------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".prefprune.lock"
+
+
+class OutputLocked(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+_HELD: dict[str, list] = {}  # lock path → [FileLock, depth]: re-entry in one process is not a conflict
+
+
+def _lock_path(target: Path) -> Path:
+    if target.is_dir() or not target.suffix:
+        return target / LOCK_NAME
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, *, what: str = "prefprune") -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder (or, for a single output file, on that file).
+
+    The lock is an OS file lock (`filelock`), so it goes away with its process, even on SIGKILL.
+    A second process gets `OutputLocked` at once, with the holder's pid, host, command and start
+    time; the same process may re-enter. A folder is created when missing. Temporaries left by
+    killed writers are removed once the lock is held.
+
+    Args:
+        target: the output folder, or a file path with an extension (then only that file's lock).
+        what: what is writing (recorded for the message another process gets).
+    """
+    target = Path(target)
+    if target.suffix and not target.is_dir():
+        _folder_of(target)
+    else:
+        target.mkdir(parents=True, exist_ok=True)
+    lock_path = _lock_path(target)
+    key = str(lock_path.resolve())
+    held = _HELD.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield target
+        finally:
+            held[1] -= 1
+        return
+    lock = filelock.FileLock(str(lock_path), timeout=0)
+    owner = lock_path.with_name(lock_path.name + ".owner")
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        try:
+            info = json.loads(owner.read_text(encoding="utf-8"))
+            holder = (f"pid {info.get('pid')} on {info.get('host')} ({info.get('what')}, since "
+                      f"{info.get('since')})")
+        except (OSError, ValueError, AttributeError):
+            holder = "another process (its pid is not recorded yet)"
+        raise OutputLocked(
+            f"{target}: output is locked by {holder}; wait for it to finish or choose another output "
+            f"(lock file {lock_path})"
+        ) from None
+    _HELD[key] = [lock, 1]
+    try:
+        atomic_write_bytes(owner, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "what": what,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+        }).encode())
+        remove_stale_temps(lock_path.parent)
+        yield target
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON values and version stamps
+# ---------------------------------------------------------------------------------------------
 
 
 def package_versions(names: Iterable[str] = _STAMPED) -> dict[str, str]:
@@ -84,7 +393,9 @@ def jsonable(obj: Any, *, finite: bool = False) -> Any:
             obj = list(obj)
     if isinstance(obj, list | tuple):
         return [jsonable(v, finite=finite) for v in obj]
-    if isinstance(obj, np.ndarray | torch.Tensor):
+    # torch only when loaded: a process that never imported it holds no tensors (keeps this module light)
+    torch = sys.modules.get("torch")
+    if isinstance(obj, np.ndarray) or (torch is not None and isinstance(obj, torch.Tensor)):
         return jsonable(obj.tolist(), finite=finite)
     if isinstance(obj, np.generic):
         obj = obj.item()
@@ -92,6 +403,8 @@ def jsonable(obj: Any, *, finite: bool = False) -> Any:
         return obj
     if isinstance(obj, float):
         return None if finite and not math.isfinite(obj) else obj
-    if isinstance(obj, Path | torch.dtype | torch.device):
-        return str(obj).replace("torch.", "") if isinstance(obj, torch.dtype) else str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if torch is not None and isinstance(obj, torch.dtype | torch.device):
+        return str(obj).replace("torch.", "")
     raise TypeError(f"not JSON serialisable: {type(obj).__name__} ({obj!r:.80})")

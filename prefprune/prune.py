@@ -9,13 +9,11 @@ experiment removes it to show that a good detector of helpful pairs hurts accura
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +23,7 @@ import numpy as np
 from prefprune._io import atomic_write_text
 from prefprune.data import PreferenceDataset, load_preferences
 from prefprune.metrics import suspicion_order
+from prefprune.scorefile import ScoreTable, read_score_table
 
 logger = logging.getLogger(__name__)
 
@@ -90,130 +89,6 @@ def n_to_select(n: int, fraction: float) -> int:
             f"fraction {fraction} of {n} pairs selects {k} pairs; need at least 1 and fewer than {n}"
         )
     return k
-
-
-@dataclass
-class ScoreTable:
-    """Per-pair scores: one entry per training pair, columns aligned with `ids`.
-
-    Attributes:
-        ids: (n,) pair ids.
-        columns: name → (n,) float64 array (influence, grad_dot, grad_cos, train_loss, margin, ...).
-        metadata: the score run's settings and solver status (the sidecar JSON), when known.
-        source: where the table came from, for error messages.
-    """
-
-    ids: list[str]
-    columns: dict[str, np.ndarray]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    source: str = "<memory>"
-
-    def __post_init__(self) -> None:
-        self.ids = [str(i) for i in self.ids]
-        n = len(self.ids)
-        cols = {}
-        for name, values in self.columns.items():
-            arr = np.asarray(values, dtype=np.float64).reshape(-1)
-            if arr.shape[0] != n:
-                raise ValueError(f"{self.source}: column {name!r} has {arr.shape[0]} values for {n} ids")
-            cols[name] = arr
-        self.columns = cols
-        if len(set(self.ids)) != n:
-            seen: set[str] = set()
-            dup = next(i for i in self.ids if i in seen or seen.add(i))
-            raise ValueError(f"{self.source}: duplicate id {dup!r} in the score table")
-
-    def column(self, name: str) -> np.ndarray:
-        """The (n,) values of one column; ValueError naming the available ones when missing."""
-        if name not in self.columns:
-            raise ValueError(f"{self.source}: no score column {name!r}; available: {sorted(self.columns)}")
-        return self.columns[name]
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (inverse: `ScoreTable.from_json`)."""
-        return {
-            "ids": self.ids,
-            "columns": {k: [float(x) for x in v] for k, v in self.columns.items()},
-            "metadata": self.metadata,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any], *, source: str = "<json>") -> ScoreTable:
-        return cls(
-            ids=list(obj["ids"]),
-            columns={k: np.asarray(v, dtype=np.float64) for k, v in obj["columns"].items()},
-            metadata=dict(obj.get("metadata", {})),
-            source=source,
-        )
-
-
-def _table_from_records(records: list[dict[str, Any]], source: str) -> ScoreTable:
-    if not records:
-        raise ValueError(f"{source}: the score file has no rows")
-    if "id" not in records[0]:
-        raise ValueError(f"{source}: the score file has no 'id' column (columns: {sorted(records[0])})")
-    names = [k for k in records[0] if k != "id"]
-    cols: dict[str, list[float]] = {k: [] for k in names}
-    ids = []
-    for line, rec in enumerate(records, start=1):
-        ids.append(str(rec["id"]))
-        for k in names:
-            v = rec.get(k)
-            try:
-                cols[k].append(float("nan") if v is None or v == "" else float(v))
-            except (TypeError, ValueError):
-                raise ValueError(f"{source}: row {line}, column {k!r}: not a number: {v!r}") from None
-    numeric = {k: v for k, v in cols.items()}
-    return ScoreTable(ids=ids, columns=numeric, source=source)
-
-
-def read_score_table(path: str | os.PathLike) -> ScoreTable:
-    """Read a score file (.parquet, .jsonl or .csv with an `id` column) and its `<file>.json` sidecar.
-
-    Non-numeric columns other than `id` are rejected with the row and column named.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"score file not found: {p}")
-    suffix = p.suffix.lower()
-    src = str(p)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        tab = pq.read_table(p)
-        if "id" not in tab.column_names:
-            raise ValueError(f"{src}: the score file has no 'id' column (columns: {tab.column_names})")
-        ids = [str(x) for x in tab.column("id").to_pylist()]
-        cols = {}
-        for name in tab.column_names:
-            if name == "id":
-                continue
-            try:
-                cols[name] = np.asarray(tab.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(f"{src}: column {name!r} is not numeric") from None
-        table = ScoreTable(ids=ids, columns=cols, source=src)
-    elif suffix in (".jsonl", ".json"):
-        records = []
-        with open(p, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{src}: line {line_no}: invalid JSON ({exc.msg})") from None
-        table = _table_from_records(records, src)
-    elif suffix == ".csv":
-        with open(p, encoding="utf-8", newline="") as fh:
-            table = _table_from_records(list(csv.DictReader(fh)), src)
-    else:
-        raise ValueError(f"{src}: unsupported score file extension {suffix!r} (use .parquet, .jsonl or .csv)")
-    sidecar = Path(str(p) + ".json")
-    if sidecar.is_file():
-        with open(sidecar, encoding="utf-8") as fh:
-            table.metadata = json.load(fh)
-    return table
 
 
 def check_ids_match(dataset_ids: Sequence[str], table: ScoreTable) -> None:

@@ -12,9 +12,6 @@ from one fused call. Columns (positive = helpful for all but train_loss, DESIGN 
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
@@ -30,12 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prefprune._io import atomic_write_bytes, jsonable, package_versions
+from prefprune._io import package_versions
 from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient, solve_query
 from prefprune.data import PairBatches, length_order
 from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat
 from prefprune.model import trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
+from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +55,6 @@ _FIRST_TOKEN_POOLING = (
     "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet", "roberta",
     "xlm-roberta",
 )
-COLUMNS = ("influence", "grad_dot", "grad_cos", "train_loss", "margin", "truncated")
-OUTPUT_EXTENSIONS = (".parquet", ".jsonl", ".csv")
 
 
 @dataclass
@@ -185,19 +181,6 @@ class ScoreResult:
 # ---------------------------------------------------------------------------------------------
 # Checks that run before any heavy work
 # ---------------------------------------------------------------------------------------------
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """The output path, checked: known extension, existing folder, not a folder itself."""
-    p = Path(path)
-    if p.suffix.lower() not in OUTPUT_EXTENSIONS:
-        raise ValueError(f"output {str(p)!r}: unknown extension {p.suffix!r}; use one of {OUTPUT_EXTENSIONS}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"output {str(p)!r}: folder {str(parent)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"output {str(p)!r} is a folder")
-    return p
 
 
 def _check_ids(ids: Sequence[str], what: str) -> None:
@@ -422,59 +405,6 @@ def stream_scores(
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-
-def _json_number(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
-def _encode_table(result: ScoreResult, suffix: str) -> bytes:
-    names = [c for c in COLUMNS if c in result.columns]
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        arrays = [pa.array(result.ids, type=pa.string())]
-        for c in names:
-            arr = result.columns[c]
-            arrays.append(pa.array(arr.astype(np.int64) if c == "truncated" else arr))
-        table = pa.Table.from_arrays(arrays, names=["id", *names])
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        return sink.getvalue()
-    if suffix == ".jsonl":
-        lines = []
-        for r, pid in enumerate(result.ids):
-            rec: dict[str, Any] = {"id": pid}
-            for c in names:
-                v = float(result.columns[c][r])
-                rec[c] = int(v) if c == "truncated" else _json_number(v)
-            lines.append(json.dumps(rec, allow_nan=False))
-        return ("\n".join(lines) + "\n").encode()
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", *names])
-    for r, pid in enumerate(result.ids):
-        row = [pid]
-        for c in names:
-            v = float(result.columns[c][r])
-            row.append(str(int(v)) if c == "truncated" else ("" if math.isnan(v) else repr(v)))
-        w.writerow(row)
-    return buf.getvalue().encode()
-
-
-def write_scores(result: ScoreResult, path: str | os.PathLike) -> None:
-    """Write `result` to `path` (.parquet, .jsonl or .csv) and the sidecar `<path>.json`.
-
-    Each file is written under a temporary name in the same folder and renamed into place, so a
-    crash never leaves a half-written file under the final name.
-    """
-    p = check_output_path(path)
-    data = _encode_table(result, p.suffix.lower())
-    meta = jsonable(result.metadata, finite=True)
-    sidecar = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write_bytes(p, data)
-    atomic_write_bytes(Path(str(p) + ".json"), sidecar.encode())
 
 
 def score_model(
