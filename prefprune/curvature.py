@@ -224,6 +224,10 @@ class SolveInfo:
         impl: CG implementation used ("reference" or "native"; "none" for identity).
         seconds: wall time of the solve.
         projection_dim: size of the projected space (projected_ggn only).
+        method: "cg", "direct", "multishift" or "none" (see `prefprune.solve.plan_solve`).
+        curvature_passes: forward+backward passes over the curvature sample (direct ggn: 1).
+        damping_factor: the factor given with relative damping (None for absolute damping).
+        damping_scale: trace(H)/d that relative damping multiplies (None when not computed).
     """
 
     curvature: str
@@ -239,6 +243,10 @@ class SolveInfo:
     impl: str
     seconds: float
     projection_dim: int | None = None
+    method: str = "cg"
+    curvature_passes: int = 0
+    damping_factor: float | None = None
+    damping_scale: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -357,6 +365,8 @@ def solve_query(
         impl=cg_impl,
         seconds=time.perf_counter() - t0,
         projection_dim=None if projected is None else int(projected[1].k),
+        # One pass per operator product by CG; the projected rows are taken in one pass.
+        curvature_passes=1 if projected is not None else iters,
     )
     if status == "nonpositive_curvature":
         msg = (

@@ -54,6 +54,7 @@ __all__ = [
     "CurvatureSolve",
     "SolvePlan",
     "Solver",
+    "check_dampings",
     "damping_column_names",
     "exact_hvp_batched",
     "ggn_trace",
@@ -115,7 +116,8 @@ def _direct_bytes(n: int, d: int, itemsize: int) -> dict[str, int]:
     return {"gram": 2 * n * d * itemsize + 3 * n * n * 8, "primal": 3 * d * d * 8}
 
 
-def _check_dampings(dampings: Sequence[float], *, curvature: str, relative: bool) -> list[float]:
+def check_dampings(dampings: Sequence[float], *, curvature: str, relative: bool) -> list[float]:
+    """The damping values as floats, checked: numbers, finite, >= 0 (> 0 for exact), distinct, not empty."""
     what = "damping factor" if relative else "damping"
     if isinstance(dampings, int | float):
         dampings = [dampings]
@@ -124,12 +126,12 @@ def _check_dampings(dampings: Sequence[float], *, curvature: str, relative: bool
         try:
             v = float(x)
         except (TypeError, ValueError):
-            raise ValueError(f"{what} values must be numbers, got {x!r}") from None
+            raise ValueError(f"{what} must be a number or a list of numbers, got {x!r}") from None
         if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{what} values must be finite and >= 0, got {x!r}")
+            raise ValueError(f"{what} must be finite and >= 0, got {x!r}")
         if curvature == "exact" and v <= 0:
             raise ValueError(
-                f"{what} values must be > 0 with curvature='exact' (an exact Hessian can be singular or "
+                f"{what} must be > 0 with curvature='exact' (an exact Hessian can be singular or "
                 f"indefinite), got {x!r} in {list(dampings)!r}"
             )
         vals.append(v)
@@ -171,7 +173,7 @@ def plan_solve(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not (math.isfinite(memory_budget_mb) and memory_budget_mb > 0):
         raise ValueError(f"memory_budget_mb must be finite and > 0, got {memory_budget_mb!r}")
-    vals = _check_dampings(dampings, curvature=curvature, relative=relative)
+    vals = check_dampings(dampings, curvature=curvature, relative=relative)
     budget = int(memory_budget_mb * _MIB)
     if curvature == "identity":
         return SolvePlan(curvature, "none", None, "weights", n_params, 0, 0, budget, "identity: q = b")
@@ -368,6 +370,7 @@ def solve_curvature(
     projection_k: int = 16,
     projection_seed: int = 0,
     keep_factors: bool = False,
+    factors: dict | None = None,
 ) -> tuple[Tensor, CurvatureSolve, dict]:
     """Solve (H + λ_l I) Q_l = B for every damping value by the planned method.
 
@@ -376,7 +379,9 @@ def solve_curvature(
         curvature_batches: the curvature sample (unused for identity).
         plan: from `plan_solve` with the same curvature, sizes and damping list.
         dampings: absolute values, or factors of trace(H)/d when `relative`.
-        keep_factors: return the eigendecomposition / projector for self-influence.
+        keep_factors: return the eigendecomposition / projector (for self-influence, more queries).
+        factors: a direct solve's kept factors from an earlier call on the same curvature sample: reused
+            instead of another pass.
 
     Returns:
         Q (L, p, m) in B's dtype (NaN-free; a column stopped on non-positive curvature holds its last
@@ -386,7 +391,7 @@ def solve_curvature(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    vals = _check_dampings(dampings, curvature=plan.curvature, relative=relative)
+    vals = check_dampings(dampings, curvature=plan.curvature, relative=relative)
     names = damping_column_names(vals, relative=relative)
     p, m = B.shape
     L = len(vals)
@@ -396,10 +401,12 @@ def solve_curvature(
                              time.perf_counter() - t0)
         return B.unsqueeze(0).expand(L, p, m).clone(), rec, {}
 
-    factors: dict = {}
+    kept: dict = {}
     passes = 0
     scale = None
-    if plan.method == "direct":
+    if plan.method == "direct" and factors and factors.get("eigen") is not None:
+        eigen, projector = factors["eigen"], factors.get("projector")
+    elif plan.method == "direct":
         projector = None
         if plan.space == "projected":
             projector = _projector(sites, int(projection_k), int(projection_seed), B.device)
@@ -412,6 +419,7 @@ def solve_curvature(
         eigen = GaussNewtonEigen.from_rows(torch.cat(rows), torch.cat(weights).to(rows[0].dtype),
                                            form=plan.form or "auto")
         del rows
+    if plan.method == "direct":
         scale = eigen.mean_eigenvalue
         lam = [v * scale for v in vals] if relative else vals
         if projector is not None:
@@ -423,7 +431,7 @@ def solve_curvature(
         cols = [_column_record(["converged"] * m, [0] * m, [0.0] * m, [math.nan] * m) for _ in vals]
         impl_name = "eigh"
         if keep_factors:
-            factors = {"eigen": eigen, "projector": projector}
+            kept = {"eigen": eigen, "projector": projector}
     else:
         if relative:
             scale = ggn_trace(model, sites, curvature_batches, impl=impl) / plan.dim
@@ -439,7 +447,7 @@ def solve_curvature(
         impl=impl_name, seconds=time.perf_counter() - t0,
         projection_dim=plan.dim if plan.space == "projected" else None,
     )
-    return Q, rec, factors
+    return Q, rec, kept
 
 
 def _iterative(model, sites, B, batches, *, plan, lam, tol, max_iter, impl, progress, tqdm, projection_k,

@@ -35,6 +35,13 @@ def _setup(family: str, n: int = 6):
     return _CACHE[key]
 
 
+def _hessian(family: str):
+    if ("H", family) not in _CACHE:
+        model, enc, _ = _setup(family)
+        _CACHE[("H", family)] = exact_hessian(model, enc)
+    return _CACHE[("H", family)]
+
+
 def _batches(enc, side="right", bs=4):
     return PairBatches(enc, batch_size=bs, pad_token_id=PAD, padding_side=side)
 
@@ -133,15 +140,15 @@ def test_exact_sweep_multishift_and_multicolumn_cg_match_linalg_solve_and_flag_i
     """exact: one Krylov space for every damping; the indefinite small-damping column says so."""
     model, enc, val = _setup("gpt_neox")
     sites = trainable_linears(model)
-    H = exact_hessian(model, enc)
+    H = _hessian("gpt_neox")
     lo = float(torch.linalg.eigvalsh(H)[0])
     assert lo < -0.1, f"expected an indefinite Hessian, smallest eigenvalue {lo}"
-    B = _val_grads(model, val)
-    dampings = [1e-3, -lo + 0.3, -lo + 1.0, -lo + 3.0]
+    B = _val_grads(model, val)[:, :2]
+    dampings = [1e-3, -lo + 0.3, -lo + 3.0]
     for solver in ("multishift", "cg"):
         plan = _plan("exact", H.shape[0], len(enc), dampings, solver=solver)
         Q, rec, _ = solve_curvature(model, sites, B, _batches(enc, "left"), plan=plan, dampings=dampings,
-                                    tol=1e-12, max_iter=1000, impl="reference")
+                                    tol=1e-10, max_iter=400, impl="reference")
         assert rec.columns[0]["status"] == "nonpositive_curvature", rec.columns[0]
         assert rec.columns[0]["nonpositive_value"] <= 0 and rec.columns[0]["nonpositive_queries"] >= 1
         for i, lam in enumerate(dampings[1:], start=1):
@@ -210,7 +217,7 @@ def test_self_influence_quadratic_matches_brute_force():
         for i, lam in enumerate([0.01, 1.0]):
             ref = (G * torch.linalg.solve(H + lam * _eye(H), G.T).T).sum(1)
             assert rel_err(S[:, i], ref) <= 1e-6, (form, lam, rel_err(S[:, i], ref))
-    Hx = exact_hessian(model, enc)
+    Hx = _hessian("gpt_neox")
     eig = GaussNewtonEigen.from_matrix(Hx)
     lo = float(torch.linalg.eigvalsh(Hx)[0])
     S = eig.quadratic(G, [1e-3, -lo + 0.5])
