@@ -18,21 +18,17 @@ Every section is time-boxed (`budget_s`); rows that do not fit are returned with
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
 
 import torch
+from _gpu_common import bench_ms, result_row, skipped_row
 from _gpu_common import rel_err as _rel
-from _gpu_common import result_row, skipped_row
-from _gpu_common import time_ms as _time_ms
 
 from prefprune import _ext
 from prefprune.cg import FactoredOperator, solve
 from prefprune.ops.reference import CG_CONVERGED, CG_NONPOSITIVE_CURVATURE, cg_reference
-
-time_ms = functools.partial(_time_ms, budget_ms=300.0, max_reps=20)
 
 
 def make_system(k: int, n: int, cond: float, dtype: torch.dtype, device: str, *, seed: int = 0):
@@ -157,8 +153,8 @@ def check_timing(k, n, m, dtype, device, *, iters) -> dict:
     op, _ = make_system_fast(k, n, dtype, device)
     g = torch.Generator(device="cpu").manual_seed(4)
     B = torch.randn(k, m, generator=g, dtype=torch.float64).to(device, dtype)
-    ms_fast = time_ms(lambda: solve(op, B, tol=0.0, max_iter=iters, impl="native"), device)
-    ms_ref = time_ms(lambda: solve(op, B, tol=0.0, max_iter=iters, impl="reference"), device)
+    ms_fast = bench_ms(lambda: solve(op, B, tol=0.0, max_iter=iters, impl="native"), device)
+    ms_ref = bench_ms(lambda: solve(op, B, tol=0.0, max_iter=iters, impl="reference"), device)
     nbytes, flops = _counts(k, n, m, iters, torch.finfo(dtype).bits // 8)
     return _row(
         "cg_factored timing",
@@ -173,6 +169,35 @@ def check_timing(k, n, m, dtype, device, *, iters) -> dict:
         flops=flops,
         device=device,
     )
+
+
+def check_callable_large_k(k: int, dtype: torch.dtype, device: str, *, iters: int, timed: bool) -> dict:
+    """The scorer's case: one right-hand side (m = 1), k in the millions, A given as a callable.
+
+    A = diag(d) with d in [1, 100] (applied elementwise, so the CG vector updates dominate, as they do
+    next to a cheap operator): the solution is b / d exactly. Correctness: a converged solve against it;
+    timing: a fixed number of iterations (tol = 0), native against the reference loop. Bytes per iteration:
+    the operator reads p and d and writes q (3k); the fused update reads p, q (1), x, p, r, q and writes
+    x, r (2), reads r, p and writes p (3): 11k more.
+    """
+    g = torch.Generator(device="cpu").manual_seed(6)
+    d = (1.0 + 99.0 * torch.rand(k, 1, generator=g, dtype=torch.float64)).to(device, dtype)
+    b = torch.randn(k, 1, generator=g, dtype=torch.float64).to(device, dtype)
+    operator = lambda X: d * X  # noqa: E731
+    tol_cg = 1e-10 if dtype == torch.float64 else 1e-5
+    res = solve(operator, b, tol=tol_cg, max_iter=2000, impl="native")
+    err = _rel(res.x, b.double() / d.double())
+    tol = 200 * tol_cg  # cond(A) <= 100: ||x - x*|| / ||x*|| <= cond · ||r|| / ||b||
+    ok = bool((res.status == CG_CONVERGED).all()) and err <= tol
+    ms_fast = ms_ref = nbytes = flops = None
+    if timed:
+        ms_fast = bench_ms(lambda: solve(operator, b, tol=0.0, max_iter=iters, impl="native"), device)
+        ms_ref = bench_ms(lambda: solve(operator, b, tol=0.0, max_iter=iters, impl="reference"), device)
+        esize = torch.finfo(dtype).bits // 8
+        nbytes, flops = iters * 14 * k * esize, iters * 14 * k
+    return _row("cg_callable m=1 large k", f"k={k} m=1 diag cond=100 iters={iters}", dtype, err, tol, ok=ok,
+                ms_fast=ms_fast, ms_ref=ms_ref, nbytes=nbytes, flops=flops, device=device,
+                note=f"converged in {int(res.iterations.max())} iterations")
 
 
 def make_system_fast(k: int, n: int, dtype: torch.dtype, device: str, *, seed: int = 5):
@@ -192,6 +217,7 @@ def checks(device: str, *, small: bool = False, budget_s: float = 120.0, timed: 
         budget_s: time box; checks that would start after it are returned as skipped rows.
         timed: also run the timing rows.
     """
+    large_k = 5000 if small else 2_000_000
     if small:
         sol = [(1, 1, 1, 1.0), (97, 150, 3, 100.0)]
         its = [(97, 150, 4, 10.0)]
@@ -237,6 +263,15 @@ def checks(device: str, *, small: bool = False, budget_s: float = 120.0, timed: 
                 )
             )
     plan.append(("cg nonpositive curvature", "3x3", torch.float64, lambda: check_curvature(device)))
+    for dtype in (torch.float32, torch.float64):
+        plan.append(
+            (
+                "cg_callable m=1 large k",
+                f"k={large_k} m=1",
+                dtype,
+                lambda dt=dtype: check_callable_large_k(large_k, dt, device, iters=50, timed=timed),
+            )
+        )
     if timed:
         for dtype in (torch.float32, torch.float64):
             for k, n, m, iters in timing:

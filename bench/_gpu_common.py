@@ -1,7 +1,8 @@
 """Row format, error metric, timing, roofline, table and JSON output shared by the GPU checks and benchmarks.
 
-A row: op, shape, dtype, impl, max_rel_err, tol, ok, ms_fast, ms_ref, speedup, gbps, tflops, bytes, flops,
-roofline_ms, bound, roofline_frac, plus check-specific keys. Ceilings (vendor datasheets, SXM parts): HBM
+A row: op, shape, dtype, impl, max_rel_err, tol, ok, ms_fast (the fast path alone), ms_ref, speedup, gbps,
+tflops, bytes, flops, roofline_ms, bound, roofline_frac, plus check-specific keys (ms_op: the public op;
+speedup_op; meets_target). Ceilings (vendor datasheets, SXM parts): HBM
 4.8 TB/s (H200) / 3.35 TB/s (H100); dense bf16/fp16 tensor core 989 TFLOP/s; tf32 494 TFLOP/s; fp32 without
 tensor cores and fp64 tensor core 67 TFLOP/s.
 """
@@ -48,6 +49,21 @@ def roofline_ms(device: str, nbytes: int, flops: int, precision: str) -> tuple[f
             t_mem, t_math = nbytes / bw, flops / rates[precision]
             return 1e3 * max(t_mem, t_math), ("memory" if t_mem >= t_math else "compute")
     return None, None
+
+
+def bench_ms(fn: Callable[[], object], device: str, *, warmup_ms: float = 10.0, rep_ms: float = 60.0
+             ) -> float:
+    """Median time of fn in ms: on CUDA `triton.testing.do_bench` (CUDA events, the L2 flushed before every
+    run, warm-up excluded); elsewhere (the dry run, where only the code path matters) one host-timed run
+    after one warm-up."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def time_ms(fn: Callable[[], object], device: str, *, budget_ms: float, max_reps: int) -> float:
@@ -123,7 +139,8 @@ def format_table(rows: list[dict]) -> str:
     """The one plain-text table of check rows (every section of gpu_check, the sections' own __main__)."""
     head = (
         f"{'':4} {'op':<34} {'impl':<7} {'dtype':<5} {'max_rel_err':>11} {'tol':>9} {'fast ms':>9} "
-        f"{'ref ms':>9} {'speedup':>7} {'GB/s':>7} {'TFLOP/s':>7}  shape / note"
+        f"{'op ms':>9} {'ref ms':>9} {'speedup':>7} {'GB/s':>7} {'TFLOP/s':>7} {'roof':>5} {'target':>6}"
+        "  shape / note"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -137,9 +154,12 @@ def format_table(rows: list[dict]) -> str:
         status = "ok  " if r.get("ok") else "FAIL"
         note = f" [{r['note']}]" if r.get("note") else ""
         err = f"{_fmt(r.get('max_rel_err'), '11.2e')} {_fmt(r.get('tol'), '9.1e')}"
-        ms = f"{_fmt(r.get('ms_fast'), '9.3f')} {_fmt(r.get('ms_ref'), '9.3f')}"
-        ms += f" {_fmt(r.get('speedup'), '7.2f')}"
-        rate = f"{_fmt(r.get('gbps'), '7.0f')} {_fmt(r.get('tflops'), '7.3f')}"
+        ms = " ".join(_fmt(r.get(key), "9.3f") for key in ("ms_fast", "ms_op", "ms_ref"))
+        ms += f" {_fmt(r.get('speedup_op', r.get('speedup')), '7.2f')}"
+        rate = " ".join(_fmt(r.get(key), spec) for key, spec in
+                        (("gbps", "7.0f"), ("tflops", "7.3f"), ("roofline_frac", "5.2f")))
+        met = r.get("meets_target")
+        rate += f" {'-' if met is None else ('yes' if met else 'NO'):>6}"
         lines.append(f"{status} {op} {r['dtype']:<5} {err} {ms} {rate}  {r['shape']}{note}")
     return "\n".join(lines)
 
