@@ -247,12 +247,12 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name and move it into place when the block ends.
+def atomic_folder(path: str | os.PathLike, *, last: Sequence[str] = ()) -> Iterator[Path]:
+    """Write the files of a folder under a temporary sibling, then move each one into place.
 
-    An existing folder at `path` is replaced only after the new one is complete (moved aside,
-    the new one renamed in, the old one removed). On an error the temporary folder is removed and
-    `path` is untouched.
+    Every file appears whole (a rename each), files already in `path` that the block did not write
+    stay, and the names in `last` (e.g. the metadata that marks the folder complete) move in after
+    all others. On an error the temporary folder is removed and `path` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,25 +260,23 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        files = sorted((f for f in tmp.rglob("*") if not f.is_dir()),
+                       key=lambda f: (f.relative_to(tmp).as_posix() in last, str(f)))
+        for f in files:
+            with open(f, "rb+") as fh:  # libraries write without fsync; the rename must not outrun the data
+                os.fsync(fh.fileno())
+        for f in files:
+            dst = path / f.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dst)
+        _fsync_dir(path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = _temp_sibling(path)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Output-folder locks
 # ---------------------------------------------------------------------------------------------
-
-LOCK_NAME = ".prefprune.lock"
-
 
 class OutputLocked(RuntimeError):
     """Another process holds the lock of an output folder."""
@@ -288,8 +286,8 @@ _HELD: dict[str, list] = {}  # lock path → [FileLock, depth]: re-entry in one 
 
 
 def _lock_path(target: Path) -> Path:
-    if target.is_dir() or not target.suffix:
-        return target / LOCK_NAME
+    # Beside the target, not inside it: a folder can then be replaced or emptied while it is locked.
+    target = target.resolve()
     return target.with_name(f".{target.name}.lock")
 
 
@@ -297,7 +295,8 @@ def _lock_path(target: Path) -> Path:
 def output_lock(target: str | os.PathLike, *, what: str = "prefprune") -> Iterator[Path]:
     """Hold an exclusive lock on an output folder (or, for a single output file, on that file).
 
-    The lock is an OS file lock (`filelock`), so it goes away with its process, even on SIGKILL.
+    The lock is an OS file lock (`filelock`) on the hidden file ``.NAME.lock`` beside the target, so it
+    goes away with its process, even on SIGKILL.
     A second process gets `OutputLocked` at once, with the holder's pid, host, command and start
     time; the same process may re-enter. A folder is created when missing. Temporaries left by
     killed writers are removed once the lock is held.

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Union
 import tyro
 
 from prefprune import __version__
+from prefprune._io import output_lock
 from prefprune.data.config import DataConfig, load_data
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
 from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
@@ -101,6 +102,10 @@ class TrainCommand:
     general: Annotated[General, Flat] = _opt("general options", default_factory=General)
 
     def run(self) -> int:
+        with output_lock(self.output, what="prefprune train"):  # one writer per model folder
+            return self._run()
+
+    def _run(self) -> int:
         start = time.perf_counter()
         data = load_data(self.data)
         held = load_data(self.data, source=self.eval_data) if self.eval_data is not None else None

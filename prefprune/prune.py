@@ -13,14 +13,14 @@ import logging
 import math
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from prefprune._io import atomic_write_text
+from prefprune._io import atomic_write_bytes, commit_files, output_lock
 from prefprune.data import PreferenceDataset, load_preferences
 from prefprune.metrics import suspicion_order
 from prefprune.scorefile import ScoreTable, read_score_table
@@ -215,11 +215,32 @@ def prune_dataset(
     return out, sel
 
 
+def _ids_bytes(ids: Sequence[str], path: Path) -> bytes:
+    for i in ids:
+        if "\n" in i or "\r" in i:
+            raise ValueError(f"{path}: id {i!r} holds a line break; an id file has one id per line")
+    return "".join(f"{i}\n" for i in ids).encode("utf-8", "surrogateescape")
+
+
 def write_ids(ids: Sequence[str], path: str | os.PathLike) -> None:
-    """Write one id per line (atomically: a temporary file, then rename)."""
+    """Write one id per line (atomically: a temporary file, then rename); ids with line breaks are refused."""
     p = Path(path)
+    data = _ids_bytes([str(i) for i in ids], p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, "".join(f"{i}\n" for i in ids))
+    atomic_write_bytes(p, data)
+
+
+def _refuse_inputs(option: str, target: Path, inputs: Mapping[str, Any]) -> None:
+    """An output path that names an input file would destroy it: refuse before any work."""
+    for what, src in inputs.items():
+        if not isinstance(src, str | os.PathLike) or not str(src):
+            continue
+        same = Path(src).resolve() == target.resolve()
+        if not same and target.exists() and Path(src).exists():
+            same = os.path.samefile(src, target)
+        if same:
+            raise ValueError(f"{option} {str(target)!r} is the {what} {str(src)!r}; choose another path "
+                             "(writing there would overwrite the input)")
 
 
 def prune_file(
@@ -256,6 +277,12 @@ def prune_file(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if method != "random":
         higher_is_suspect(method)
+    out = Path(output)
+    ids_path = Path(removed_ids) if removed_ids is not None else out.with_name(out.name + ".removed.txt")
+    src = data if isinstance(data, str | os.PathLike) else getattr(data, "source", None)
+    inputs = {"input data": src, "score file": scores}
+    _refuse_inputs("--output", out, inputs)
+    _refuse_inputs("--removed-ids", ids_path, {**inputs, "output": out})
     table = None
     if method != "random":
         if scores is None:
@@ -270,16 +297,21 @@ def prune_file(
     pruned, sel = prune_dataset(
         dataset, table, method=method, fraction=fraction, mode=mode, keep=keep, seed=seed
     )
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pruned.save(out)
     kept = set(pruned.ids)
     dropped = [i for i in dataset.ids if i not in kept]
     if not keep:
         # Most suspect first, the order a person reviewing the removals wants.
         dropped = list(sel.ids)
-    ids_path = Path(removed_ids) if removed_ids is not None else out.with_name(out.name + ".removed.txt")
-    write_ids(dropped, ids_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload, ids_payload = pruned.to_bytes(out), _ids_bytes(dropped, ids_path)
+    with output_lock(out, what="prefprune prune"):
+        if ids_path.parent.resolve() == out.parent.resolve():
+            # The pruned data and its removed-ids file are one unit: both new or both previous.
+            commit_files([(out, payload), (ids_path, ids_payload)])
+        else:
+            ids_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(ids_path, ids_payload)
+            atomic_write_bytes(out, payload)
     summary = {
         "data": str(data),
         "scores": None if scores is None else str(scores),

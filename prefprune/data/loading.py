@@ -22,12 +22,14 @@ from typing import Any, overload
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefprune._io import atomic_write_bytes
 from prefprune.data.readers import format_of, open_records
 from prefprune.data.schemas import (
     SCHEMAS,
     BadRecord,
     content_id,
     detect_schema,
+    find_undecodable,
     hash_key,
     normalise_schema,
     parse_record,
@@ -221,17 +223,26 @@ class PreferenceDataset(Sequence[PreferencePair]):
         """Write the dataset in its own schema; the format follows the extension.
 
         Supported: ``.jsonl``, ``.jsonl.gz``, ``.json`` (a list of records), ``.json.gz``, ``.parquet``,
-        ``.csv`` (nested fields as JSON text). Loading the file again gives the same ids and texts.
+        ``.csv`` (nested fields as JSON text). Loading the file again gives the same ids and texts. The
+        file is written atomically (`prefprune._io.atomic_write_bytes`): a crash or a full disk leaves
+        the previous file.
         """
+        path = Path(path)
+        data = self.to_bytes(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+
+    def to_bytes(self, path: str | os.PathLike) -> bytes:
+        """The bytes `save` writes to `path` (the format follows its extension)."""
         path = Path(path)
         fmt = format_of(path)
         records = self.to_records()
-        path.parent.mkdir(parents=True, exist_ok=True)
         keys: list[str] = list(dict.fromkeys(k for r in records for k in r))
         if fmt == "parquet":
             # from_pylist takes its columns from the first record only: give every record every key.
-            pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), path)
-            return
+            sink = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), sink)
+            return sink.getvalue()
         if fmt in ("jsonl", "json"):
             if fmt == "jsonl":
                 text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -249,13 +260,17 @@ class PreferenceDataset(Sequence[PreferencePair]):
                     }
                 )
             text = buf.getvalue()
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{path}: cannot write character {text[e.start]!r} as UTF-8 (undecodable bytes of the input "
+                "reached the output; load the input again: the loader names the file, line and field)"
+            ) from None
         if path.name.endswith(".gz"):
             # mtime=0 keeps the bytes reproducible for identical content.
             data = gzip.compress(data, mtime=0)
-        path.write_bytes(data)
-
-
+        return data
 
 
 def load_preferences(
@@ -352,6 +367,12 @@ class _PairCollector:
             self.stats["dropped_duplicate"] += 1
             return None
         pid = sid if sid is not None else content_id(prompt, chosen, rejected)
+        if "\n" in pid or "\r" in pid:
+            why = f"id {pid!r} holds a line break (ids are written one per line)"
+            return self.bad(num, BadRecord("id", why))
+        undecodable = find_undecodable(rec)
+        if undecodable is not None:
+            return self.bad(num, undecodable)
         if pid in self._seen_ids:
             used = f"id {pid!r} already used by {self.unit} {self._seen_ids[pid]} for a different pair"
             return self.bad(num, BadRecord("id", used))

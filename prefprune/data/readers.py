@@ -6,6 +6,7 @@ read, so the caller can report file and line or skip it.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -16,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from prefprune._io import recover_commit
 from prefprune.data.schemas import BadRecord, detect_schema
 
 __all__ = ["FORMATS", "RecordStream", "format_of", "open_records"]
@@ -163,6 +165,17 @@ def _looks_like_path(source: str) -> bool:
     return s.startswith((".", "/", "~")) or any(s.endswith(ext) for ext in FORMATS)
 
 
+def _check_data_folder(path: Path) -> None:
+    """A local folder goes to `datasets.load_dataset`: it must hold at least one data file."""
+    files = [f for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    if any(f.name.lower().endswith((*FORMATS, ".arrow")) for f in files):
+        return
+    shown = ", ".join(str(f.relative_to(path)) for f in files[:5]) or "nothing"
+    raise ValueError(
+        f"{path}: the folder holds no preference data file ({', '.join(FORMATS)}); found: {shown}"
+    )
+
+
 def open_records(source: str, *, split: str, name: str | None) -> tuple[RecordStream, str, str]:
     """The record stream of a local file, a local dataset folder or a hub id.
 
@@ -175,17 +188,22 @@ def open_records(source: str, *, split: str, name: str | None) -> tuple[RecordSt
         ValueError: an empty or unreadable file.
     """
     path = Path(source).expanduser()
+    if path.is_dir():
+        _check_data_folder(path)
     if path.is_dir() or (not path.is_file() and not _looks_like_path(source)):
         where = source if name is None else f"{source} ({name}, {split})"
         return _hub_records(source, name, split), "record", where
     if not path.is_file():
         raise FileNotFoundError(f"no such preference file: {source!r}")
     fmt = format_of(path)
+    recover_commit(path)  # a pruned file whose write was interrupted after its commit point
     if fmt == "parquet":
         if path.stat().st_size == 0:
             raise ValueError(f"{path}: file is empty")
         return _parquet_records(path), "record", str(path)
     data = _read_bytes(path)
+    # A byte-order mark (spreadsheet exports) is no part of the first field's name: strip it in every format.
+    data = data.removeprefix(codecs.BOM_UTF8)
     if not data.strip():
         raise ValueError(f"{path}: file is empty")
     if fmt == "jsonl":

@@ -29,6 +29,7 @@ __all__ = [
     "BadRecord",
     "content_id",
     "detect_schema",
+    "find_undecodable",
     "hash_key",
     "normalise_schema",
     "parse_record",
@@ -92,6 +93,29 @@ def _check_utf8(v: str, where: str) -> None:
             where,
             f"non-UTF-8 byte 0x{ord(m.group()) - 0xDC00:02x} in field {where!r} at character {m.start()}",
         )
+
+
+def find_undecodable(rec: Any, where: str = "") -> BadRecord | None:
+    """The first field of a record (any depth: ids, extra columns) holding an undecodable byte, or None."""
+    if isinstance(rec, str):
+        m = _SURROGATE.search(rec)
+        if m is None:
+            return None
+        name = where or "value"
+        return BadRecord(name, f"non-UTF-8 byte 0x{ord(m.group()) - 0xDC00:02x} at character {m.start()}")
+    if isinstance(rec, Mapping):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in rec.items())
+    elif isinstance(rec, list | tuple):
+        items = ((f"{where}[{j}]", v) for j, v in enumerate(rec))
+    else:
+        return None
+    for key, value in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return BadRecord(key, "non-UTF-8 byte in a field name")
+        found = find_undecodable(value, key)
+        if found is not None:
+            return found
+    return None
 
 
 def _record_source_id(rec: Mapping[str, Any]) -> str | None:

@@ -43,11 +43,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from prefprune import score as score_mod
 from prefprune import train as train_mod
+from prefprune._io import output_lock
 from prefprune.data.config import load_data
 from prefprune.experiment.config import RESUME_FREE, ExperimentConfig
 from prefprune.experiment.report import write_report
 from prefprune.experiment.results import collect_results, merge_tables, score_result_table
-from prefprune.experiment.steps import StepStore, arm_step_name, read_json, save_state, write_json
+from prefprune.experiment.steps import StepStore, arm_step_name, load_state, read_json, save_state, write_json
 from prefprune.model import build_model, resolve_backbone
 from prefprune.prefix_cache import InstalledCache, PrefixCache, adapt_top_layers
 from prefprune.prune import ScoreTable, check_ids_match, n_to_select, select_pairs
@@ -167,7 +168,7 @@ class _SeedRun:
             if init_path.is_file():
                 # The initialisation this seed's finished steps started from (builds are seeded, so this
                 # is the same values; loading it guards against library changes between invocations).
-                _load_trainable(model, torch.load(init_path, map_location="cpu"))
+                _load_trainable(model, load_state(init_path))
             else:
                 save_state(_trainable_state(model), init_path)
             self.init_state = _trainable_state(model)
@@ -381,7 +382,7 @@ def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
             model, tok = run.ensure_model()
             _check_validation_fits(plan, tok)
             _load_trainable(
-                model, torch.load(plan.out / f"seed{seed}" / "baseline_state.pt", map_location="cpu")
+                model, load_state(plan.out / f"seed{seed}" / "baseline_state.pt")
             )
             with _Timer() as tm:
                 res = score_mod.score_pairs(
@@ -483,6 +484,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         The results dict that is also written to `<output>/results.json`.
     """
     cfg.validate()
+    # One writer per experiment folder: two runs with different settings would mix their step files.
+    with output_lock(cfg.output, what="prefprune experiment"):
+        return _run_experiment(cfg)
+
+
+def _run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from prefprune._io import atomic_write, atomic_write_text, jsonable
 
-__all__ = ["StepStore", "arm_step_name", "read_json", "save_state", "write_json"]
+__all__ = ["StepStore", "arm_step_name", "load_state", "read_json", "save_state", "write_json"]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -33,6 +33,20 @@ def save_state(state: Mapping[str, Tensor], path: Path) -> None:
     """Trainable weights (detached, on CPU) as a torch file, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: torch.save({k: v.detach().cpu() for k, v in state.items()}, fh))
+
+
+def load_state(path: Path) -> dict[str, Tensor]:
+    """Weights written by `save_state`; tensors only (``weights_only=True``: no pickled code runs, on every
+    supported torch, not only where it is the default)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: weights file missing from the experiment folder") from None
+    except Exception as e:  # torch raises pickle, zip and runtime errors for a damaged file
+        raise ValueError(f"{path}: cannot load the saved weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
 
 
 class StepStore:

@@ -1,0 +1,327 @@
+"""Nothing lost, nothing silently wrong (issue 15): atomic writes, locks, checksummed score files,
+bad inputs named by file, line and field. One test per item of the issue."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from prefprune import _io
+from prefprune.data import PreferenceDataset, PreferencePair, load_preferences
+from prefprune.prune import prune_file, write_ids
+from prefprune.scorefile import read_score_table, write_scores
+
+
+def _dataset(n: int = 20) -> PreferenceDataset:
+    pairs = [PreferencePair(f"p{i:03d}", f"Question {i}?", f" good {i}", f" bad {i}") for i in range(n)]
+    return PreferenceDataset(pairs, schema="prompt_chosen_rejected", source="test")
+
+
+class _Result:
+    def __init__(self, ids, seed=0, damping=1.0):
+        rng = np.random.default_rng(seed)
+        n = len(ids)
+        margin = rng.normal(size=n)
+        self.ids = list(ids)
+        self.columns = {
+            "influence": rng.normal(size=n), "grad_dot": rng.normal(size=n),
+            "grad_cos": rng.uniform(-1, 1, n), "train_loss": np.logaddexp(0, -margin), "margin": margin,
+            "truncated": np.zeros(n),
+        }
+        self.metadata = {"format": "prefprune.scores/1", "config": {"damping": damping}}
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes (item 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_disk_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    _dataset(5).save(path)
+    before = path.read_bytes()
+    real_write = os.write
+    budget = [100]
+
+    def full_disk(fd, data):
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), budget[0])
+        budget[0] -= n
+        return real_write(fd, bytes(data[:n]))
+
+    monkeypatch.setattr(os, "write", full_disk)
+    big = _dataset(500)
+    with pytest.raises(OSError, match="No space left"):
+        big.save(path)
+    monkeypatch.setattr(os, "write", real_write)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    for ext in (".parquet", ".csv", ".json", ".jsonl.gz"):
+        budget[0] = 50
+        monkeypatch.setattr(os, "write", full_disk)
+        with pytest.raises(OSError):
+            big.save(tmp_path / f"x{ext}")
+        monkeypatch.setattr(os, "write", real_write)
+        assert not (tmp_path / f"x{ext}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_prune_refuses_output_equal_to_input(tmp_path):
+    data = tmp_path / "d.jsonl"
+    _dataset(20).save(data)
+    before = data.read_bytes()
+    with pytest.raises(ValueError, match=r"--output .*is the input data"):
+        prune_file(data, None, data, method="random", fraction=0.1)
+    with pytest.raises(ValueError, match=r"--output .*is the input data"):
+        prune_file(data, None, tmp_path / "." / "d.jsonl", method="random", fraction=0.1)
+    with pytest.raises(ValueError, match=r"--removed-ids .*is the input data"):
+        prune_file(data, None, tmp_path / "o.jsonl", method="random", fraction=0.1, removed_ids=data)
+    assert data.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# locks (item 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _hold_lock_in_child(folder, what="prefprune experiment"):
+    code = textwrap.dedent(f"""
+        import sys, time
+        from prefprune._io import output_lock
+        with output_lock({str(folder)!r}, what={what!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_output_lock_names_the_holder_and_dies_with_it(tmp_path):
+    folder = tmp_path / "run"
+    child = _hold_lock_in_child(folder)
+    try:
+        with pytest.raises(_io.OutputLocked, match=rf"{folder}: output is locked by pid {child.pid} .*experiment"):
+            with _io.output_lock(folder):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    with _io.output_lock(folder, what="me"):  # the OS lock went with the killed holder
+        with _io.output_lock(folder):  # re-entry in one process is no conflict
+            pass
+
+
+def test_experiment_train_and_score_outputs_are_locked(tmp_path, capsys):
+    from prefprune.cli import main
+    from prefprune.experiment import ExperimentConfig, run_experiment
+
+    folder = tmp_path / "exp"
+    child = _hold_lock_in_child(folder)
+    try:
+        with pytest.raises(_io.OutputLocked, match=f"pid {child.pid}"):
+            run_experiment(ExperimentConfig(output=str(folder)))
+        assert main(["train", "--output", str(folder)]) == 2
+        assert f"output is locked by pid {child.pid}" in capsys.readouterr().err
+    finally:
+        child.kill()
+        child.wait()
+    scores = tmp_path / "s.parquet"
+    child = _hold_lock_in_child(scores, what="prefprune score")
+    try:
+        with pytest.raises(_io.OutputLocked, match=f"pid {child.pid}.*prefprune score"):
+            write_scores(_Result(["a", "b"]), scores)
+    finally:
+        child.kill()
+        child.wait()
+    assert not scores.exists()
+
+
+def test_experiment_weights_load_with_weights_only(tmp_path):
+    import torch
+
+    from prefprune.experiment.steps import load_state, save_state
+
+    good = tmp_path / "w.pt"
+    save_state({"a": torch.ones(3)}, good)
+    assert torch.equal(load_state(good)["a"], torch.ones(3))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"a": Payload()}, bad)
+    with pytest.raises(ValueError, match=rf"{bad}: cannot load the saved weights"):
+        load_state(bad)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=rf"{bad}: cannot load"):
+        load_state(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# score files: checksums, range checks, one unit with the sidecar (items 4, 5, 11, 12)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".jsonl", ".csv"])
+def test_flipped_bytes_in_score_file_are_detected(tmp_path, ext):
+    ids = [f"p{i:03d}" for i in range(50)]
+    path = tmp_path / f"s{ext}"
+    write_scores(_Result(ids), path)
+    good = read_score_table(path)
+    assert good.ids == ids
+    raw = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for pos in rng.choice(len(raw) // 2, 8, replace=False) + len(raw) // 4:
+        raw[pos] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{path}: the file does not match its sidecar"):
+        read_score_table(path)
+
+
+def test_score_values_are_range_checked_without_sidecar(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("id,grad_cos,influence\na,0.5,1\nb,1.2e182,2\n")
+    with pytest.raises(ValueError, match=r"s.csv: line 3, row 2, column 'grad_cos': .* not a cosine"):
+        read_score_table(p)
+    p.write_text("id,influence\na,1\nb,inf\n")
+    with pytest.raises(ValueError, match=r"line 3, row 2, column 'influence': .* not finite"):
+        read_score_table(p)
+    p.write_text("id,influence\na,1\na,2\n")
+    with pytest.raises(ValueError, match=r"line 3, row 2, column 'id': id 'a' already used at line 2"):
+        read_score_table(p)
+    p.write_text("id,train_loss\na,-1\nb,2\n")
+    with pytest.raises(ValueError, match=r"line 2, row 1, column 'train_loss'.*negative"):
+        read_score_table(p)
+
+
+def test_sidecar_from_another_run_is_detected(tmp_path):
+    ids = [f"p{i:03d}" for i in range(30)]
+    path = tmp_path / "s.parquet"
+    write_scores(_Result(ids, seed=1, damping=0.5), path)
+    half = path.read_bytes()
+    write_scores(_Result(ids, seed=2, damping=1.0), path)
+    path.write_bytes(half)  # what a SIGKILL between two independent renames used to leave
+    with pytest.raises(ValueError, match="does not match its sidecar"):
+        read_score_table(path)
+
+
+def test_interrupted_commit_is_rolled_forward(tmp_path, monkeypatch):
+    ids = [f"p{i:03d}" for i in range(30)]
+    path = tmp_path / "s.jsonl"
+    write_scores(_Result(ids, seed=1, damping=0.5), path)
+    real_replace = os.replace
+    calls = []
+
+    def die_after_journal(src, dst):
+        calls.append(dst)
+        if str(dst) == str(path):  # the score file's rename: the sidecar is already in place
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_after_journal)
+    with pytest.raises(KeyboardInterrupt):
+        write_scores(_Result(ids, seed=2, damping=1.0), path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    table = read_score_table(path)
+    assert table.metadata["config"]["damping"] == 1.0
+    np.testing.assert_array_equal(table.column("influence"), _Result(ids, seed=2).columns["influence"])
+    assert not list(tmp_path.glob(".*.commit"))
+
+
+def test_bad_sidecar_names_the_file(tmp_path):
+    ids = [f"p{i:03d}" for i in range(5)]
+    path = tmp_path / "s.jsonl"
+    write_scores(_Result(ids), path)
+    side = tmp_path / "s.jsonl.json"
+    side.write_text('{"format": "prefprune.scores/1",\n  "config": }')
+    with pytest.raises(ValueError, match=rf"sidecar {side}: line 2: invalid JSON"):
+        read_score_table(path)
+    side.write_bytes(b'{"format": "caf\xe9"}')
+    with pytest.raises(ValueError, match=rf"sidecar {side}: line 1: not UTF-8 \(byte 0xe9"):
+        read_score_table(path)
+    path.write_bytes(b'{"id": "a", "influence": 1}\n{"id": "b\xff", "influence": 2}\n')
+    side.unlink()
+    with pytest.raises(ValueError, match=rf"{path}: line 2: not UTF-8 \(byte 0xff"):
+        read_score_table(path)
+
+
+def test_score_output_over_unrelated_file_is_refused(tmp_path):
+    from prefprune.scorefile import check_output_path
+
+    other = tmp_path / "notes.csv"
+    other.write_text("precious\n")
+    with pytest.raises(ValueError, match=r"notes.csv' exists and is not a prefprune score file.*--overwrite"):
+        check_output_path(other, overwrite=False)
+    with pytest.raises(ValueError, match="not a prefprune score file"):
+        write_scores(_Result(["a", "b"]), other, overwrite=False)
+    assert other.read_text() == "precious\n"
+    write_scores(_Result(["a", "b"]), other, overwrite=True)
+    write_scores(_Result(["a", "b"], seed=3), other, overwrite=False)  # our own score file: replaced
+    assert read_score_table(other).ids == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders (items 6, 7, 8, 10)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_byte_order_mark_is_accepted_alike(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    csvp = tmp_path / "d.csv"
+    csvp.write_bytes(bom + b"id,prompt,chosen,rejected\nx1,Q?,yes,no\nx2,Q2?,a,b\n")
+    jl = tmp_path / "d.jsonl"
+    jl.write_bytes(bom + b'{"id": "x1", "prompt": "Q?", "chosen": "yes", "rejected": "no"}\n'
+                   b'{"id": "x2", "prompt": "Q2?", "chosen": "a", "rejected": "b"}\n')
+    js = tmp_path / "d.json"
+    js.write_bytes(bom + json.dumps([{"id": "x1", "prompt": "Q?", "chosen": "yes", "rejected": "no"}]).encode())
+    for p in (csvp, jl, js):
+        ds = load_preferences(p)
+        assert ds.ids[0] == "x1", p
+        assert "\ufeffid" not in ds[0].meta["record"], p
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_non_utf8_byte_in_id_or_extra_column_named_at_load(tmp_path, fmt):
+    p = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        p.write_bytes(b"id,prompt,chosen,rejected,note\nx1,Q?,yes,no,ok\nx2,Q2?,a,b,caf\xe9\n")
+        where = "line 3"
+    else:
+        p.write_bytes(b'[{"id": "x1", "prompt": "Q?", "chosen": "yes", "rejected": "no"},\n'
+                      b' {"id": "x\xff2", "prompt": "Q2?", "chosen": "a", "rejected": "b"}]')
+        where = "record 2"
+    field = "note" if fmt == "csv" else "id"
+    with pytest.raises(ValueError, match=rf"{p}: {where}, field '{field}': non-UTF-8 byte"):
+        load_preferences(p)
+    ds = load_preferences(p, skip_bad=True)
+    assert ds.ids == ["x1"]
+
+
+def test_folder_without_data_files_named(tmp_path):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"\x00\x01\x02")
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=rf"{folder}: the folder holds no preference data file.*a.bin"):
+        load_preferences(folder)
+
+
+def test_id_with_line_break_rejected(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"id": "a\nb", "prompt": "Q?", "chosen": "yes", "rejected": "no"}) + "\n"
+                 + json.dumps({"id": "c", "prompt": "Q?", "chosen": "y", "rejected": "n"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{p}: line 1, field 'id': .*line break"):
+        load_preferences(p)
+    with pytest.raises(ValueError, match="line break"):
+        write_ids(["ok", "a\nb"], tmp_path / "ids.txt")
+    assert not (tmp_path / "ids.txt").exists()
