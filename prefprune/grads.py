@@ -8,29 +8,45 @@ is one augmented (d_out × d_in') matrix [∇W | ∇b].
 Flat parameter layout (used by every vector in this package): layers in `model.named_modules()`
 order, each layer's augmented matrix flattened row-major. `flatten_site_matrices` and
 `split_flat` convert between the two views.
+
+Two captures: `StreamingCapture` (scoring's pass 2 and the projected curvature rows) hands each layer's
+packed (X, Δ) to a reducer the moment that layer's Δ exists and frees them before the next layer, so the
+capture stays one layer deep (DESIGN §3; Kronfluence's trackers work the same way). `SegmentCapture`
+holds every layer of one batch: the Gauss–Newton product needs every layer's dot of a pair before it can
+weigh any layer's gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from prefprune.data import PairBatches, collate_pairs
 from prefprune.model import LinearSite, reward_forward, trainable_linears
+from prefprune.ops.segment import check_offsets, segment_grad_dot, segment_grad_dot_grouped
+from prefprune.precision import autocast_context
 
 __all__ = [
+    "BatchLayout",
     "PackedLayer",
+    "Reducer",
     "SegmentCapture",
+    "StreamingCapture",
     "capture_pairs",
     "flatten_site_matrices",
     "num_params",
     "oracle_pair_gradients",
     "pair_dots",
     "pair_margins",
+    "iter_layouts",
     "split_flat",
+    "stream_pair_dots",
 ]
 
 
@@ -251,6 +267,294 @@ def capture_pairs(
 
 
 # ---------------------------------------------------------------------------------------------
+# Streaming capture: each layer reduced as soon as its Δ exists
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which rows of a collated pair batch belong to which pair, computed once per batch on the host.
+
+    Rows are grouped per pair, chosen tokens then rejected tokens, padding dropped; the same layout
+    serves every layer of the batch, so its offsets are validated once, not once per layer.
+
+    Attributes:
+        length: L, the padded sequence length.
+        token_index: (T,) int64 row of each kept token in the flattened (2B·L) layer input.
+        token_offsets: (N+1,) int64 segment boundaries of the token rows.
+        seq_index: (2N,) int64 rows (chosen_i, rejected_i) of sequence-level layers (input (2B, d)).
+        seq_offsets: (N+1,) int64, 0, 2, 4, ….
+    """
+
+    length: int
+    token_index: Tensor
+    token_offsets: Tensor
+    seq_index: Tensor
+    seq_offsets: Tensor
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.seq_offsets.numel()) - 1
+
+    @classmethod
+    def from_mask(cls, attention_mask: Tensor) -> BatchLayout:
+        """The layout of a batch from its (2B, L) attention mask (rows 0..B-1 chosen, B..2B-1 rejected).
+
+        Call it on the host copy of the mask: building and checking the layout then costs no device sync.
+        """
+        mask = attention_mask.bool()
+        two_b, length = mask.shape
+        if two_b % 2:
+            raise ValueError(f"a pair batch has an even number of rows (chosen, rejected), got {two_b}")
+        n = two_b // 2
+        per_pair = mask.reshape(2, n, length).transpose(0, 1).reshape(n, 2 * length)
+        pair, col = per_pair.nonzero(as_tuple=True)  # row-major: pair order, chosen before rejected
+        row = pair + (col // length) * n
+        token_index = row * length + col % length
+        offsets = torch.zeros(n + 1, dtype=torch.int64, device=mask.device)
+        offsets[1:] = per_pair.sum(1).cumsum(0)
+        offsets = check_offsets(offsets, int(token_index.numel()))
+        seq_index = torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).reshape(-1).to(mask.device)
+        seq_offsets = torch.arange(0, 2 * n + 1, 2, dtype=torch.int64, device=mask.device)
+        return cls(length, token_index, offsets, seq_index, seq_offsets)
+
+    def to(self, device: torch.device | str) -> BatchLayout:
+        """The layout on `device` (asynchronous copies: no host sync)."""
+        move = lambda t: t.to(device, non_blocking=True)
+        return BatchLayout(self.length, move(self.token_index), move(self.token_offsets),
+                           move(self.seq_index), move(self.seq_offsets))
+
+
+Reducer = Callable[[int, Tensor, Tensor, Tensor], None]
+"""``reduce(k, X, dY, offsets)``: site k's packed (T, d_in') inputs and (T, d_out) output gradients of one
+batch, segment i = pair i's rows offsets[i]:offsets[i+1] (already validated: pass ``offsets_checked=True``
+to the segment ops). The tensors are freed when it returns; it must not keep them."""
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer output that ties it to the capture's anchor, so one backward to the anchor
+    reaches every captured layer without asking autograd for any weight gradient."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, anchor: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class StreamingCapture:
+    """Context manager streaming every trainable linear's (X, Δ) of a batch to a reducer, layer by layer.
+
+    The forward hook of each site keeps the layer's input and registers a tensor hook on its output (as
+    Kronfluence's trackers do); when backward reaches that output the hook gathers the layer's rows per
+    pair (`BatchLayout`), hands (X, Δ) to the reducer and drops them, so at most one layer's packed
+    (X, Δ) is alive at a time and no pass-wide list of layers exists. Inside the block the sites'
+    parameters do not require gradients (restored on exit): backward runs to a scalar anchor only, so
+    autograd neither computes weight gradients nor keeps its own copy of the layer inputs.
+
+    Args:
+        sites: `trainable_linears(model)`.
+        dtype: dtype the inputs and output gradients are handed over in (None: as computed). Under
+            autocast the layer outputs (and so Δ) are already in the low precision; the inputs are cast
+            in the forward hook.
+    """
+
+    def __init__(self, sites: Sequence[LinearSite], *, dtype: torch.dtype | None = None):
+        self.sites = list(sites)
+        self.dtype = dtype
+        # Read before __enter__ switches requires_grad off (LinearSite.has_bias looks at it).
+        self._bias = [s.has_bias for s in self.sites]
+        self._handles: list = []
+        self._inputs: list[Tensor | None] = [None] * len(self.sites)
+        self._ran = [False] * len(self.sites)
+        self._anchor: Tensor | None = None
+        self._layout: BatchLayout | None = None
+        self._reduce: Reducer | None = None
+        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> StreamingCapture:
+        for site in self.sites:
+            for p in site.parameters():
+                self._saved_flags.append((p, p.requires_grad))
+        for p, _ in self._saved_flags:
+            p.requires_grad_(False)
+        for k, site in enumerate(self.sites):
+            self._handles.append(site.module.register_forward_hook(self._make_hook(k)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p, flag in self._saved_flags:
+            p.requires_grad_(flag)
+        self._saved_flags.clear()
+        self._reset()
+
+    def held_inputs(self) -> int:
+        """How many layers' inputs the capture holds now (those whose Δ has not arrived yet)."""
+        return sum(x is not None for x in self._inputs)
+
+    def _reset(self) -> None:
+        self._inputs = [None] * len(self.sites)
+        self._ran = [False] * len(self.sites)
+        self._anchor = self._layout = self._reduce = None
+
+    def _make_hook(self, k: int) -> Callable:
+        def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+            if self._anchor is None:  # a forward outside `run` (e.g. no_grad evaluation): not captured
+                return None
+            if self._ran[k]:
+                raise RuntimeError(
+                    f"linear layer {self.sites[k].name!r} ran twice in one forward; "
+                    "weight sharing is unsupported"
+                )
+            self._ran[k] = True
+            x = inputs[0].detach()
+            self._inputs[k] = x if self.dtype is None else x.to(self.dtype)
+            out = _Tap.apply(output, self._anchor)
+            out.register_hook(lambda grad: self._on_grad(k, grad))
+            return out
+
+        return hook
+
+    def _rows(self, k: int, t: Tensor, what: str) -> tuple[Tensor, Tensor]:
+        """Gather one layer tensor's rows per pair: (packed (T, d), offsets)."""
+        layout = self._layout
+        two_b, length = 2 * layout.n_pairs, layout.length
+        lead = tuple(t.shape[:-1])
+        if lead in ((two_b, length), (two_b * length,)):
+            return t.reshape(two_b * length, -1).index_select(0, layout.token_index), layout.token_offsets
+        if lead == (two_b,):
+            return t.index_select(0, layout.seq_index), layout.seq_offsets
+        raise ValueError(
+            f"layer {self.sites[k].name!r}: {what} of shape {tuple(t.shape)}; expected (2B, L, d) or (2B, d) "
+            f"with 2B={two_b}, L={length}"
+        )
+
+    def _on_grad(self, k: int, grad: Tensor) -> None:
+        x, self._inputs[k] = self._inputs[k], None
+        if x is None:
+            raise RuntimeError(
+                f"layer {self.sites[k].name!r}: an output gradient arrived twice in one backward"
+            )
+        X, offsets = self._rows(k, x, "input")
+        del x
+        if self._bias[k]:
+            X = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
+        dY, _ = self._rows(k, grad if self.dtype is None else grad.to(self.dtype), "output gradient")
+        self._reduce(k, X, dY, offsets)
+
+    def run(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Tensor],
+        layout: BatchLayout,
+        objective: Callable[[Tensor], Tensor],
+        reduce: Reducer,
+        *,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> Tensor:
+        """One forward + backward of Σ_i f(m_i) over a pair batch, every layer streamed to `reduce`.
+
+        Because a transformer couples no two sequences, Δ restricted to pair i's rows is exactly the
+        output gradient of f(m_i) alone, so each segment holds the exact ∇f(m_i) (DESIGN §3).
+
+        Args:
+            batch: collated pairs (see `pair_margins`), on the model's device.
+            layout: `BatchLayout.from_mask` of the batch's mask, on the same device.
+            objective: elementwise f applied to the (B,) margins, e.g. softplus(−m) for the loss.
+            reduce: called once per site that received a gradient, in backward order.
+            autocast: context the forward runs in (low-precision scoring), or None.
+
+        Returns:
+            (B,) margins, detached.
+        """
+        if not self._handles:
+            raise RuntimeError("StreamingCapture.run needs the capture entered (use it as a context manager)")
+        self._reset()
+        dev = batch["input_ids"].device
+        self._anchor = torch.zeros((), device=dev, requires_grad=True)
+        self._layout, self._reduce = layout, reduce
+        try:
+            with torch.enable_grad():
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    margins = pair_margins(model, batch)
+                if not margins.requires_grad:
+                    raise RuntimeError("no trainable linear layer ran with gradients enabled in the forward")
+                torch.autograd.grad(objective(margins).sum(), [self._anchor], allow_unused=True)
+        finally:
+            self._reset()
+        return margins.detach()
+
+
+def iter_layouts(
+    batches: Iterable[Mapping[str, Tensor]], device: torch.device
+) -> Iterator[tuple[dict[str, Tensor], BatchLayout]]:
+    """(batch, layout) on `device` for host-collated batches; the layout is built on the host (no sync)."""
+    for batch in batches:
+        layout = BatchLayout.from_mask(batch["attention_mask"]).to(device)
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}, layout
+
+
+def stream_pair_dots(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    batches: PairBatches,
+    queries: Sequence[Tensor],
+    *,
+    objective: Callable[[Tensor], Tensor] = lambda m: F.softplus(-m),
+    dtype: torch.dtype | None = None,
+    impl: str | None = None,
+    progress: bool = False,
+    desc: str = "pass 2: training scores",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dots of every pair's gradient ∇f(m_i) with m flat queries, its squared norm, and its margin.
+
+    One forward + backward per batch through a `StreamingCapture`: each layer's part of every dot and
+    of the norm comes from one fused call as soon as its Δ exists, and the per-batch sums stay on the
+    device; the only device-to-host copy is the final one (no sync per batch or per layer).
+
+    Args:
+        sites: `trainable_linears(model)`.
+        batches: the pairs (their `device` is where the model runs; they are collated on the host).
+        queries: flat (p,) vectors (any number, e.g. the influence query and ∇L_V).
+        objective: f of the margins (default the loss softplus(−m)).
+        dtype: capture precision (None: as computed); a 16-bit dtype also runs the forward under
+            autocast (`prefprune.precision.autocast_context`).
+        impl: segment-op implementation request.
+
+    Returns:
+        (n, m) dots, (n,) squared norms and (n,) margins, float64 on the CPU, rows in batch order.
+    """
+    device = batches.device
+    Qs = split_flat(torch.stack(list(queries), dim=1), sites) if queries else None
+    m = len(queries)
+    wide = torch.float64 if sites[0].module.weight.dtype == torch.float64 else torch.float32
+    dots, sqs, margins = [], [], []
+    autocast = None if dtype is None else autocast_context(device, dtype)
+    with StreamingCapture(sites, dtype=dtype) as cap:
+        for batch, layout in tqdm(iter_layouts(batches.on("cpu"), device), total=len(batches), desc=desc,
+                                  disable=not progress, leave=False):
+            S = torch.zeros(layout.n_pairs, m, dtype=wide, device=device)
+            sq = torch.zeros(layout.n_pairs, dtype=wide, device=device)
+
+            def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor, S=S, sq=sq) -> None:
+                s, q2 = segment_grad_dot(X, dY, offsets, None if Qs is None else Qs[k], impl=impl,
+                                         offsets_checked=True)
+                S.add_(s.to(wide))
+                sq.add_(q2.to(wide))
+
+            margins.append(cap.run(model, batch, layout, objective, reduce, autocast=autocast).to(wide))
+            dots.append(S)
+            sqs.append(sq)
+    cat = lambda xs, shape: torch.cat(xs).double().cpu() if xs else torch.zeros(shape, dtype=torch.float64)
+    return cat(dots, (0, m)), cat(sqs, (0,)), cat(margins, (0,))
+
+
+# ---------------------------------------------------------------------------------------------
 # Oracle: a loop of single-pair backward passes
 # ---------------------------------------------------------------------------------------------
 
@@ -272,8 +576,6 @@ def oracle_pair_gradients(
     Returns:
         (N, p) gradients in the flat layout, and (N,) margins.
     """
-    from prefprune.data import collate_pairs
-
     if of not in ("loss", "margin"):
         raise ValueError(f"of must be 'loss' or 'margin', got {of!r}")
     sites = trainable_linears(model)
@@ -321,8 +623,6 @@ def pair_dots(
     Returns:
         S (N, m) with S[i, j] = ∇_iᵀ q_j, and sqnorm (N,) = ‖∇_i‖², accumulated in fp32 (fp64 for fp64).
     """
-    from prefprune.ops.segment import segment_grad_dot_grouped
-
     groups: list[list[int]] = []
     for k, layer in enumerate(packed):
         if layer.X.shape[0] == 0:

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from prefprune._io import package_versions
 from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient, solve_query
 from prefprune.data import PairBatches, length_order
-from prefprune.grads import SegmentCapture, capture_pairs, pair_dots, split_flat
+from prefprune.grads import stream_pair_dots
 from prefprune.model import trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
+from prefprune.precision import PRECISIONS, Precision, check_precision, precision_name, resolve_precision
 from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ class ScoreConfig:
         default=None,
         metadata={"help": "auto|triton|native|reference for the fused ops and CG (None: PREFPRUNE_IMPL)."},
     )
+    precision: Precision | None = field(
+        default=None,
+        metadata={"help": "Precision of pass 2's forward and captured (X, Δ): fp32, bf16 or fp16; every "
+                          "reduction accumulates in fp32. None: the model's dtype on CUDA, fp32 on CPU "
+                          "(float64 models stay float64). Pass 1 and the solve run in the model's dtype."},
+    )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
     def validate(self) -> None:
@@ -152,6 +158,8 @@ class ScoreConfig:
             raise ValueError(f"on_nonpositive must be 'raise' or 'nan', got {self.on_nonpositive!r}")
         if self.impl is not None:
             requested_impl(self.impl)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
 
 
 @dataclass
@@ -266,7 +274,9 @@ def score_pairs(
 
     first = next(iter(model.parameters()))
     device, dtype = first.device, sites[0].module.weight.dtype
-    seg_impl = _segment_impl_name(config.impl, device, dtype)
+    precision = resolve_precision(config.precision, device, dtype)
+    check_precision(precision, device)  # before the first batch: a clear error, not a crash mid-run
+    seg_impl = _segment_impl_name(config.impl, device, precision)
 
     def batches(enc: Sequence) -> PairBatches:
         if config.group_by_length:
@@ -302,7 +312,7 @@ def score_pairs(
         train_batches = PairBatches([train_enc[i] for i in order], batch_size=config.batch_size,
                                     pad_token_id=pad_id, padding_side=padding_side, device=device)
         sorted_cols = stream_scores(model, sites, train_batches, q, g_val, impl=config.impl,
-                                    progress=config.progress)
+                                    progress=config.progress, precision=precision)
         cols = {}
         for name, values in sorted_cols.items():  # back to the training-set order
             cols[name] = np.empty_like(values)
@@ -346,6 +356,7 @@ def score_pairs(
         },
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "precision": precision_name(precision),
         "versions": package_versions(),
         "model": getattr(model, "prefprune_info", None),
     }
@@ -361,45 +372,44 @@ def stream_scores(
     *,
     impl: str | None,
     progress: bool,
+    precision: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:
     """Pass 2: per-pair influence, grad_dot, grad_cos, train_loss and margin, batch by batch.
 
-    One forward + backward of Σ_i ℓ_i per batch; the captured (X, Δ) go through one fused call per
-    group of layers with both queries, so no per-pair gradient is ever stored.
+    One forward + backward of Σ_i ℓ_i per batch; each layer's (X, Δ) is reduced against both queries
+    by one fused call as soon as its Δ exists (`prefprune.grads.stream_pair_dots`), so neither a
+    per-pair gradient nor a second layer's capture is ever held.
 
     Args:
         sites: `trainable_linears(model)`.
         batches: the training pairs.
-        q: (p,) influence query (H + λI)⁻¹ ∇L_V; g_val: (p,) ∇L_V.
+        q: (p,) influence query (H + λI)⁻¹ ∇L_V, or (p, L) one per damping value (then influence is
+            (n, L)); g_val: (p,) ∇L_V.
+        precision: dtype of the forward and the capture (None: the model's); accumulation is fp32.
 
     Returns:
         name → (n,) float64 arrays: influence, grad_dot, grad_cos, train_loss, margin.
     """
-    # Both queries go through the fused dot at once: column 0 = q, column 1 = ∇L_V.
-    queries = split_flat(torch.stack([q, g_val], dim=1), sites)
-    g_norm = float(g_val.double().norm())
-    infl, dot, sqn, marg = [], [], [], []
-    with SegmentCapture(sites) as cap:
-        for batch in tqdm(batches, desc="pass 2: training scores", disable=not progress, leave=False):
-            margins, packed = capture_pairs(model, cap, batch, lambda m: F.softplus(-m))
-            S, sq = pair_dots(packed, queries, impl=impl)
-            infl.append(S[:, 0].double().cpu())
-            dot.append(S[:, 1].double().cpu())
-            sqn.append(sq.double().cpu())
-            marg.append(margins.double().cpu())
-    influence, grad_dot = torch.cat(infl), torch.cat(dot)
-    norms = torch.cat(sqn).clamp(min=0).sqrt()
-    margin = torch.cat(marg)
-    denom = norms * g_norm
-    grad_cos = torch.where(denom > 0, grad_dot / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                           torch.zeros_like(denom))
-    return {
-        "influence": influence.numpy(),
-        "grad_dot": grad_dot.numpy(),
-        "grad_cos": grad_cos.numpy(),
-        "train_loss": F.softplus(-margin).numpy(),
-        "margin": margin.numpy(),
-    }
+    qs = list(q.reshape(q.shape[0], -1).unbind(1))  # one influence query per damping value
+    dots, sqnorm, margin = stream_pair_dots(model, sites, batches, [*qs, g_val], dtype=precision, impl=impl,
+                                            progress=progress)
+    n_q = len(qs)
+    influence = dots[:, 0] if q.dim() == 1 else dots[:, :n_q]
+    return {"influence": influence.numpy(), **similarity_columns(dots[:, n_q], sqnorm, g_val),
+            **margin_columns(margin)}
+
+
+def similarity_columns(grad_dot: Tensor, sqnorm: Tensor, g_val: Tensor) -> dict[str, np.ndarray]:
+    """grad_dot and grad_cos (0 for a zero gradient) from the dots with ∇L_V and the squared norms."""
+    denom = sqnorm.clamp(min=0).sqrt() * float(g_val.double().norm())
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    grad_cos = torch.where(denom > 0, grad_dot / safe, torch.zeros_like(denom))
+    return {"grad_dot": grad_dot.numpy(), "grad_cos": grad_cos.numpy()}
+
+
+def margin_columns(margin: Tensor) -> dict[str, np.ndarray]:
+    """train_loss = softplus(−m) and margin."""
+    return {"train_loss": F.softplus(-margin).numpy(), "margin": margin.numpy()}
 
 
 # ---------------------------------------------------------------------------------------------

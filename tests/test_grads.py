@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from torch import nn
 
 from prefprune.data import collate_pairs, encode_pairs
 from prefprune.grads import (
+    BatchLayout,
     SegmentCapture,
+    StreamingCapture,
     capture_pairs,
     flatten_site_matrices,
     num_params,
@@ -21,6 +25,7 @@ from prefprune.grads import (
     split_flat,
 )
 from prefprune.model import trainable_linears
+from prefprune.ops.segment import segment_grad_dot
 
 CASES = [
     ("gpt_neox", "right"), ("gpt_neox", "left"),
@@ -135,3 +140,119 @@ def test_trainable_linears_rejects_bad_models():
 
     with pytest.raises(ValueError, match="norm.weight"):
         trainable_linears(WithNorm())
+
+
+def _streamed(model, enc, side, objective, queries, impl="reference", dtype=None, on_reduce=None):
+    """Dots and norms from the streaming capture: each layer reduced by its own fused call."""
+    sites = trainable_linears(model)
+    batch = collate_pairs(enc, pad_token_id=PAD, padding_side=side)
+    layout = BatchLayout.from_mask(batch["attention_mask"])
+    Qs = split_flat(queries, sites)
+    acc = {}
+
+    def reduce(k, X, dY, offsets):
+        if on_reduce is not None:
+            on_reduce(k, X, dY)
+        s, q = segment_grad_dot(X, dY, offsets, Qs[k], impl=impl, offsets_checked=True)
+        acc[k] = (s.double(), q.double())
+
+    with StreamingCapture(sites, dtype=dtype) as cap:
+        margins = cap.run(model, batch, layout, objective, reduce)
+    S = sum(v[0] for v in acc.values())
+    sq = sum(v[1] for v in acc.values())
+    return margins, S, sq, acc, cap
+
+
+@pytest.mark.parametrize("family,side", CASES)
+def test_streaming_capture_matches_oracle_float64(family, side):
+    model = tiny_model(family)
+    enc = encode_pairs(make_pairs(5, seed=3), tokenizer(), max_length=512)
+    G, m_oracle = oracle_pair_gradients(model, enc, pad_token_id=PAD)
+    Q = torch.randn(G.shape[1], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    flags = [p.requires_grad for p in model.parameters()]
+    margins, S, sq, acc, _ = _streamed(model, enc, side, lambda m: F.softplus(-m), Q)
+    assert [p.requires_grad for p in model.parameters()] == flags, "requires_grad restored on exit"
+    assert len(acc) == len(trainable_linears(model)), "every site reduced once"
+    assert rel_err(margins, m_oracle) <= 1e-10, (margins, m_oracle)
+    for j in range(3):
+        e = rel_err(S[:, j], G @ Q[:, j])
+        assert e <= 1e-10, f"{family}/{side}: streamed dot column {j} rel err {e:.3g}"
+    e = rel_err(sq, (G * G).sum(1))
+    assert e <= 1e-10, f"{family}/{side}: streamed squared norms rel err {e:.3g}"
+
+
+def test_streaming_capture_holds_one_layer_at_a_time():
+    """When a layer is reduced, no earlier layer's packed (X, Δ) is alive and its raw input is released."""
+    model = tiny_model("llama")
+    sites = trainable_linears(model)
+    enc = encode_pairs(make_pairs(4, seed=9), tokenizer(), max_length=512)
+    Q = torch.randn(num_params(sites), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    refs, seen, cap_box = [], [], []
+
+    def on_reduce(k, X, dY):
+        gc.collect()
+        alive = [i for i, (rx, rd) in enumerate(refs) if rx() is not None or rd() is not None]
+        assert alive == [], f"layer {k}: packed (X, Δ) of earlier reductions {alive} still alive"
+        cap = cap_box[0]
+        assert cap._inputs[k] is None, f"layer {k}: raw input still held while it is reduced"
+        # Inputs still held belong exactly to the layers not reduced yet (their Δ has not arrived).
+        pending = {i for i, x in enumerate(cap._inputs) if x is not None}
+        assert pending == set(range(len(sites))) - set(seen) - {k}, (k, pending, seen)
+        seen.append(k)
+        refs.append((weakref.ref(X), weakref.ref(dY)))
+
+    class Probe(StreamingCapture):
+        def __enter__(self):
+            cap_box.append(self)
+            return super().__enter__()
+
+    batch = collate_pairs(enc, pad_token_id=PAD, padding_side="left")
+    layout = BatchLayout.from_mask(batch["attention_mask"])
+    Qs = split_flat(Q, sites)
+
+    def reduce(k, X, dY, offsets):
+        on_reduce(k, X, dY)
+        segment_grad_dot(X, dY, offsets, Qs[k], offsets_checked=True)
+
+    with Probe(sites) as cap:
+        cap.run(model, batch, layout, lambda m: F.softplus(-m), reduce)
+        assert cap.held_inputs() == 0
+    gc.collect()
+    assert sorted(seen) == list(range(len(sites))), seen
+    assert all(rx() is None and rd() is None for rx, rd in refs)
+
+
+def test_streaming_capture_bfloat16_on_cpu():
+    """bf16 capture under CPU autocast: tensors handed over in bf16, dots close to the fp64 oracle."""
+    model = tiny_model("gpt_neox", dtype=torch.float32)
+    enc = encode_pairs(make_pairs(4, seed=7), tokenizer(), max_length=512)
+    G64, _ = oracle_pair_gradients(copy.deepcopy(model).double(), enc, pad_token_id=PAD)
+    Q = torch.randn(G64.shape[1], 2, generator=torch.Generator().manual_seed(1))
+    dtypes = set()
+    batch = collate_pairs(enc, pad_token_id=PAD, padding_side="right")
+    layout = BatchLayout.from_mask(batch["attention_mask"])
+    sites = trainable_linears(model)
+    Qs = split_flat(Q, sites)
+    S = torch.zeros(len(enc), 2)
+
+    def reduce(k, X, dY, offsets):
+        dtypes.update({X.dtype, dY.dtype})
+        S.add_(segment_grad_dot(X, dY, offsets, Qs[k], offsets_checked=True)[0])
+
+    with StreamingCapture(sites, dtype=torch.bfloat16) as cap:
+        cap.run(model, batch, layout, lambda m: F.softplus(-m), reduce,
+                autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes == {torch.bfloat16}
+    e = rel_err(S.double(), G64 @ Q.double())
+    assert e <= 5e-2, f"bf16 streamed dots rel err {e:.3g}"
+
+
+def test_batch_layout_rows_and_offsets():
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [1, 1, 1]])  # B = 2: chosen rows 0-1, rejected 2-3
+    lay = BatchLayout.from_mask(mask)
+    # pair 0 = chosen row 0 (cols 0, 1) + rejected row 2 (col 0); pair 1 = row 1 (cols 1, 2) + row 3 (all)
+    assert lay.token_index.tolist() == [0, 1, 6, 4, 5, 9, 10, 11]
+    assert lay.token_offsets.tolist() == [0, 3, 8]
+    assert lay.seq_index.tolist() == [0, 2, 1, 3] and lay.seq_offsets.tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="even number of rows"):
+        BatchLayout.from_mask(mask[:3])

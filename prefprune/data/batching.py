@@ -41,12 +41,22 @@ class PairBatches:
         self.padding_side = padding_side
         self.device = torch.device(device)
 
+    def on(self, device: torch.device | str) -> PairBatches:
+        """The same batches on `device` (``"cpu"``: collate on the host and move them yourself)."""
+        return PairBatches(self.encoded, batch_size=self.batch_size, pad_token_id=self.pad_token_id,
+                           padding_side=self.padding_side, device=device)
+
     @property
     def n_pairs(self) -> int:
         return len(self.encoded)
 
     def __len__(self) -> int:
         return math.ceil(len(self.encoded) / self.batch_size)
+
+    def with_padding(self, padding_side: str) -> PairBatches:
+        """The same batches padded on `padding_side` (a sharded view stays sharded)."""
+        return PairBatches(self.encoded, batch_size=self.batch_size, pad_token_id=self.pad_token_id,
+                           padding_side=padding_side, device=self.device)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for start in range(0, len(self.encoded), self.batch_size):

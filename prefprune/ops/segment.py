@@ -30,6 +30,7 @@ __all__ = [
     "ProjectedGradientStore",
     "lift_query",
     "projection_matrix",
+    "check_offsets",
     "segment_grad_dot",
     "segment_grad_dot_grouped",
     "segment_project",
@@ -123,7 +124,12 @@ def select_segment_impl(op: str, tensors: Sequence[Tensor], *, impl: str | None 
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_offsets(offsets: Tensor, total: int, device: torch.device) -> Tensor:
+def _check_offsets(offsets: Tensor, total: int, device: torch.device, *, values: bool = True) -> Tensor:
+    """Check the offsets' type, shape, dtype and device; with `values`, also their entries (one host sync).
+
+    `values=False` is for callers that validated the entries once per batch (`check_offsets`), so that
+    a loop over layers does not sync with the device once per layer.
+    """
     if not isinstance(offsets, Tensor):
         raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
     if offsets.dim() != 1 or offsets.numel() < 1:
@@ -133,6 +139,8 @@ def _check_offsets(offsets: Tensor, total: int, device: torch.device) -> Tensor:
     if offsets.device != device:
         raise ValueError(f"offsets are on {offsets.device} but X is on {device}")
     offsets = offsets.to(torch.int64).contiguous()
+    if not values:
+        return offsets
     # One host sync for all three conditions; the detailed message is only built on failure.
     first, last = offsets[0], offsets[-1]
     steps = offsets[1:] - offsets[:-1]
@@ -150,6 +158,20 @@ def _check_offsets(offsets: Tensor, total: int, device: torch.device) -> Tensor:
             f"offsets[{i + 1}] = {int(offsets[i + 1])}"
         )
     return offsets
+
+
+def check_offsets(offsets: Tensor, total: int) -> Tensor:
+    """Validate segment offsets once (start 0, end `total`, non-decreasing); returns them as int64.
+
+    Callers that run several ops on the same offsets (every layer of a batch) check them here once and
+    pass ``offsets_checked=True`` to the ops, which then skip the entries' check (and its host sync).
+
+    Raises:
+        ValueError: a bad entry, named with its index and value.
+    """
+    if not isinstance(offsets, Tensor):
+        raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
+    return _check_offsets(offsets, total, offsets.device)
 
 
 def _check_pair(X: Tensor, dY: Tensor, where: str = "") -> None:
@@ -212,6 +234,7 @@ def segment_project(
     P_out: Tensor | None,
     *,
     impl: str | None = None,
+    offsets_checked: bool = False,
 ) -> Tensor:
     """Kronecker-projected per-segment weight gradients Φ_i = P_out (dY_iᵀ X_i) P_inᵀ.
 
@@ -222,13 +245,15 @@ def segment_project(
         P_in: (k_in, d_in) projection of the input side, or None (identity: k_in = d_in).
         P_out: (k_out, d_out) projection of the output side, or None (identity: k_out = d_out).
         impl: implementation override (default: PREFPRUNE_IMPL, else auto).
+        offsets_checked: the caller validated the offsets' entries (`check_offsets`); skip that check and
+            its host sync (type, shape, dtype and device are still checked).
 
     Returns:
         (N, k_out*k_in) float32 (float64 for float64 inputs, reference only), row i = Φ_i flattened
         row-major; with both projections None it is the raw gradient in nn.Linear (d_out, d_in) layout.
     """
     _check_pair(X, dY)
-    offsets = _check_offsets(offsets, X.shape[0], X.device)
+    offsets = _check_offsets(offsets, X.shape[0], X.device, values=not offsets_checked)
     _check_projection(P_in, X.shape[1], "P_in", X.device)
     _check_projection(P_out, dY.shape[1], "P_out", X.device)
     sel = select_segment_impl("segment_project", [X, dY], impl=impl)
@@ -236,7 +261,13 @@ def segment_project(
 
 
 def segment_grad_dot(
-    X: Tensor, dY: Tensor, offsets: Tensor, Q: Tensor | None, *, impl: str | None = None
+    X: Tensor,
+    dY: Tensor,
+    offsets: Tensor,
+    Q: Tensor | None,
+    *,
+    impl: str | None = None,
+    offsets_checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-segment ⟨dY_iᵀ X_i, Q_j⟩ for m queries and ‖dY_iᵀ X_i‖², without forming the gradients.
 
@@ -244,12 +275,13 @@ def segment_grad_dot(
         X: (T_total, d_in), dY: (T_total, d_out), offsets: (N+1,) as in `segment_project`.
         Q: (m, d_out, d_in) queries in nn.Linear weight layout (any float dtype; read as fp32), or None.
         impl: implementation override.
+        offsets_checked: as in `segment_project`.
 
     Returns:
         S (N, m) and sqnorm (N,), float32 (float64 for float64 inputs, reference only).
     """
     _check_pair(X, dY)
-    offsets = _check_offsets(offsets, X.shape[0], X.device)
+    offsets = _check_offsets(offsets, X.shape[0], X.device, values=not offsets_checked)
     _check_query(Q, dY.shape[1], X.shape[1], X.device)
     sel = select_segment_impl("segment_grad_dot", [X, dY], impl=impl)
     return sel.fn(X, dY, offsets, Q)
@@ -262,6 +294,7 @@ def segment_grad_dot_grouped(
     Qs: Sequence[Tensor] | None,
     *,
     impl: str | None = None,
+    offsets_checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """`segment_grad_dot` summed over several layers that share the segments, in one launch (per dtype).
 
@@ -273,6 +306,7 @@ def segment_grad_dot_grouped(
         offsets: (N+1,) shared segment boundaries.
         Qs: per layer (m, d_out_l, d_in_l) with one m for all layers, or None (norms only).
         impl: implementation override.
+        offsets_checked: as in `segment_project`.
 
     Returns:
         S (N, m) = Σ_l ⟨G_il, Q_jl⟩ and sqnorm (N,) = Σ_l ‖G_il‖²: dots and squared norm of the
@@ -306,7 +340,7 @@ def segment_grad_dot_grouped(
                     f"every layer needs the same number of queries m: Qs[0] has {Qs[0].shape[0]}, "
                     f"Qs[{i}] has {Qs[i].shape[0]}"
                 )
-    offsets = _check_offsets(offsets, total, device)
+    offsets = _check_offsets(offsets, total, device, values=not offsets_checked)
     sel = select_segment_impl("segment_grad_dot_grouped", Xs + dYs, impl=impl)
     return sel.fn(Xs, dYs, offsets, Qs)
 

@@ -1,0 +1,191 @@
+"""Peak memory and time of scoring pass 2 against a training step on the same batches (issue 10).
+
+Each measurement runs in its own process, so that peaks do not mix:
+
+- ``base``: imports, the random-init reward model, the encoded pairs; no step (the batch-independent base);
+- ``train``: that, plus training steps (forward + backward + AdamW) over every batch;
+- ``pass2``: that, plus `prefprune.score.stream_scores` (pass 2 of scoring: one forward + backward per
+  batch, every score column) over the same batches.
+
+CPU: the peak is the process's max RSS (``ru_maxrss``) minus the ``base`` process's; CUDA:
+``torch.cuda.max_memory_allocated`` after the setup is subtracted the same way. Time: the median over
+``--repeats`` rounds of all batches, after one warm-up round (the first round is also the one whose
+memory peak counts; later rounds reuse freed memory).
+
+Run (prints one table and, with ``--json``, writes the rows)::
+
+    python bench/capture_memory.py                           # Pythia-shaped: hidden 1024, 6 layers
+    python bench/capture_memory.py --hidden 256 --layers 4 --pairs 16 --targets all   # the issue's probe
+    python bench/capture_memory.py --precision bf16
+
+Model: a random-init GPT-NeoX (no hub), LoRA r 16 on ``--targets`` (``qkv``: query_key_value; ``attn``:
+query_key_value,dense; ``all``: every linear layer), float32 parameters; pairs of ``--tokens`` byte
+tokens per sequence (the tiny byte-level tokenizer), ``--batch`` pairs per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TARGETS = {
+    "qkv": ["query_key_value"],
+    "attn": ["query_key_value", "dense"],
+    "all": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=8, help="pairs in total (batches = pairs / batch)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=512, help="tokens per sequence (about)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", choices=sorted(TARGETS), default="attn")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--mode", choices=["base", "train", "pass2"], default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _setup(args: argparse.Namespace):
+    import torch
+
+    from prefprune.data import PairBatches, PreferencePair, encode_pairs
+    from prefprune.model import LoRASettings, build_reward_model
+    from prefprune.testing import tiny_config, tiny_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = tiny_config(
+        "gpt_neox", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        intermediate_size=4 * args.hidden, max_position_embeddings=max(2048, 2 * args.tokens),
+    )
+    tok = tiny_tokenizer(model_max_length=4 * args.tokens)
+    model, _ = build_reward_model(
+        cfg, tokenizer=tok, seed=0, lora=LoRASettings(r=args.rank, alpha=2.0 * args.rank,
+                                                      target_modules=TARGETS[args.targets]),
+    )
+    model.to(args.device)
+    rng = random.Random(0)
+    text = lambda k: "".join(rng.choice("etaoin shrdlu") for _ in range(k))
+    prompt_len = args.tokens * 3 // 4
+    pairs = []
+    for i in range(args.pairs):
+        resp = args.tokens - prompt_len - 2 - rng.randrange(0, 8)
+        pairs.append(PreferencePair(f"p{i}", text(prompt_len), text(resp), text(resp + rng.randrange(-4, 5))))
+    enc = encode_pairs(pairs, tok, max_length=4 * args.tokens)
+    batches = PairBatches(enc, batch_size=args.batch, pad_token_id=tok.pad_token_id, device=args.device)
+    return model, batches
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _child(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from prefprune.grads import pair_margins
+    from prefprune.model import trainable_linears
+    from prefprune.score import stream_scores
+
+    model, batches = _setup(args)
+    cuda = args.device.startswith("cuda")
+    base_alloc = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times: list[float] = []
+    if args.mode == "train":
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def one_round() -> None:
+            for batch in batches:
+                loss = F.softplus(-pair_margins(model, batch)).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    elif args.mode == "pass2":
+        model.eval()
+        sites = trainable_linears(model)
+        p = sum(s.numel for s in sites)
+        gen = torch.Generator().manual_seed(1)
+        q = torch.randn(p, generator=gen).to(args.device)
+        g_val = torch.randn(p, generator=gen).to(args.device)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+        def one_round() -> None:
+            stream_scores(model, sites, batches, q, g_val, impl=None, progress=False, precision=dtype)
+    else:
+        def one_round() -> None:
+            pass
+    for _ in range(args.repeats + 1):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        one_round()
+        _sync(args.device)
+        times.append(time.perf_counter() - t0)
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = (torch.cuda.max_memory_allocated() - base_alloc) if cuda else rss_kib * 1024
+    return {"mode": args.mode, "peak_bytes": peak, "seconds": statistics.median(times[1:]) if times[1:] else 0.0,
+            "batches": len(batches)}
+
+
+def _run_child(args: argparse.Namespace, mode: str) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--mode", mode]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.mode is not None:
+        print(json.dumps(_child(args)))
+        return 0
+    import torch
+
+    rows = {m: _run_child(args, m) for m in ("base", "train", "pass2")}
+    cuda = args.device.startswith("cuda")
+    base = 0 if cuda else rows["base"]["peak_bytes"]
+    train_mb = (rows["train"]["peak_bytes"] - base) / 2**20
+    pass2_mb = (rows["pass2"]["peak_bytes"] - base) / 2**20
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    print(f"# {machine}, torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, LoRA r {args.rank} "
+          f"on {','.join(TARGETS[args.targets])}, {args.pairs} pairs x {args.tokens} tokens, batch {args.batch}, "
+          f"precision {args.precision}")
+    print(f"base peak {'(cuda: setup subtracted)' if cuda else f'{base / 2**20:.1f} MiB'}")
+    print(f"train step : peak +{train_mb:8.1f} MiB   {rows['train']['seconds']:.3f} s / round")
+    print(f"pass 2     : peak +{pass2_mb:8.1f} MiB   {rows['pass2']['seconds']:.3f} s / round")
+    ratio_mem = pass2_mb / train_mb if train_mb > 0 else float("nan")
+    ratio_time = rows["pass2"]["seconds"] / rows["train"]["seconds"]
+    print(f"pass2 / train: memory {ratio_mem:.3f}x, time {ratio_time:.3f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "mode"}, "machine": machine,
+                       "torch": torch.__version__, "rows": rows, "memory_ratio": ratio_mem,
+                       "time_ratio": ratio_time}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
