@@ -226,7 +226,11 @@ class ScoreCommand:
     model: str = _opt("reward model folder (from prefprune train)")
     train: str = _opt("training pairs to score (a file or hub dataset id)")
     val: str = _opt("validation pairs (never truncated)")
-    output: str = _opt("score file: .parquet, .jsonl or .csv (its folder must exist)")
+    output: str = _opt(
+        "score file: .parquet, .jsonl or .csv (its folder must exist); an earlier score file there is "
+        "replaced with its sidecar OUTPUT.json, any other existing file only with --overwrite"
+    )
+    overwrite: bool = _opt("replace an existing --output that is not a prefprune score file", default=False)
     schema: Literal["auto", "tldr", "prompt_chosen_rejected", "hh"] = _opt(
         "record layout of both sources; auto = detect from the first record", default="auto"
     )
@@ -249,6 +253,7 @@ class ScoreCommand:
             val_split=self.val_split,
             max_pairs=self.max_pairs,
             device=str(resolve_device(self.device)),
+            overwrite=self.overwrite,
         )
         s = result.solve
         solve = "no solve" if s.curvature == "identity" else f"CG {s.status} after {s.iterations} iterations"

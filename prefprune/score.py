@@ -199,6 +199,24 @@ def _check_ids(ids: Sequence[str], what: str) -> None:
         seen.add(i)
 
 
+def _encode_validation(val: Sequence, tokenizer: Any, max_length: int) -> list:
+    """The validation pairs encoded uncut; a pair that does not fit is named by file and line."""
+    from prefprune.data import encode_pairs
+
+    enc = encode_pairs(val, tokenizer, max_length=max_length, truncation="prompt")
+    cut = [i for i, e in enumerate(enc) if e.truncated]
+    if cut:
+        p = val[cut[0]]
+        unit, num = p.meta.get("unit", "line"), p.meta.get("line")
+        where = f"{getattr(val, 'source', '') or 'validation set'}" + (f", {unit} {num}" if num else "")
+        raise ValueError(
+            f"{where}: validation pair {p.id!r} is longer than max_length={max_length} tokens "
+            f"({len(cut)} of {len(enc)} validation pairs are); validation pairs are never cut (a cut pair "
+            "changes the validation loss): raise --max-length or remove them"
+        )
+    return enc
+
+
 def _segment_impl_name(
     impl: str | None, device: torch.device, dtype: torch.dtype, op: str = "segment_grad_dot_grouped"
 ) -> str:
@@ -267,7 +285,7 @@ def score_pairs(
         )
 
     t0 = time.perf_counter()
-    val_enc = encode_pairs(val, tokenizer, max_length=config.max_length, truncation="error")
+    val_enc = _encode_validation(val, tokenizer, config.max_length)
     train_enc = encode_pairs(train, tokenizer, max_length=config.max_length, truncation=config.truncation)
     _check_ids([e.id for e in train_enc], "training set")
     t_encode = time.perf_counter() - t0
@@ -429,6 +447,7 @@ def score_model(
     val_split: str = "train",
     max_pairs: int | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> ScoreResult:
     """Load a saved reward model and the data, score, and write `output` plus its sidecar.
 
@@ -442,6 +461,8 @@ def score_model(
         train_split, val_split: dataset splits to read from each source.
         max_pairs: read at most this many training pairs.
         device: where to run (default CPU).
+        overwrite: replace an existing `output` that is not a prefprune score file (an earlier score
+            file with its sidecar is always replaced).
 
     Returns:
         The `ScoreResult` that was written.
@@ -451,7 +472,7 @@ def score_model(
 
     config = config or ScoreConfig()
     config.validate()
-    out = check_output_path(output)
+    out = check_output_path(output, overwrite=overwrite)
     if not Path(model_dir).is_dir():
         raise ValueError(f"model folder {str(model_dir)!r} does not exist")
     train_src = str(train) if isinstance(train, str | os.PathLike) else "<pairs>"
@@ -470,7 +491,7 @@ def score_model(
         "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,
         "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
     }
-    write_scores(result, out)
+    write_scores(result, out, overwrite=overwrite)
     return result
 
 

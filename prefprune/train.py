@@ -321,6 +321,8 @@ def evaluate(
         ``accuracy`` (fraction with margin > 0; ties count as wrong), ``mean_margin``, ``loss`` (mean
         softplus(−m)), ``n`` (pairs evaluated), ``n_skipped`` and ``skipped_ids`` (pairs that do not fit).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size (--batch-size) must be an integer >= 1, got {batch_size!r}")
     if len(data) == 0:
         raise ValueError("evaluate: no pairs to evaluate")
     encoded, skipped = encode_for_training(
@@ -333,7 +335,7 @@ def evaluate(
     side = getattr(tokenizer, "padding_side", "right")
     was_training = model.training
     model.eval()
-    margins = torch.empty(len(encoded), dtype=torch.float64)
+    margins = torch.full((len(encoded),), math.nan, dtype=torch.float64)  # a pair never scored stays NaN
     try:
         batches = _batches(encoded, batch_size=batch_size, generator=None, group_by_length=True)
         for idx in tqdm(batches, desc="eval", disable=not progress, leave=False):

@@ -325,3 +325,62 @@ def test_id_with_line_break_rejected(tmp_path):
     with pytest.raises(ValueError, match="line break"):
         write_ids(["ok", "a\nb"], tmp_path / "ids.txt")
     assert not (tmp_path / "ids.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# settings and messages (items 1, 9, 13)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bs", [-1, 0])
+def test_eval_batch_size_is_checked_and_named(bs):
+    from prefprune.train import evaluate
+
+    with pytest.raises(ValueError, match=rf"batch_size \(--batch-size\) must be an integer >= 1, got {bs}"):
+        evaluate(None, None, _dataset(4), batch_size=bs)
+
+
+def test_too_long_validation_pair_named_by_file_and_line(tmp_path):
+    from prefprune.model import build_reward_model
+    from prefprune.score import ScoreConfig, score_pairs
+    from prefprune.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model, _ = build_reward_model(tiny_config("gpt_neox"), tokenizer=tok)
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"prompt": "short?", "chosen": "yes", "rejected": "no"}) + "\n"
+                   + json.dumps({"prompt": "long " * 40, "chosen": "yes", "rejected": "no"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{val}, line 2: validation pair .* longer than max_length=32") as e:
+        score_pairs(model, tok, _dataset(4), load_preferences(val), config=ScoreConfig(max_length=32,
+                                                                                       progress=False))
+    assert "truncation='error'" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["opt", "phi", "gptj"])
+def test_lora_defaults_and_all_linear_for_more_families(family):
+    import transformers
+
+    from prefprune.model import LoRASettings, build_reward_model, trainable_linears
+    from prefprune.testing import tiny_tokenizer
+
+    small = dict(vocab_size=261, pad_token_id=0)
+    config = {
+        "opt": lambda: transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                              num_attention_heads=4, word_embed_proj_dim=32,
+                                              max_position_embeddings=64, **small),
+        "phi": lambda: transformers.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=64, **small),
+        "gptj": lambda: transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                                                **small),
+    }[family]()
+    tok = tiny_tokenizer()
+    default, _ = build_reward_model(config, tokenizer=tok)
+    assert default.prefprune_info["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    every, _ = build_reward_model(config, lora=LoRASettings(target_modules=["all-linear"]), tokenizer=tok)
+    targets = every.prefprune_info["lora"]["target_modules"]
+    assert {"q_proj", "k_proj", "v_proj"} <= set(targets) and len(targets) == 6, targets
+    n_layers = 2
+    # LoRA A and B on every target of every layer, plus the score head.
+    assert len(trainable_linears(every)) == 2 * len(targets) * n_layers + 1
+    with pytest.raises(ValueError, match="stands alone"):
+        LoRASettings(target_modules=["all-linear", "q_proj"])

@@ -378,7 +378,7 @@ class _PairCollector:
             return self.bad(num, BadRecord("id", used))
         self._seen_content.add(key)
         self._seen_ids[pid] = num
-        meta: dict[str, Any] = {"record": rec, "line": num}
+        meta: dict[str, Any] = {"record": rec, "line": num, "unit": self.unit}
         if rec.get("flipped") in (True, "True", "true", 1):
             meta["flipped"] = True
         self.pairs.append(PreferencePair(pid, prompt, chosen, rejected, span, meta))

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from prefprune.model.config import (
+    ALL_LINEAR,
     BACKBONE_PACKAGES,
     CONV1D_FAMILIES,
     FIRST_TOKEN_FAMILIES,
@@ -115,6 +116,21 @@ def _fix_pad_token(config: Any, tokenizer: Any) -> None:
         config.pad_token_id = eos
 
 
+def _all_linear_targets(model: nn.Module, head: str) -> list[str]:
+    """Names (last components) of every Linear/Conv1D module of the base outside the head and pooler."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear | Conv1D) and not (name == head or name.startswith(head + "."))
+        and "pooler" not in name
+    }
+    if not names:
+        raise ValueError(f"target_modules=['{ALL_LINEAR}']: {type(model).__name__} has no linear layer")
+    return sorted(names)
+
+
 def build_reward_model(
     base: str | os.PathLike | Any,
     *,
@@ -162,6 +178,8 @@ def build_reward_model(
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
         head = _head_name(model)
+        if list(targets) == [ALL_LINEAR]:
+            targets = _all_linear_targets(model, head)
         modules_to_save = [head]
         train_pooler = lora.train_pooler if lora.train_pooler is not None else model_type in POOLER_FAMILIES
         if train_pooler and model_type in POOLER_FAMILIES:

@@ -12,6 +12,7 @@ __all__ = [
     "TINY_PREFIX",
     "LoRASettings",
     "ModelConfig",
+    "ALL_LINEAR",
     "default_target_modules",
 ]
 
@@ -42,7 +43,14 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
+    "opt": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "qwen3": ["q_proj", "v_proj"],
 }
+#: ``target_modules=["all-linear"]``: every Linear/Conv1D of the base (not the head), as in peft.
+ALL_LINEAR = "all-linear"
 # Families whose classifier reads a pooler over [CLS]; the pooler is trained with the head (see
 # prefprune.model's module doc).
 POOLER_FAMILIES = {"bert", "roberta", "xlm-roberta"}
@@ -61,7 +69,8 @@ def default_target_modules(model_type: str) -> list[str]:
     if model_type not in DEFAULT_TARGETS:
         raise ValueError(
             f"no default LoRA target modules for model_type {model_type!r} (known: "
-            f"{', '.join(sorted(DEFAULT_TARGETS))}); pass LoRASettings(target_modules=[...])"
+            f"{', '.join(sorted(DEFAULT_TARGETS))}); pass target_modules=['{ALL_LINEAR}'] (every linear "
+            "layer of the base, --lora.target-modules all-linear) or the module names"
         )
     return list(DEFAULT_TARGETS[model_type])
 
@@ -86,7 +95,11 @@ class LoRASettings:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (update scaled by alpha/r)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     target_modules: list[str] | None = field(
-        default=None, metadata={"help": "module-name suffixes to adapt; None = family default"}
+        default=None,
+        metadata={"help": "module-name suffixes to adapt, or all-linear (every linear layer of the base but "
+                          "the head, as in peft); None = the family default: "
+                          + "; ".join(f"{k} {'/'.join(v)}" for k, v in sorted(DEFAULT_TARGETS.items()))
+                          + "; other families need a list or all-linear"},
     )
     train_pooler: bool | None = field(
         default=None, metadata={"help": "train pooler.dense of BERT-like models (None = yes for them)"}
@@ -106,6 +119,8 @@ class LoRASettings:
             if not self.target_modules:
                 raise ValueError("target_modules is empty: give at least one module name, or None")
             self.target_modules = list(self.target_modules)
+            if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+                raise ValueError(f"target_modules: {ALL_LINEAR!r} stands alone, got {self.target_modules!r}")
 
 
 @dataclass
