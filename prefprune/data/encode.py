@@ -97,6 +97,63 @@ def special_tokens_layout(tokenizer: Any) -> tuple[list[int], list[int]]:
     )
 
 
+def _split_prompts(data: Sequence[PreferencePair]) -> tuple[list[str], list[str], list[str]]:
+    """Each prompt as (fixed head, cuttable middle, fixed tail); a prompt without a span is all middle."""
+    heads, mids, tails = [], [], []
+    for p in data:
+        if p.truncatable is None:
+            heads.append("")
+            mids.append(p.prompt)
+            tails.append("")
+            continue
+        a, b = p.truncatable
+        if not (0 <= a <= b <= len(p.prompt)):
+            raise ValueError(
+                f"pair {p.id!r}: truncatable span {p.truncatable} outside the prompt (length {len(p.prompt)})"
+            )
+        heads.append(p.prompt[:a])
+        mids.append(p.prompt[a:b])
+        tails.append(p.prompt[b:])
+    return heads, mids, tails
+
+
+def _fit_middle(
+    p: PreferencePair,
+    head: list[int],
+    mid: list[int],
+    tail: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    *,
+    n_special: int,
+    max_length: int,
+    truncation: str,
+) -> tuple[list[int], bool]:
+    """The prompt's cuttable middle cut so that both sequences fit `max_length`, and whether it was cut."""
+    resp = max(len(chosen), len(rejected))
+    fixed = len(head) + len(tail)
+    total = n_special + fixed + len(mid) + resp
+    if total <= max_length:
+        return mid, False
+    if truncation == "error":
+        raise ValueError(
+            f"pair {p.id!r}: {total} tokens (prompt {fixed + len(mid)}, chosen {len(chosen)}, "
+            f"rejected {len(rejected)}, special {n_special}) > max_length {max_length} "
+            "(truncation='error')"
+        )
+    room = max_length - n_special - fixed - resp
+    if room < 0:
+        what = "only the fixed prompt parts" if p.truncatable is not None else "an empty prompt"
+        raise ValueError(
+            f"pair {p.id!r}: does not fit max_length {max_length} even with {what}: responses need "
+            f"{resp} tokens (chosen {len(chosen)}, rejected {len(rejected)}), "
+            f"fixed prompt {fixed}, special {n_special}"
+        )
+    # The TL;DR post loses its end; an untyped prompt loses its beginning (the turns nearest the
+    # response matter most for a dialogue).
+    return (mid[:room] if p.truncatable is not None else mid[len(mid) - room :]), True
+
+
 def encode_pairs(
     data: Sequence[PreferencePair],
     tokenizer: Any,
@@ -139,22 +196,7 @@ def encode_pairs(
     n_special = len(pre_sp) + len(post_sp)
 
     # Split each prompt into (fixed head, cuttable middle, fixed tail) and tokenize every piece in one batch.
-    heads, mids, tails = [], [], []
-    for p in data:
-        if p.truncatable is None:
-            heads.append("")
-            mids.append(p.prompt)
-            tails.append("")
-        else:
-            a, b = p.truncatable
-            if not (0 <= a <= b <= len(p.prompt)):
-                raise ValueError(
-                    f"pair {p.id!r}: truncatable span {p.truncatable} outside the prompt "
-                    f"(length {len(p.prompt)})"
-                )
-            heads.append(p.prompt[:a])
-            mids.append(p.prompt[a:b])
-            tails.append(p.prompt[b:])
+    heads, mids, tails = _split_prompts(data)
     n = len(heads)
     toks = _tokenize(tokenizer, heads + mids + tails + [p.chosen for p in data] + [p.rejected for p in data])
     head_t, mid_t, tail_t = toks[:n], toks[n : 2 * n], toks[2 * n : 3 * n]
@@ -162,29 +204,8 @@ def encode_pairs(
 
     out: list[EncodedPair] = []
     for i, p in enumerate(data):
-        resp = max(len(cho_t[i]), len(rej_t[i]))
-        fixed = len(head_t[i]) + len(tail_t[i])
-        total = n_special + fixed + len(mid_t[i]) + resp
-        mid = mid_t[i]
-        cut = total > max_length
-        if cut:
-            if truncation == "error":
-                raise ValueError(
-                    f"pair {p.id!r}: {total} tokens (prompt {fixed + len(mid)}, chosen {len(cho_t[i])}, "
-                    f"rejected {len(rej_t[i])}, special {n_special}) > max_length {max_length} "
-                    "(truncation='error')"
-                )
-            room = max_length - n_special - fixed - resp
-            if room < 0:
-                what = "only the fixed prompt parts" if p.truncatable is not None else "an empty prompt"
-                raise ValueError(
-                    f"pair {p.id!r}: does not fit max_length {max_length} even with {what}: responses need "
-                    f"{resp} tokens (chosen {len(cho_t[i])}, rejected {len(rej_t[i])}), "
-                    f"fixed prompt {fixed}, special {n_special}"
-                )
-            # The TL;DR post loses its end; an untyped prompt loses its beginning (the turns nearest the
-            # response matter most for a dialogue).
-            mid = mid[:room] if p.truncatable is not None else mid[len(mid) - room :]
+        mid, cut = _fit_middle(p, head_t[i], mid_t[i], tail_t[i], cho_t[i], rej_t[i], n_special=n_special,
+                               max_length=max_length, truncation=truncation)
         prompt_ids = head_t[i] + mid + tail_t[i]
         out.append(
             EncodedPair(

@@ -161,6 +161,61 @@ def _check_adapter_fits(
             )
 
 
+def _read_folder(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict[str, Any]]:
+    """(adapter tensor shapes, adapter_config.json, prefprune.json or {}) of a saved folder, checked."""
+    if not path.exists():
+        raise FileNotFoundError(f"reward model folder not found: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"reward model path is not a folder: {path}")
+    adapter_cfg_file = path / "adapter_config.json"
+    if not adapter_cfg_file.is_file():
+        raise FileNotFoundError(
+            f"not a reward model folder: no adapter_config.json in {path} (expected a folder written by "
+            "save_reward_model / prefprune train)"
+        )
+    weights, shapes = _adapter_shapes(path)
+    if not any(("score" in k.split(".") or "classifier" in k.split(".")) for k in shapes):
+        raise ValueError(f"not a reward model: no score/classifier weights in {weights}")
+    adapter_cfg = json.loads(adapter_cfg_file.read_text())
+    meta_file = path / META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return shapes, adapter_cfg, meta
+
+
+def _base_source(
+    path: Path, meta: Mapping[str, Any], adapter_cfg: Mapping[str, Any], base: str | os.PathLike | None
+) -> str:
+    """Where the base model of a saved folder is (the override, the stored base subfolder, or its id)."""
+    if base is not None:
+        base_src = resolve_backbone(base)
+    else:
+        stored = meta.get("base") or adapter_cfg.get("base_model_name_or_path")
+        if not stored:
+            raise ValueError(
+                f"{path}: cannot tell the base model (no 'base' in {META_FILE}, none in adapter_config.json)"
+            )
+        base_src = str(path / stored) if stored == BASE_SUBFOLDER else resolve_backbone(stored)
+    _check_base_exists(base_src)
+    return base_src
+
+
+def _base_config(path: Path, meta: Mapping[str, Any], base_src: str) -> Any:
+    """The base's config, checked against the architecture the adapter was saved for."""
+    config = AutoConfig.from_pretrained(base_src, num_labels=1)
+    expected = meta.get("base_config")
+    if expected:
+        found = config_summary(config)
+        diff = [k for k, v in expected.items() if v is not None and found.get(k) != v]
+        if diff:
+            what = ", ".join(f"{k}: adapter {expected[k]!r} vs base {found.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"adapter in {path} was saved for base {meta.get('base')!r} but {base_src!r} differs ({what})"
+            )
+    if meta.get("pad_token_id") is not None:
+        config.pad_token_id = meta["pad_token_id"]
+    return config
+
+
 def load_reward_model(
     path: str | os.PathLike,
     *,
@@ -186,46 +241,9 @@ def load_reward_model(
         ValueError: Not a reward model (no score/classifier weights), or the adapter belongs to another base.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"reward model folder not found: {path}")
-    if not path.is_dir():
-        raise NotADirectoryError(f"reward model path is not a folder: {path}")
-    adapter_cfg_file = path / "adapter_config.json"
-    if not adapter_cfg_file.is_file():
-        raise FileNotFoundError(
-            f"not a reward model folder: no adapter_config.json in {path} (expected a folder written by "
-            "save_reward_model / prefprune train)"
-        )
-    weights, shapes = _adapter_shapes(path)
-    if not any(("score" in k.split(".") or "classifier" in k.split(".")) for k in shapes):
-        raise ValueError(f"not a reward model: no score/classifier weights in {weights}")
-    adapter_cfg = json.loads(adapter_cfg_file.read_text())
-    meta_file = path / META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-
-    if base is not None:
-        base_src = resolve_backbone(base)
-    else:
-        stored = meta.get("base") or adapter_cfg.get("base_model_name_or_path")
-        if not stored:
-            raise ValueError(
-                f"{path}: cannot tell the base model (no 'base' in {META_FILE}, none in adapter_config.json)"
-            )
-        base_src = str(path / stored) if stored == BASE_SUBFOLDER else resolve_backbone(stored)
-    _check_base_exists(base_src)
-
-    config = AutoConfig.from_pretrained(base_src, num_labels=1)
-    expected = meta.get("base_config")
-    if expected:
-        found = config_summary(config)
-        diff = [k for k, v in expected.items() if v is not None and found.get(k) != v]
-        if diff:
-            what = ", ".join(f"{k}: adapter {expected[k]!r} vs base {found.get(k)!r}" for k in diff)
-            raise ValueError(
-                f"adapter in {path} was saved for base {meta.get('base')!r} but {base_src!r} differs ({what})"
-            )
-    if meta.get("pad_token_id") is not None:
-        config.pad_token_id = meta["pad_token_id"]
+    shapes, adapter_cfg, meta = _read_folder(path)
+    base_src = _base_source(path, meta, adapter_cfg, base)
+    config = _base_config(path, meta, base_src)
 
     if dtype is None:
         dtype = getattr(torch, meta.get("dtype", "float32"))
