@@ -21,6 +21,7 @@ from prefprune.ops import dispatch
 from prefprune.ops.reference import (
     CG_CONVERGED,
     CG_MAX_ITER,
+    CG_NONFINITE,
     CG_NONPOSITIVE_CURVATURE,
     CG_STATUS_NAMES,
     CGResult,
@@ -31,6 +32,7 @@ from prefprune.ops.reference import (
 __all__ = [
     "CG_CONVERGED",
     "CG_MAX_ITER",
+    "CG_NONFINITE",
     "CG_NONPOSITIVE_CURVATURE",
     "CG_STATUS_NAMES",
     "CGResult",
@@ -164,7 +166,9 @@ def solve(
 
     Returns:
         CGResult with x (k, m), per-column status / iterations / residual / curvature and the
-        history ((iters + 1, m)) when requested.
+        history ((iters + 1, m)) when requested. A column whose right-hand side, solution, residual or
+        stopping curvature is not finite gets status CG_NONFINITE ("nonfinite") and x = NaN, whichever
+        implementation ran.
 
     Raises:
         ValueError: malformed arguments.
@@ -177,6 +181,30 @@ def solve(
         raise ValueError(f"operator must be a FactoredOperator or a callable, got {type(operator).__name__}")
     native_path = dispatch.FastPath("native", lambda: native_reasons(operator, B), lambda: _native)
     sel = dispatch.select("cg", [native_path], _reference, impl=impl)
-    return sel.fn(
-        operator, B, tol=float(tol), max_iter=int(max_iter), diag=diag, record_history=record_history
+    # A NaN/inf right-hand side would stop CG at once as "converged" (its norm test is never true or
+    # the native loop reads it as zero): such columns are solved as zero and marked, not trusted.
+    finite_rhs = torch.isfinite(B if B.dim() == 2 else B.unsqueeze(1)).all(0)
+    all_finite = bool(finite_rhs.all())
+    B_in = B if all_finite else torch.where(finite_rhs if B.dim() == 2 else finite_rhs[0], B, 0)
+    res = sel.fn(
+        operator, B_in, tol=float(tol), max_iter=int(max_iter), diag=diag, record_history=record_history
     )
+    return _mark_nonfinite(res, finite_rhs)
+
+
+def _mark_nonfinite(res: CGResult, finite_rhs: Tensor) -> CGResult:
+    """Status CG_NONFINITE (and x = NaN) for columns with a non-finite right-hand side, solution,
+    residual or stopping curvature: a NaN from the operator's products must not pass as a solve."""
+    x = res.x if res.x.dim() == 2 else res.x.unsqueeze(1)
+    bad = ~finite_rhs.to(x.device) | ~torch.isfinite(x).all(0) | ~torch.isfinite(res.residual.to(x.device))
+    bad |= (res.status.to(x.device) == CG_NONPOSITIVE_CURVATURE) & ~torch.isfinite(res.curvature.to(x.device))
+    if not bool(bad.any()):
+        return res
+    status = res.status.clone()
+    status[bad.to(status.device)] = CG_NONFINITE
+    x = x.clone()
+    x[:, bad] = math.nan
+    residual = res.residual.clone()
+    residual[bad.to(residual.device)] = math.nan
+    return CGResult(x=x if res.x.dim() == 2 else x[:, 0], status=status, iterations=res.iterations,
+                    residual=residual, curvature=res.curvature, history=res.history)

@@ -85,6 +85,19 @@ def _flat_grads(sites: Sequence[LinearSite], grads: Sequence[Tensor | None]) -> 
     return flatten_site_matrices(mats)
 
 
+def _check_finite_batches(flags: Tensor, names: list[str], batches: PairBatches, desc: str) -> None:
+    """FloatingPointError naming the first batch's pairs and the layer whose gradient was not finite."""
+    if not bool(flags.any()):
+        return
+    b, j = (int(v) for v in torch.nonzero(flags)[0])
+    ids = [e.id for e in batches.encoded[b * batches.batch_size : (b + 1) * batches.batch_size]]
+    raise FloatingPointError(
+        f"{desc}: non-finite gradient in layer {names[j]!r} for the batch of pairs {ids[:8]}"
+        f"{' ...' if len(ids) > 8 else ''}; no scores are written. Eager attention in float64 with "
+        "padding_side='left' gives NaN on fully padded rows: use padding_side='right' (or sdpa attention)"
+    )
+
+
 def mean_gradient(
     model: nn.Module, sites: Sequence[LinearSite], batches: PairBatches, *, desc: str | None = None,
     progress: bool = False,
@@ -98,14 +111,19 @@ def mean_gradient(
         raise ValueError("cannot take the mean gradient of an empty set of pairs")
     params = _params(sites)
     total: Tensor | None = None
-    margins = []
+    margins, flags = [], []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         with torch.enable_grad():
             m = pair_margins(model, batch)
             grads = torch.autograd.grad(F.softplus(-m).sum(), params, allow_unused=True)
+        # Per parameter: a non-finite gradient in this batch? Read once at the end (no sync per batch).
+        none = torch.zeros((), dtype=torch.bool, device=m.device)
+        flags.append(torch.stack([none if g is None else ~torch.isfinite(g).all() for g in grads]))
         flat = _flat_grads(sites, grads)
         total = flat if total is None else total + flat
         margins.append(m.detach())
+    names = [s.name for s in sites for _ in s.parameters()]
+    _check_finite_batches(torch.stack(flags).cpu(), names, batches, desc or "gradient pass")
     return total / batches.n_pairs, torch.cat(margins)
 
 
@@ -368,6 +386,12 @@ def solve_query(
         # One pass per operator product by CG; the projected rows are taken in one pass.
         curvature_passes=1 if projected is not None else iters,
     )
+    if status == "nonfinite":
+        raise FloatingPointError(
+            f"the curvature solve met a non-finite value (curvature={curvature!r}, damping={damping!r}, "
+            f"after {iters} iterations): the validation gradient or a curvature product holds NaN or inf; "
+            "no scores are written from it (check the model's dtype, attention implementation and padding)"
+        )
     if status == "nonpositive_curvature":
         msg = (
             f"CG met non-positive curvature pᵀ(H + λI)p = {info.nonpositive_value:.6g} at iteration {iters} "

@@ -533,25 +533,55 @@ def stream_pair_dots(
     Qs = split_flat(torch.stack(list(queries), dim=1), sites) if queries else None
     m = len(queries)
     wide = torch.float64 if sites[0].module.weight.dtype == torch.float64 else torch.float32
-    dots, sqs, margins = [], [], []
+    dots, sqs, margins, flags = [], [], [], []
     autocast = None if dtype is None else autocast_context(device, dtype)
     with StreamingCapture(sites, dtype=dtype) as cap:
         for batch, layout in tqdm(iter_layouts(batches.on("cpu"), device), total=len(batches), desc=desc,
                                   disable=not progress, leave=False):
             S = torch.zeros(layout.n_pairs, m, dtype=wide, device=device)
             sq = torch.zeros(layout.n_pairs, dtype=wide, device=device)
+            # Per pair and layer: was that layer's gradient norm non-finite? Kept on the device, read with
+            # the final copy (no extra sync), so a NaN never becomes a score silently.
+            bad = torch.zeros(layout.n_pairs, len(sites), dtype=torch.bool, device=device)
 
-            def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor, S=S, sq=sq) -> None:
+            def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor, S=S, sq=sq, bad=bad) -> None:
                 s, q2 = segment_grad_dot(X, dY, offsets, None if Qs is None else Qs[k], impl=impl,
                                          offsets_checked=True)
                 S.add_(s.to(wide))
                 sq.add_(q2.to(wide))
+                bad[:, k] = ~torch.isfinite(q2)
 
             margins.append(cap.run(model, batch, layout, objective, reduce, autocast=autocast).to(wide))
             dots.append(S)
             sqs.append(sq)
+            flags.append(bad)
     cat = lambda xs, shape: torch.cat(xs).double().cpu() if xs else torch.zeros(shape, dtype=torch.float64)
-    return cat(dots, (0, m)), cat(sqs, (0,)), cat(margins, (0,))
+    out = cat(dots, (0, m)), cat(sqs, (0,)), cat(margins, (0,))
+    if flags:
+        check_finite_capture(torch.cat(flags).cpu(), out[2], sites, batches, desc=desc)
+    return out
+
+
+def check_finite_capture(bad: Tensor, margins: Tensor, sites: Sequence[LinearSite], batches: PairBatches,
+                         *, desc: str) -> None:
+    """Raise FloatingPointError naming the first pair (id) and layer whose captured gradient or margin
+    is not finite. `bad` (n, layers) flags per pair and layer, rows in batch order."""
+    bad_margin = ~torch.isfinite(margins)
+    if not (bool(bad.any()) or bool(bad_margin.any())):
+        return
+    rows = torch.nonzero(bad.any(1) | bad_margin).flatten()
+    r = int(rows[0])
+    pid = batches.encoded[r].id if r < len(batches.encoded) else f"row {r}"
+    if bool(bad[r].any()):
+        where = f"layer {sites[int(torch.nonzero(bad[r]).flatten()[0])].name!r} first"
+        where += f", reward margin {float(margins[r])}" if bool(bad_margin[r]) else ""
+    else:
+        where = f"its reward margin is {float(margins[r])}"
+    raise FloatingPointError(
+        f"{desc}: non-finite gradient for pair {pid!r} ({where}; {len(rows)} of {bad.shape[0]} pairs "
+        "affected); no scores are written. Eager attention in float64 with padding_side='left' gives NaN on "
+        "fully padded rows: use padding_side='right' (or sdpa attention)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,7 +341,8 @@ def _projector(sites, k: int, seed: int, device):
 
 def _column_record(status: list[str], iterations: list[int], residual: list[float],
                    curvature: list[float]) -> dict:
-    worst = ("nonpositive_curvature" if "nonpositive_curvature" in status
+    worst = ("nonfinite" if "nonfinite" in status
+             else "nonpositive_curvature" if "nonpositive_curvature" in status
              else "max_iter" if "max_iter" in status else status[0])
     bad = [i for i, s in enumerate(status) if s == "nonpositive_curvature"]
     return {

@@ -60,6 +60,17 @@ def _loss(m: Tensor) -> Tensor:
     return F.softplus(-m)
 
 
+def _refuse_nonfinite(rec, curvature: str | None) -> None:
+    """A solve that met NaN or inf (status "nonfinite" from `prefprune.cg.solve`) must not become scores."""
+    nonfinite = [rec.dampings[i] for i, c in enumerate(rec.columns) if c["status"] == "nonfinite"]
+    if nonfinite:
+        raise FloatingPointError(
+            f"the curvature solve met a non-finite value (curvature={curvature!r}, damping {nonfinite}): the "
+            "validation gradient or a curvature product holds NaN or inf; no scores are written from it "
+            "(check the model's dtype, attention implementation and padding)"
+        )
+
+
 def plan_for_config(
     config, sites: Sequence[LinearSite], *, n_curvature: int, dtype: torch.dtype
 ) -> SolvePlan:
@@ -121,6 +132,7 @@ def solve_stage(
         keep_factors=keep_factors,
     )
     Q = Q[:, :, 0].T.contiguous()  # (p, L)
+    _refuse_nonfinite(rec, config.curvature)
     bad = [i for i, c in enumerate(rec.columns) if c["status"] == "nonpositive_curvature"]
     if bad:
         where = ", ".join(
@@ -245,6 +257,7 @@ def per_query_influence(
             projection_seed=projection_seed,
             factors=factors,
         )
+        _refuse_nonfinite(rec, getattr(plan, "curvature", None))
         bad = [i for i, c in enumerate(rec.columns) if c["status"] == "nonpositive_curvature"]
         for i in bad:
             Q[i] = math.nan

@@ -384,3 +384,76 @@ def test_lora_defaults_and_all_linear_for_more_families(family):
     assert len(trainable_linears(every)) == 2 * len(targets) * n_layers + 1
     with pytest.raises(ValueError, match="stands alone"):
         LoRASettings(target_modules=["all-linear", "q_proj"])
+
+
+# ---------------------------------------------------------------------------------------------
+# silent wrong results: NaN through CG, NaN captured gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_cg_nonfinite_inputs_and_products_get_their_own_status(impl):
+    import torch
+
+    from prefprune.cg import solve
+
+    B = torch.tensor([[float("nan"), 1.0], [1.0, 2.0]], dtype=torch.float64)
+    r = solve(lambda V: 2 * V, B, impl=impl)
+    assert r.status_names() == ["nonfinite", "converged"]
+    assert torch.isnan(r.x[:, 0]).all() and torch.allclose(r.x[:, 1], B[:, 1] / 2)
+    r = solve(lambda V: 2 * V + float("nan"), torch.ones(3, 1, dtype=torch.float64), impl=impl)
+    assert r.status_names() == ["nonfinite"] and torch.isnan(r.x).all()
+    r = solve(lambda V: 2 * V, torch.tensor([float("inf"), 1.0], dtype=torch.float64), impl=impl)
+    assert r.status_names() == ["nonfinite"]
+
+
+def _eager_float64_llama():
+    import torch
+
+    from prefprune.model import build_reward_model
+    from prefprune.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = tiny_config("llama")
+    config._attn_implementation = "eager"
+    model, _ = build_reward_model(config, tokenizer=tok, dtype=torch.float64)
+    assert model.get_base_model().config._attn_implementation == "eager"
+    return model, tok
+
+
+def test_nonfinite_gradients_stop_scoring_with_layer_and_pair_named():
+    from _pairs import easy_pairs
+
+    from prefprune.score import ScoreConfig, score_pairs
+
+    model, tok = _eager_float64_llama()
+    train, val = easy_pairs(8), easy_pairs(4, seed=1, prefix="v")
+    with pytest.raises(FloatingPointError, match=r"pass 1: validation gradient: non-finite gradient in layer "
+                                                 r"'.*lora_[AB].*' for the batch of pairs \['v"):
+        score_pairs(model, tok, train, val, config=ScoreConfig(curvature="ggn", padding_side="left",
+                                                               batch_size=4, progress=False))
+    ok = score_pairs(model, tok, train, val, config=ScoreConfig(curvature="ggn", padding_side="right",
+                                                                batch_size=4, progress=False))
+    assert np.isfinite(ok.columns["influence"]).all()
+
+
+def test_nonfinite_capture_in_pass_two_names_layer_and_pair():
+    import torch
+
+    from _pairs import easy_pairs
+    from prefprune.data import PairBatches, encode_pairs
+    from prefprune.grads import stream_pair_dots
+    from prefprune.model import trainable_linears
+
+    model, tok = _eager_float64_llama()
+    model.eval()
+    sites = trainable_linears(model)
+    enc = encode_pairs(easy_pairs(6), tok, max_length=64)
+    p = sum(s.module.weight.numel() + (s.module.bias.numel() if s.module.bias is not None else 0) for s in sites)
+    q = torch.ones(p, dtype=torch.float64)
+    right = PairBatches(enc, batch_size=3, pad_token_id=tok.pad_token_id, padding_side="right", device="cpu")
+    dots, _, _ = stream_pair_dots(model, sites, right, [q])
+    assert torch.isfinite(dots).all()
+    left = PairBatches(enc, batch_size=3, pad_token_id=tok.pad_token_id, padding_side="left", device="cpu")
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient for pair 'e\d' \(layer '.*' first"):
+        stream_pair_dots(model, sites, left, [q])

@@ -18,10 +18,13 @@ from torch import Tensor
 CG_CONVERGED = 0
 CG_MAX_ITER = 1
 CG_NONPOSITIVE_CURVATURE = 2
+#: A non-finite right-hand side or operator product (set by `prefprune.cg.solve` for every implementation).
+CG_NONFINITE = 3
 CG_STATUS_NAMES = {
     CG_CONVERGED: "converged",
     CG_MAX_ITER: "max_iter",
     CG_NONPOSITIVE_CURVATURE: "nonpositive_curvature",
+    CG_NONFINITE: "nonfinite",
 }
 
 
@@ -31,7 +34,7 @@ class CGResult:
 
     Attributes:
         x: (k, m) solution (for a column stopped on non-positive curvature: the last iterate).
-        status: (m,) int64, one of CG_CONVERGED, CG_MAX_ITER, CG_NONPOSITIVE_CURVATURE.
+        status: (m,) int64, one of CG_CONVERGED, CG_MAX_ITER, CG_NONPOSITIVE_CURVATURE, CG_NONFINITE.
         iterations: (m,) int64, the number of A-products that column used.
         residual: (m,) relative residual ||r|| / ||b|| at the end (0 for a zero column of B).
         curvature: (m,) the value pᵀAp that stopped a column on non-positive curvature, NaN otherwise.
