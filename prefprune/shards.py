@@ -1,0 +1,373 @@
+"""Resumable scoring: fingerprints of the inputs, the saved solve, per-batch score chunks with manifests.
+
+A scoring run that writes OUTPUT keeps its work in ``OUTPUT.shards/`` until the merged file is written:
+
+- ``fingerprint.json``: digests of the model weights, the encoded training and validation pairs and the
+  settings that change scores (world size is not one of them, so a re-sharded run resumes too);
+- ``solve.safetensors``: the query q, ∇L_V, the solve record and the validation loss, so a resumed run
+  does not solve again unless an input changed;
+- ``chunks/b<k>.safetensors``: the score rows of training batch k (batches are formed over the whole
+  length-ordered set, so batch k is the same pairs whatever the number of ranks), and one line per
+  finished chunk in the writing rank's ``manifest-rank<r>.jsonl``: ids, row count, byte count, sha256.
+
+A chunk is reused only when its manifest line, size, checksum, row count, ids and positions all match
+what the batch must hold; anything else (a torn manifest line, a truncated or corrupt file, a chunk of
+another run or another solve) is logged and recomputed, never merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prefprune import distributed
+from prefprune._io import atomic_write_bytes, atomic_write_text, jsonable
+from prefprune.data.batching import PairBatches
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "ResumeMismatchError",
+    "WorkFolder",
+    "encoded_digest",
+    "model_digest",
+    "run_digests",
+    "sharded_pass",
+    "tensors_digest",
+    "work_dir_for",
+]
+
+FORMAT = "prefprune.score-shards/1"
+_HASH_BLOCK = 1 << 24  # bytes of a tensor hashed at a time (bounds the host copy of a large weight)
+
+
+class ResumeMismatchError(ValueError):
+    """The work folder was written by a run with other inputs than this one."""
+
+
+def work_dir_for(output: str | os.PathLike) -> Path:
+    """The work folder of a score file: ``<output>.shards``."""
+    return Path(str(output) + ".shards")
+
+
+def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of named tensors, in the given order."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach()
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        flat = t.reshape(-1)
+        step = max(1, _HASH_BLOCK // max(1, t.element_size()))
+        for a in range(0, flat.numel(), step):
+            h.update(flat[a : a + step].contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_digest(model: nn.Module) -> str:
+    """Digest of every weight of `model` (trainable and frozen) and buffer, by name."""
+    state = model.state_dict()
+    return tensors_digest((k, state[k]) for k in sorted(state))
+
+
+def encoded_digest(encoded: Sequence) -> str:
+    """Digest of encoded pairs in their order: ids, token ids and the truncation flag."""
+    h = hashlib.sha256()
+    for e in encoded:
+        h.update(json.dumps([e.id, e.chosen_ids, e.rejected_ids, bool(e.truncated)]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+class WorkFolder:
+    """The work folder of one scoring run on this rank (see the module docstring).
+
+    Create it with `WorkFolder.open` on every rank at the same point: rank 0 decides whether the folder
+    may be used (fresh, or a resume with unchanged inputs) and every rank gets the same verdict.
+
+    Attributes:
+        path: the folder.
+        digests: input name → digest ("model weights", "training data", "validation data", "settings").
+        settings: the settings behind the "settings" digest (to name a changed one).
+        run_id: one digest of all of them.
+    """
+
+    def __init__(self, path: Path, digests: Mapping[str, str], settings: Mapping[str, Any]):
+        self.path = Path(path)
+        self.digests = dict(digests)
+        self.settings = dict(settings)
+        self.run_id = hashlib.sha256(json.dumps(self.digests, sort_keys=True).encode()).hexdigest()
+        self.solve_id: str | None = None
+        self.chunks_reused = 0
+        self.chunks_written = 0
+        self._candidates: dict[int, list[dict]] | None = None
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, digests: Mapping[str, str], settings: Mapping[str, Any], *,
+             resume: bool) -> WorkFolder:
+        """Create or reopen the folder; every rank must call this.
+
+        Raises:
+            ResumeMismatchError: resume=True and an input changed since the folder was written (names it),
+                or resume=False and the folder holds an earlier run's work (on every rank).
+        """
+        work = cls(Path(path), digests, settings)
+        verdict = None
+        if distributed.rank() == 0:
+            try:
+                work._check_or_create(resume)
+            except (ResumeMismatchError, OSError) as err:
+                verdict = f"{type(err).__name__}: {err}"
+        verdict = distributed.broadcast_object(verdict)
+        if verdict is not None:
+            kind, _, msg = verdict.partition(": ")
+            raise (ResumeMismatchError if kind == "ResumeMismatchError" else OSError)(msg)
+        # Ranks on another node see their own copy of the path; chunks there are checked like any other.
+        (work.path / "chunks").mkdir(parents=True, exist_ok=True)
+        return work
+
+    def _check_or_create(self, resume: bool) -> None:
+        record = self.path / "fingerprint.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise ResumeMismatchError(f"{str(self.path)!r} exists and is not a folder")
+        if self.path.is_dir() and record.exists():
+            if not resume:
+                raise ResumeMismatchError(
+                    f"{str(self.path)!r} holds the score shards of an earlier, unfinished run; pass --resume "
+                    "(ScoreConfig.resume=True) to continue it, or remove the folder to start over"
+                )
+            try:
+                old = json.loads(record.read_text())
+                old_digests, old_settings = old["digests"], old["settings"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ResumeMismatchError(f"cannot resume: {str(record)!r} is unreadable ({err})") from None
+            changed = [k for k in sorted(set(old_digests) | set(self.digests))
+                       if old_digests.get(k) != self.digests.get(k)]
+            if changed:
+                detail = ""
+                if "settings" in changed:
+                    detail = " (settings: " + "; ".join(_describe_change(old_settings, self.settings)) + ")"
+                raise ResumeMismatchError(
+                    f"cannot resume from {str(self.path)!r}: {', '.join(changed)} changed since the run that "
+                    f"wrote it{detail}; rerun with the original inputs, or remove the folder to start over"
+                )
+            logger.info("resuming from %s", self.path)
+            return
+        if resume:
+            logger.info("--resume: no earlier work in %s, starting from the beginning", self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob("manifest-rank*.jsonl"):  # a folder left without its record
+            stale.unlink()
+        atomic_write_text(record, json.dumps({"format": FORMAT, "digests": self.digests,
+                                              "settings": jsonable(self.settings)}, indent=2, sort_keys=True))
+
+    # -- the solve -------------------------------------------------------------------------------
+
+    def save_solve(self, tensors: Mapping[str, Tensor], record: Mapping[str, Any]) -> None:
+        """Rank 0 saves the solve result (`tensors`, a JSON-able `record`) under this run's id."""
+        self.solve_id = tensors_digest(sorted(tensors.items()))
+        if distributed.rank() != 0:
+            return
+        meta = {"format": FORMAT, "run_id": self.run_id, "solve_id": self.solve_id,
+                "record": json.dumps(jsonable(record, finite=True), sort_keys=True)}
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+        atomic_write_bytes(self.path / "solve.safetensors", data)
+
+    def load_solve(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """The saved solve of this run (read on rank 0, sent to every rank), or None."""
+        found = None
+        if distributed.rank() == 0:
+            found = self._read_solve()
+        found = distributed.broadcast_object(found)
+        if found is not None:
+            self.solve_id = tensors_digest(sorted(found[0].items()))
+        return found
+
+    def _read_solve(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        path = self.path / "solve.safetensors"
+        if not path.exists():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            tensors = st_load(path.read_bytes())
+        except Exception as err:  # noqa: BLE001 -- any unreadable file means "solve again", with the reason
+            logger.warning("%s is unreadable (%s); solving again", path, err)
+            return None
+        intact = meta.get("solve_id") == tensors_digest(sorted(tensors.items()))
+        if meta.get("run_id") != self.run_id or not intact:
+            logger.warning("%s belongs to another run or is damaged; solving again", path)
+            return None
+        return tensors, json.loads(meta["record"])
+
+    # -- chunks ----------------------------------------------------------------------------------
+
+    def _manifest_entries(self) -> dict[int, list[dict]]:
+        if self._candidates is None:
+            out: dict[int, list[dict]] = {}
+            for mf in sorted(self.path.glob("manifest-rank*.jsonl")):
+                for n, line in enumerate(mf.read_bytes().splitlines(), start=1):
+                    try:
+                        entry = json.loads(line)
+                        batch = int(entry["batch"])
+                    except (ValueError, KeyError, TypeError):
+                        logger.warning("%s line %d is torn or invalid; ignored", mf, n)
+                        continue
+                    if entry.get("run_id") == self.run_id and entry.get("solve_id") == self.solve_id:
+                        out.setdefault(batch, []).append(entry)
+            self._candidates = out
+        return self._candidates
+
+    def read_chunk(
+        self, batch: int, positions: Sequence[int], ids: Sequence[str]
+    ) -> dict[str, np.ndarray] | None:
+        """The saved score columns of training batch `batch` if a complete, intact chunk holds them."""
+        reasons = []
+        for entry in reversed(self._manifest_entries().get(batch, [])):
+            why = self._check_entry(entry, positions, ids)
+            if isinstance(why, dict):
+                self.chunks_reused += 1
+                return why
+            reasons.append(why)
+        if reasons:
+            logger.warning("chunk of batch %d not reused (%s); recomputing it", batch, "; ".join(reasons))
+        return None
+
+    def _check_entry(self, entry: dict, positions: Sequence[int], ids: Sequence[str]) -> dict | str:
+        path = self.path / "chunks" / str(entry.get("file", ""))
+        if entry.get("rows") != len(positions) or entry.get("ids") != list(ids):
+            return f"{path.name}: its manifest lists other pairs"
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            return f"{path.name}: {err.strerror or err}"
+        if len(data) != entry.get("bytes"):
+            return f"{path.name}: {len(data)} bytes, the manifest says {entry.get('bytes')} (truncated)"
+        if _sha256_bytes(data) != entry.get("sha256"):
+            return f"{path.name}: checksum mismatch (corrupt)"
+        try:
+            tensors = st_load(data)
+        except Exception as err:  # noqa: BLE001 -- a file that passed its checksum but does not parse
+            return f"{path.name}: unreadable ({err})"
+        pos = tensors.pop("positions", None)
+        if pos is None or pos.tolist() != list(positions):
+            return f"{path.name}: other positions"
+        if any(v.ndim == 0 or v.shape[0] != len(positions) for v in tensors.values()):
+            return f"{path.name}: a column of the wrong length"
+        return {k: v.numpy() for k, v in tensors.items()}
+
+    def write_chunk(self, batch: int, positions: Sequence[int], ids: Sequence[str],
+                    columns: Mapping[str, np.ndarray]) -> None:
+        """Save the score rows of training batch `batch`, then record them in this rank's manifest."""
+        tensors = {"positions": torch.as_tensor(list(positions), dtype=torch.int64)}
+        for k, v in columns.items():
+            tensors[k] = torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64))
+        data = st_save(tensors)
+        name = f"b{batch:07d}.safetensors"
+        atomic_write_bytes(self.path / "chunks" / name, data)
+        entry = {"batch": batch, "file": name, "rows": len(positions), "bytes": len(data),
+                 "sha256": _sha256_bytes(data), "ids": list(ids), "run_id": self.run_id,
+                 "solve_id": self.solve_id}
+        line = (json.dumps(entry) + "\n").encode()
+        # One write of the whole line with O_APPEND: a crash leaves at most a torn last line, skipped on read.
+        manifest = self.path / f"manifest-rank{distributed.rank()}.jsonl"
+        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.chunks_written += 1
+
+    def remove(self) -> None:
+        """Delete the folder (after the merged file is written)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def run_digests(model: nn.Module, train_enc: Sequence, val_enc: Sequence,
+                settings: Mapping[str, Any]) -> dict[str, str]:
+    """The digests a work folder and the ranks must agree on."""
+    return {
+        "model weights": model_digest(model),
+        "training data": encoded_digest(train_enc),
+        "validation data": encoded_digest(val_enc),
+        "settings": hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def sharded_pass(
+    batches: PairBatches,
+    order: Sequence[int],
+    ids: Sequence[str],
+    score_batch: Callable[[PairBatches], Mapping[str, np.ndarray]],
+    *,
+    work: WorkFolder | None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Pass 2 over this rank's contiguous, length-balanced range of `batches`, with chunks; merged rows.
+
+    Batch k of `batches` holds the training pairs order[k·b : (k+1)·b]; it is taken from an intact chunk of
+    `work` when there is one, else scored by `score_batch` and saved as a chunk. Every rank then receives
+    every rank's rows, so the result is the same everywhere.
+
+    Args:
+        batches: all training pairs in pass-2 order (the same on every rank).
+        order: order[j] = training-set index of the j-th pair of `batches`.
+        ids: training-set ids.
+        score_batch: scores one batch: `PairBatches` → name → (rows, ...) arrays.
+
+    Returns:
+        name → arrays over all pairs in pass-2 order (what `score_batch(batches)` returns).
+    """
+    if work is None and not distributed.is_distributed():
+        return dict(score_batch(batches))
+    bs, n = batches.batch_size, batches.n_pairs
+    ranges = distributed.balanced_ranges(distributed.batch_costs(batches), distributed.world_size())
+    mine = ranges[distributed.rank()]
+    done: dict[int, Mapping[str, np.ndarray]] = {}
+    for k in tqdm(mine, desc="pass 2: training scores", disable=not progress, leave=False):
+        a, b = k * bs, min(n, (k + 1) * bs)
+        pos = [int(i) for i in order[a:b]]
+        pair_ids = [ids[i] for i in pos]
+        cols = None if work is None else work.read_chunk(k, pos, pair_ids)
+        if cols is None:
+            one = PairBatches(batches.encoded[a:b], batch_size=bs, pad_token_id=batches.pad_token_id,
+                              padding_side=batches.padding_side, device=batches.device)
+            cols = {name: np.asarray(v) for name, v in score_batch(one).items()}
+            if work is not None:
+                work.write_chunk(k, pos, pair_ids, cols)
+        done[k] = cols
+    merged: dict[int, Mapping[str, np.ndarray]] = {}
+    for part in distributed.all_gather_objects(done):
+        merged.update(part)
+    missing = sorted(set(range(len(batches))) - set(merged))
+    if missing:
+        raise RuntimeError(f"pass 2: no rank scored batches {missing[:10]}; the shards do not cover the set")
+    names = list(merged[0])
+    return {name: np.concatenate([merged[k][name] for k in range(len(batches))]) for name in names}
