@@ -33,7 +33,6 @@ import inspect
 import os
 import platform
 import re
-import site
 import subprocess
 import sys
 import sysconfig
@@ -76,31 +75,30 @@ _PROBE = (
 )
 
 
+# Source run first in this process and in every child once the tree is installed into a prefix: drop any
+# other editable install of prefprune from the import system (its finder module has the same name as the
+# new one, so the new .pth would just re-import it), then load the new finder from its file under a name
+# of its own; it maps prefprune and prefprune.kernels to this tree.
+_ACTIVATE = """\
+import glob, importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not getattr(f, '__module__', '').startswith('__editable___prefprune_')]
+_path = sorted(glob.glob({sitedir!r} + '/__editable___prefprune_*_finder.py'))[-1]
+_spec = importlib.util.spec_from_file_location('_prefprune_gpu_check_finder', _path)
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+_mod.install()
+"""
+
+
 def activate(sitedir: str) -> None:
-    """Use the prefprune installed into `sitedir`: drop any other editable install of prefprune from the
-    import system (its finder module has the same name, so the new .pth would reuse it), then add the site
-    directory, whose .pth installs the finder that maps prefprune and prefprune.kernels to this tree."""
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith(_FINDER)]
-    for name in [m for m in sys.modules if m.startswith(_FINDER)]:
-        del sys.modules[name]
-    site.addsitedir(sitedir)
-
-
-_FINDER = "__editable___prefprune_"
+    """Use the prefprune installed into `sitedir` in this process (see _ACTIVATE)."""
+    exec(_ACTIVATE.format(sitedir=sitedir), {})
 
 
 def _boot(sitedir: str | None) -> str:
-    """Python source for a child interpreter: `activate(sitedir)` first (nothing without a sitedir)."""
-    if not sitedir:
-        return ""
-    return "\n".join([
-        "import site, sys",
-        "sys.meta_path[:] = [f for f in sys.meta_path"
-        f" if not getattr(f, '__module__', '').startswith({_FINDER!r})]",
-        f"[sys.modules.pop(m) for m in list(sys.modules) if m.startswith({_FINDER!r})]",
-        f"site.addsitedir({sitedir!r})",
-        "",
-    ])
+    """Python source for a child interpreter: the same activation first (nothing without a sitedir)."""
+    return "" if not sitedir else _ACTIVATE.format(sitedir=sitedir)
 
 
 def probe_import(sitedir: str | None) -> tuple[bool, str]:
@@ -149,8 +147,10 @@ def install(*, dry_run: bool, timeout_s: float) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFPRUNE_")}
         env.update(extra, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
                    MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
+        # --ignore-installed: never uninstall a prefprune that this Python already has (pip would, even
+        # with --prefix): the check must leave the environment it runs in as it found it.
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-               "--prefix", str(prefix), "-e", str(ROOT)]
+               "--ignore-installed", "--prefix", str(prefix), "-e", str(ROOT)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -15,6 +15,7 @@ that the check's install and import path is exercised as it will run there, this
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -50,6 +51,12 @@ sys.meta_path.insert(0, _NoDatasets())
 '''
 
 
+def _installed_prefprune() -> list[str]:
+    """Where this environment has prefprune installed (its dist-info folders)."""
+    dists = importlib.metadata.distributions()
+    return sorted(str(d._path) for d in dists if d.metadata["Name"] == "prefprune")
+
+
 def _tree_files() -> list[str]:
     cmd = ["git", "ls-files", "-co", "--exclude-standard", "-z"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True).stdout
@@ -77,9 +84,13 @@ def test_dry_run_from_a_fresh_copy_without_datasets(tmp_path):
     env.update(PYTHONPATH=str(boot), PREFPRUNE_BLOCKED_LOG=str(blocked), TMPDIR=str(tmp_path),
                HF_HUB_OFFLINE="1")
     env.pop("OUT", None)
+    installed = _installed_prefprune()
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--json", str(report)], cwd=src,
                           env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
+    # The check leaves the environment it runs in as it found it (pip would uninstall an existing prefprune
+    # even when installing into another prefix, unless told --ignore-installed).
+    assert _installed_prefprune() == installed and all(Path(p).exists() for p in installed)
     assert proc.returncode == 0, out[-6000:]
     data = json.loads(report.read_text())
     # prefprune was not importable (the original tree's install is hidden), so the check installed the copy.
