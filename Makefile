@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.prefprune-installed
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py pyproject.toml
 
-.PHONY: install test lint demo train bench nvcc-check clean
+.PHONY: install test lint demo train bench gpu-check gpu-check-dry-run nvcc-check clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+
+# The prepared GPU check (bench/gpu_check.py): on a CUDA machine it installs the tree itself if needed;
+# the dry run is its CPU part (CI runs it from a fresh clone, see .ci/run).
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
+
+gpu-check-dry-run: $(STAMP)
+	$(PY) bench/gpu_check.py --dry-run
 
 # Compile every CUDA source for sm_90, warnings as errors (works without a GPU or a CUDA torch:
 # the .cu files include no ATen headers).
