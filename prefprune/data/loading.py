@@ -241,7 +241,8 @@ class PreferenceDataset(Sequence[PreferencePair]):
         if fmt == "parquet":
             # from_pylist takes its columns from the first record only: give every record every key.
             sink = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), sink)
+            pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), sink,
+                           write_page_checksum=True)
             return sink.getvalue()
         if fmt in ("jsonl", "json"):
             if fmt == "jsonl":

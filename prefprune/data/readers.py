@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def _read_bytes(path: Path) -> bytes:
     if path.name.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: not a valid gzip file ({e})") from None
     return data
 
@@ -146,10 +147,11 @@ def _csv_records(data: bytes, path: Path) -> RecordStream:
 
 def _parquet_records(path: Path) -> RecordStream:
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several unrelated types for corrupt files
+        # Page checksums are verified where the writer stored them (prefprune writes them).
+        rows = pq.read_table(path, page_checksum_verification=True).to_pylist()
+    except Exception as e:  # pyarrow raises several unrelated types for corrupt files (and bad UTF-8 names)
         raise ValueError(f"{path}: cannot read parquet file ({type(e).__name__}: {e})") from None
-    yield from enumerate(table.to_pylist(), start=1)
+    yield from enumerate(rows, start=1)
 
 
 def _hub_records(source: str, name: str | None, split: str) -> RecordStream:
