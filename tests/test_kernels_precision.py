@@ -66,16 +66,18 @@ def test_tf32x3_is_as_accurate_as_ieee_fp32_for_segment_gradients():
         assert plain > 30 * x3, errs
 
 
-def test_fp32_kernels_meet_the_ieee_fp32_error_under_the_interpreter():
-    """The kernels' own fp32 path on CPU (interpreted: IEEE fp32 dots) against float64 and IEEE fp32 torch."""
+def test_fp32_kernels_meet_the_ieee_fp32_error():
+    """The kernels' own fp32 path against float64 and IEEE-fp32 torch on the same inputs: on CPU interpreted
+    (IEEE fp32 dots), on a GPU the real tf32x3 tensor-core dots."""
     from prefprune.ops.segment import segment_grad_dot_grouped, segment_project
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1)
-    X = torch.randn(90, 40, generator=gen)
-    dY = torch.randn(90, 24, generator=gen)
-    Q = torch.randn(2, 24, 40, generator=gen)
-    P_in = torch.randn(16, 40, generator=gen) / 4
-    offsets = torch.tensor([0, 10, 10, 55, 90])
+    X = torch.randn(90, 40, generator=gen).to(device)
+    dY = torch.randn(90, 24, generator=gen).to(device)
+    Q = torch.randn(2, 24, 40, generator=gen).to(device)
+    P_in = (torch.randn(16, 40, generator=gen) / 4).to(device)
+    offsets = torch.tensor([0, 10, 10, 55, 90], device=device)
     S, sq = segment_grad_dot_grouped([X], [dY], offsets, [Q], impl="triton")
     S64, sq64 = reference.segment_grad_dot_reference(X.double(), dY.double(), offsets, Q.double())
     S32, sq32 = reference.segment_grad_dot_reference(X, dY, offsets, Q)
