@@ -57,15 +57,16 @@ HIGH_IS_SUSPECT = ("train_loss",)
 def higher_is_suspect(column: str) -> bool:
     """Whether a high value of `column` marks a suspect (harmful) pair.
 
-    `influence` and any `influence_<curvature>` column count as influence.
+    `influence` and any `influence_<curvature>` or `influence@<damping>` column count as influence;
+    `self_influence` (and `self_influence@<damping>`) marks suspects by its high end.
     """
-    if column in HIGH_IS_SUSPECT:
+    if column in HIGH_IS_SUSPECT or column == "self_influence" or column.startswith("self_influence@"):
         return True
-    if column in LOW_IS_SUSPECT or column.startswith("influence_"):
+    if column in LOW_IS_SUSPECT or column.startswith(("influence_", "influence@")):
         return False
     raise ValueError(
         f"unknown score column {column!r}: expected one of {LOW_IS_SUSPECT + HIGH_IS_SUSPECT}, "
-        "an influence_<curvature> column, or the method 'random'"
+        "self_influence, an influence_<curvature> or influence@<damping> column, or the method 'random'"
     )
 
 

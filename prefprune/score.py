@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefprune._io import package_versions
-from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient, solve_query
+from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient
 from prefprune.data import PairBatches, length_order
 from prefprune.grads import stream_pair_dots
 from prefprune.model import trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
 from prefprune.precision import PRECISIONS, Precision, check_precision, precision_name, resolve_precision
 from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
+from prefprune.solve import SOLVERS, Solver, check_dampings
+from prefprune.solve_stage import extra_columns, plan_for_config, solve_stage, write_per_query_of
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +70,48 @@ class ScoreConfig:
                           "random Kronecker projection space, solved natively) or identity "
                           "(influence = grad_dot)."},
     )
-    damping: float = field(
+    damping: float | list[float] = field(
         default=1.0,
-        metadata={"help": "λ added to the Hessian. Not a detail: on a tiny LoRA model λ=1 tracked "
-                          "leave-one-out retraining far better than 0.1 or 0.01 (DESIGN §2); sweep it. "
-                          "Must be > 0 for exact."},
+        metadata={"help": "λ added to the Hessian, or a list of values (a sweep: one influence column per "
+                          "value, influence@<λ>, from one run; `influence` is the first value's). Not a "
+                          "detail: on a tiny LoRA model λ=1 tracked leave-one-out retraining far better than "
+                          "0.1 or 0.01 (DESIGN §2). Must be > 0 for exact; no duplicates."},
+    )
+    damping_relative: bool = field(
+        default=False,
+        metadata={"help": "Read the damping values as factors of the curvature's mean eigenvalue trace(H)/p "
+                          "(Kronfluence's convention; the Gauss–Newton trace, also for exact); the sidecar "
+                          "records both the factor and the absolute λ."},
+    )
+    solver: Solver = field(
+        default="auto",
+        metadata={"help": "auto: direct for ggn/projected_ggn when the factors fit memory_budget_mb (one "
+                          "pass over the curvature sample, one eigendecomposition of the n_h×n_h Gram), else "
+                          "CG; exact by CG, or multi-shift CG for a damping list. direct, cg or multishift "
+                          "force one."},
+    )
+    memory_budget_mb: float = field(
+        default=2048.0,
+        metadata={"help": "Memory (MiB) the direct solve's factors may take: the curvature sample's gradient "
+                          "rows and the Gram (ggn: n_h·p rows; projected_ggn: projected rows)."},
+    )
+    self_influence: bool = field(
+        default=False,
+        metadata={"help": "Add the self_influence column ∇ℓ_iᵀ(H + λI)⁻¹∇ℓ_i (high = suspect, the "
+                          "standard mislabel detector): exact in weight space for ggn direct and for exact "
+                          "when the p×p Hessian fits the budget, else in the projected space; one extra pass "
+                          "over the training pairs."},
+    )
+    per_query: bool = field(
+        default=False,
+        metadata={"help": "Also write the n_train × n_val influence matrix (every validation pair its own "
+                          "query, one multi-RHS solve per tile) to <output>.per_query.safetensors with the "
+                          "row and column ids."},
+    )
+    per_query_tile: int = field(
+        default=64,
+        metadata={"help": "Validation queries solved and scored per pass over the training pairs (memory "
+                          "≈ p × tile × damping values)."},
     )
     tol: float = field(default=1e-6, metadata={"help": "CG stops when ||r|| <= tol·||∇L_V||."})
     max_iter: int = field(default=100, metadata={"help": "CG iteration cap (operator products)."})
@@ -125,17 +164,14 @@ class ScoreConfig:
         """Raise ValueError on an invalid setting (before any heavy work)."""
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
-        try:
-            damping = float(self.damping)
-        except (TypeError, ValueError):
-            raise ValueError(f"damping must be a number, got {self.damping!r}") from None
-        if not math.isfinite(damping) or damping < 0:
-            raise ValueError(f"damping must be finite and >= 0, got {self.damping!r}")
-        if self.curvature == "exact" and damping <= 0:
-            raise ValueError(
-                "damping must be > 0 with curvature='exact' (an exact Hessian can be singular or "
-                f"indefinite), got {self.damping!r}"
-            )
+        self.dampings()
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not (isinstance(self.memory_budget_mb, int | float) and math.isfinite(self.memory_budget_mb)
+                and self.memory_budget_mb > 0):
+            raise ValueError(f"memory_budget_mb must be a finite number > 0, got {self.memory_budget_mb!r}")
+        if int(self.per_query_tile) != self.per_query_tile or self.per_query_tile < 1:
+            raise ValueError(f"per_query_tile must be an integer >= 1, got {self.per_query_tile!r}")
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
         if int(self.max_iter) != self.max_iter or self.max_iter < 1:
@@ -161,6 +197,11 @@ class ScoreConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
 
+    def dampings(self) -> list[float]:
+        """The damping values as a list (one value or the sweep), checked: numbers, finite, >= 0, distinct."""
+        values = self.damping if isinstance(self.damping, list | tuple) else [self.damping]
+        return check_dampings(values, curvature=self.curvature, relative=self.damping_relative)
+
 
 @dataclass
 class ScoreResult:
@@ -168,15 +209,19 @@ class ScoreResult:
 
     Attributes:
         ids: (n,) pair ids.
-        columns: name → (n,) float64 array, names in `COLUMNS`.
-        solve: how the influence query was solved.
+        columns: name → (n,) float64 array: `COLUMNS`, then influence@<λ> per damping value of a sweep
+            and self_influence (self_influence@<λ>) when asked for.
+        solve: how the influence query of the first damping value was solved.
         metadata: settings, versions, timings, implementations (the sidecar's content).
+        per_query: with per_query: {"matrix": (n_train, n_val, L), "row_ids", "col_ids", "column_names",
+            "dampings"} (written to `<output>.per_query.safetensors`).
     """
 
     ids: list[str]
     columns: dict[str, np.ndarray]
     solve: SolveInfo
     metadata: dict[str, Any]
+    per_query: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -184,6 +229,7 @@ class ScoreResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write the score file (format by extension) and its `<path>.json` sidecar."""
         write_scores(self, path)
+        write_per_query_of(self, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +329,8 @@ def score_pairs(
         raise ValueError(
             f"hessian_samples={config.hessian_samples} exceeds the {len(train)} training pairs"
         )
+    n_curv = 0 if config.curvature == "identity" else (n_h or len(train))
+    plan = plan_for_config(config, sites, n_curvature=n_curv, dtype=sites[0].module.weight.dtype)
 
     t0 = time.perf_counter()
     val_enc = _encode_validation(val, tokenizer, config.max_length)
@@ -318,12 +366,9 @@ def score_pairs(
             gen = torch.Generator().manual_seed(int(config.seed))
             pick = torch.randperm(len(train_enc), generator=gen)[: config.hessian_samples].sort().values
             curv_enc = [train_enc[int(i)] for i in pick]
-        q, info = solve_query(
-            model, sites, g_val, None if curv_enc is None else batches(curv_enc),
-            curvature=config.curvature, damping=float(config.damping), tol=config.tol,
-            max_iter=config.max_iter, on_nonpositive=config.on_nonpositive, impl=config.impl,
-            progress=config.progress, projection_k=config.projection_k, projection_seed=config.seed,
-        )
+        curv_batches = None if curv_enc is None else batches(curv_enc)
+        q, info, sweep, factors = solve_stage(model, sites, g_val, curv_batches, config=config, plan=plan,
+                                              keep_factors=config.self_influence or config.per_query)
 
         t0 = time.perf_counter()
         order = length_order(train_enc) if config.group_by_length else list(range(len(train_enc)))
@@ -336,6 +381,10 @@ def score_pairs(
             cols[name] = np.empty_like(values)
             cols[name][order] = values
         t_pass2 = time.perf_counter() - t0
+        extra = extra_columns(model, sites, train_batches, order, val_enc=val_enc,
+                              val_batches=batches(val_enc), curv_batches=curv_batches, config=config,
+                              plan=plan, sweep=sweep, factors=factors, cols=cols,
+                              row_ids=[e.id for e in train_enc])
     finally:
         model.train(was_training)
     cols["truncated"] = np.asarray([float(e.truncated) for e in train_enc], dtype=np.float64)
@@ -343,11 +392,12 @@ def score_pairs(
     val_m = val_margins.double()
     metadata = {
         "format": "prefprune.scores/1",
-        "columns": list(COLUMNS),
-        "sign_convention": "influence, grad_dot, grad_cos, margin: positive = helpful; "
-        "train_loss: high = suspect",
+        "columns": [c for c in COLUMNS if c in cols] + [c for c in cols if c not in COLUMNS],
+        "sign_convention": "influence, influence@<λ>, grad_dot, grad_cos, margin: positive = helpful; "
+        "train_loss, self_influence: high = suspect",
         "config": asdict(config),
         "solve": info.to_dict(),
+        **extra["metadata"],
         "n_train": len(train_enc),
         "n_train_truncated": int(sum(e.truncated for e in train_enc)),
         "n_val": len(val_enc),
@@ -364,6 +414,7 @@ def score_pairs(
             "pass1_validation_gradient": t_pass1,
             "solve": info.seconds,
             "pass2_scores": t_pass2,
+            **extra["timings"],
             "total": time.perf_counter() - t_start,
         },
         "impl": {
@@ -378,7 +429,8 @@ def score_pairs(
         "versions": package_versions(),
         "model": getattr(model, "prefprune_info", None),
     }
-    return ScoreResult(ids=[e.id for e in train_enc], columns=cols, solve=info, metadata=metadata)
+    return ScoreResult(ids=[e.id for e in train_enc], columns=cols, solve=info, metadata=metadata,
+                       per_query=extra["per_query"])
 
 
 def stream_scores(
@@ -492,6 +544,7 @@ def score_model(
         "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
     }
     write_scores(result, out, overwrite=overwrite)
+    write_per_query_of(result, out)
     return result
 
 
