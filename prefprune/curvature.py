@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from prefprune import cg
 from prefprune.data.batching import PairBatches
+from prefprune.distributed import cat_over_ranks, sum_over_ranks
 from prefprune.grads import (
     LinearSite,
     SegmentCapture,
@@ -122,9 +123,16 @@ def mean_gradient(
         flat = _flat_grads(sites, grads)
         total = flat if total is None else total + flat
         margins.append(m.detach())
+    # A sharded set (one shard per rank): the sum and the margins over every rank's pairs.
+    mean = sum_over_ranks(batches, total) / batches.n_pairs
+    all_margins = cat_over_ranks(batches, torch.cat(margins))
+    # After the collectives, so that every rank stops (a NaN of one rank's pairs reaches every sum).
     names = [s.name for s in sites for _ in s.parameters()]
     _check_finite_batches(torch.stack(flags).cpu(), names, batches, desc or "gradient pass")
-    return total / batches.n_pairs, torch.cat(margins)
+    if not bool(torch.isfinite(mean).all()):
+        raise FloatingPointError(f"{desc or 'gradient pass'}: non-finite mean gradient (from another rank's "
+                                 "pairs); no scores are written")
+    return mean, all_margins
 
 
 def exact_hvp(
@@ -155,7 +163,7 @@ def exact_hvp(
                         gflat @ v, params, retain_graph=j + 1 < V.shape[1], allow_unused=True
                     )
                     out[:, j] += _flat_grads(sites, hv)
-        return out
+        return sum_over_ranks(batches, out)
 
     return apply
 
@@ -185,7 +193,7 @@ def ggn_product(
                     ct = c[layer.segment_ids()]  # (T, m)
                     # Σ_t c_{i(t),j} Δ_tᵀ X_t for every column j at once.
                     acc[k] += torch.einsum("tj,to,ti->joi", ct, layer.dY.to(V.dtype), layer.X.to(V.dtype))
-        return flatten_site_matrices(acc)
+        return sum_over_ranks(batches, flatten_site_matrices(acc))
 
     return apply
 
@@ -221,7 +229,8 @@ def projected_ggn_rows(
                 blocks.append(segment_project(layer.X, layer.dY, layer.offsets, pin, pout, impl=impl))
             rows.append(torch.cat(blocks, dim=1))
             weights.append(torch.sigmoid(margins) * torch.sigmoid(-margins))
-    return torch.cat(rows), torch.cat(weights).to(rows[0].dtype)
+    weights = cat_over_ranks(batches, torch.cat(weights))
+    return cat_over_ranks(batches, torch.cat(rows)), weights.to(rows[0].dtype)
 
 
 @dataclass
@@ -339,9 +348,7 @@ def solve_query(
         # Eager attention turns a fully masked query row (a left-padding position) into NaN, which
         # 0·NaN then spreads to real tokens; with right padding no row is fully masked, and rewards
         # do not depend on the padding side (see `pair_margins`).
-        right = PairBatches(curvature_batches.encoded, batch_size=curvature_batches.batch_size,
-                            pad_token_id=curvature_batches.pad_token_id, padding_side="right",
-                            device=curvature_batches.device)
+        right = curvature_batches.with_padding("right")
         product, ctx = exact_hvp(model, sites, right), eager_attention(model)
     else:
         product, ctx = ggn_product(model, sites, curvature_batches, impl=impl), contextlib.nullcontext()

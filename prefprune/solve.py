@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefprune import cg
+from prefprune.distributed import cat_over_ranks, sum_over_ranks
 from prefprune.grads import (
     LinearSite,
     SegmentCapture,
@@ -309,7 +310,7 @@ def exact_hvp_batched(model: nn.Module, sites: Sequence[LinearSite], batches) ->
                 hv = torch.autograd.grad(gflat, params, grad_outputs=Vt, is_grads_batched=True,
                                          allow_unused=True)
             out += _flat_grads(sites, hv, lead=(m,))
-        return out
+        return sum_over_ranks(batches, out)
 
     return apply
 
@@ -323,14 +324,11 @@ def ggn_trace(model: nn.Module, sites: Sequence[LinearSite], batches, *, impl: s
             _, sq = pair_dots(packed, None, impl=impl)
             w = torch.sigmoid(margins) * torch.sigmoid(-margins)
             total += float((w.double() * sq.double()).sum())
-    return total / batches.n_pairs
+    return float(sum_over_ranks(batches, torch.tensor(total, dtype=torch.float64))) / batches.n_pairs
 
 
 def _right_padded(batches):
-    from prefprune.data.batching import PairBatches
-
-    return PairBatches(batches.encoded, batch_size=batches.batch_size, pad_token_id=batches.pad_token_id,
-                       padding_side="right", device=batches.device)
+    return batches.with_padding("right")
 
 
 def _projector(sites, k: int, seed: int, device):
@@ -417,7 +415,9 @@ def solve_curvature(
             rows.append(r)
             weights.append(torch.sigmoid(margins) * torch.sigmoid(-margins))
         passes = 1
-        eigen = GaussNewtonEigen.from_rows(torch.cat(rows), torch.cat(weights).to(rows[0].dtype),
+        # Every rank holds the rows of its shard of the curvature sample: gather them in sample order.
+        weights = cat_over_ranks(curvature_batches, torch.cat(weights)).to(rows[0].dtype)
+        eigen = GaussNewtonEigen.from_rows(cat_over_ranks(curvature_batches, torch.cat(rows)), weights,
                                            form=plan.form or "auto")
         del rows
     if plan.method == "direct":
@@ -465,7 +465,8 @@ def _iterative(model, sites, B, batches, *, plan, lam, tol, max_iter, impl, prog
                                              projector=projector, impl=impl):
             rows.append(r)
             weights.append(torch.sigmoid(margins) * torch.sigmoid(-margins))
-        G, w = torch.cat(rows), torch.cat(weights).to(rows[0].dtype)
+        G = cat_over_ranks(batches, torch.cat(rows))
+        w = cat_over_ranks(batches, torch.cat(weights)).to(rows[0].dtype)
         Bp = projector.project_query(split_flat(B, sites)).to(G.dtype).T
         Qs, cols, name = [], [], "reference"
         for lv in lam:
