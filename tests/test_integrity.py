@@ -109,7 +109,8 @@ def test_output_lock_names_the_holder_and_dies_with_it(tmp_path):
     folder = tmp_path / "run"
     child = _hold_lock_in_child(folder)
     try:
-        with pytest.raises(_io.OutputLocked, match=rf"{folder}: output is locked by pid {child.pid} .*experiment"):
+        msg = rf"{folder}: output is locked by pid {child.pid} .*experiment"
+        with pytest.raises(_io.OutputLocked, match=msg):
             with _io.output_lock(folder):
                 pass
     finally:
@@ -283,7 +284,8 @@ def test_byte_order_mark_is_accepted_alike(tmp_path):
     jl.write_bytes(bom + b'{"id": "x1", "prompt": "Q?", "chosen": "yes", "rejected": "no"}\n'
                    b'{"id": "x2", "prompt": "Q2?", "chosen": "a", "rejected": "b"}\n')
     js = tmp_path / "d.json"
-    js.write_bytes(bom + json.dumps([{"id": "x1", "prompt": "Q?", "chosen": "yes", "rejected": "no"}]).encode())
+    rec = {"id": "x1", "prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    js.write_bytes(bom + json.dumps([rec]).encode())
     for p in (csvp, jl, js):
         ds = load_preferences(p)
         assert ds.ids[0] == "x1", p
@@ -350,7 +352,8 @@ def test_too_long_validation_pair_named_by_file_and_line(tmp_path):
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps({"prompt": "short?", "chosen": "yes", "rejected": "no"}) + "\n"
                    + json.dumps({"prompt": "long " * 40, "chosen": "yes", "rejected": "no"}) + "\n")
-    with pytest.raises(ValueError, match=rf"{val}, line 2: validation pair .* longer than max_length=32") as e:
+    msg = rf"{val}, line 2: validation pair .* longer than max_length=32"
+    with pytest.raises(ValueError, match=msg) as e:
         score_pairs(model, tok, _dataset(4), load_preferences(val), config=ScoreConfig(max_length=32,
                                                                                        progress=False))
     assert "truncation='error'" not in str(e.value)
@@ -439,8 +442,8 @@ def test_nonfinite_gradients_stop_scoring_with_layer_and_pair_named():
 
 def test_nonfinite_capture_in_pass_two_names_layer_and_pair():
     import torch
-
     from _pairs import easy_pairs
+
     from prefprune.data import PairBatches, encode_pairs
     from prefprune.grads import stream_pair_dots
     from prefprune.model import trainable_linears
@@ -449,7 +452,7 @@ def test_nonfinite_capture_in_pass_two_names_layer_and_pair():
     model.eval()
     sites = trainable_linears(model)
     enc = encode_pairs(easy_pairs(6), tok, max_length=64)
-    p = sum(s.module.weight.numel() + (s.module.bias.numel() if s.module.bias is not None else 0) for s in sites)
+    p = sum(par.numel() for s in sites for par in s.parameters())
     q = torch.ones(p, dtype=torch.float64)
     right = PairBatches(enc, batch_size=3, pad_token_id=tok.pad_token_id, padding_side="right", device="cpu")
     dots, _, _ = stream_pair_dots(model, sites, right, [q])
@@ -457,3 +460,29 @@ def test_nonfinite_capture_in_pass_two_names_layer_and_pair():
     left = PairBatches(enc, batch_size=3, pad_token_id=tok.pad_token_id, padding_side="left", device="cpu")
     with pytest.raises(FloatingPointError, match=r"non-finite gradient for pair 'e\d' \(layer '.*' first"):
         stream_pair_dots(model, sites, left, [q])
+
+
+def test_model_save_is_atomic(tmp_path, monkeypatch):
+    from prefprune.model import build_reward_model, load_reward_model, save_reward_model
+    from prefprune.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model, _ = build_reward_model(tiny_config("gpt_neox"), tokenizer=tok)
+    out = tmp_path / "model"
+    save_reward_model(model, tok, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    other, _ = build_reward_model(tiny_config("gpt_neox"), tokenizer=tok, seed=1)
+    monkeypatch.setattr(type(tok), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_reward_model(other, tok, out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+    monkeypatch.undo()
+    save_reward_model(other, tok, out)
+    loaded, _ = load_reward_model(out)
+    assert loaded is not None

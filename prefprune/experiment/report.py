@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefprune._io import atomic_write_text
+from prefprune._io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(folder / ACCURACY_PLOT, dpi=110)
+        atomic_write(folder / ACCURACY_PLOT, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
         plt.close(fig)
         written.append(ACCURACY_PLOT)
     hists = results.get("histograms") or {}
@@ -352,7 +352,7 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
             ax.axis("off")
         fig.suptitle("Score distributions (first seed)", fontsize=10)
         fig.tight_layout()
-        fig.savefig(folder / HISTOGRAM_PLOT, dpi=110)
+        atomic_write(folder / HISTOGRAM_PLOT, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
         plt.close(fig)
         written.append(HISTOGRAM_PLOT)
     return written

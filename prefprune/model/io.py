@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from prefprune import __version__
+from prefprune._io import atomic_folder
 from prefprune.model.build import (
     _check_base_exists,
     _fix_pad_token,
@@ -51,6 +52,17 @@ def _base_state_dict(peft_model: nn.Module) -> dict[str, Tensor]:
 
 def save_reward_model(
     model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None
+) -> None:
+    """Save a reward model built by :func:`build_reward_model` as a standard peft folder (see
+    `_save_into`). Every file is written under a temporary sibling folder and moved into place whole,
+    ``prefprune.json`` last, so a crash never leaves a half-written weight file under its final name."""
+    final = Path(path)
+    with atomic_folder(final, last=(META_FILE,)) as tmp:
+        _save_into(model, tokenizer, tmp, extra=extra, final=final)
+
+
+def _save_into(
+    model: nn.Module, tokenizer: Any, path: Path, *, extra: Mapping[str, Any] | None, final: Path
 ) -> None:
     """Save a reward model built by :func:`build_reward_model` as a standard peft folder.
 
@@ -84,7 +96,8 @@ def save_reward_model(
             fresh.save_pretrained(base_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(base_dir)
-        stored_base, adapter_base = BASE_SUBFOLDER, str(base_dir.resolve())
+        # The adapter names the base by the folder it will have, not the temporary one it is written to.
+        stored_base, adapter_base = BASE_SUBFOLDER, str((final / BASE_SUBFOLDER).resolve())
     elif str(base_ref) in BACKBONE_PACKAGES:
         # Keep the alias: the package folder differs from machine to machine.
         stored_base, adapter_base = str(base_ref), resolve_backbone(base_ref)
