@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,9 +24,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prefprune import distributed, shards
 from prefprune._io import package_versions
 from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient
 from prefprune.data import PairBatches, length_order
@@ -34,7 +37,7 @@ from prefprune.model import trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
 from prefprune.precision import PRECISIONS, Precision, check_precision, precision_name, resolve_precision
 from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
-from prefprune.solve import SOLVERS, Solver, check_dampings
+from prefprune.solve import SOLVERS, CurvatureSolve, Solver, check_dampings
 from prefprune.solve_stage import extra_columns, plan_for_config, solve_stage, write_per_query_of
 
 logger = logging.getLogger(__name__)
@@ -159,6 +162,13 @@ class ScoreConfig:
                           "(float64 models stay float64). Pass 1 and the solve run in the model's dtype."},
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted run from OUTPUT.shards/ (any rank killed at any moment): "
+                          "finished batches and the saved solve are reused when the model weights, data and "
+                          "settings are unchanged (the number of ranks may differ); a changed input is "
+                          "refused and named. Without it, an existing OUTPUT.shards/ is an error."},
+    )
 
     def validate(self) -> None:
         """Raise ValueError on an invalid setting (before any heavy work)."""
@@ -285,8 +295,14 @@ def score_pairs(
     val: Sequence,
     *,
     config: ScoreConfig | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> ScoreResult:
     """Score every training pair against the validation set.
+
+    Under an initialised process group (e.g. `torchrun`), every rank calls this with the same inputs:
+    each passes over a contiguous, length-balanced shard of every set, the validation gradient and the
+    curvature products (or Gram rows) are combined over ranks so every rank solves the same system, and
+    every rank returns the merged result (`prefprune.distributed`).
 
     Args:
         model: a LoRA reward model (trainable parameters = LoRA and head `nn.Linear`s).
@@ -294,6 +310,8 @@ def score_pairs(
         train: training `PreferencePair`s (a `PreferenceDataset` or any sequence).
         val: validation pairs (must fit `max_length` uncut).
         config: settings (default `ScoreConfig()`).
+        work_dir: folder of resumable score shards and the saved solve (`prefprune.shards`); with
+            ``config.resume`` an interrupted run continues from it.
 
     Returns:
         `ScoreResult`, rows in training order.
@@ -308,6 +326,10 @@ def score_pairs(
     config = config or ScoreConfig()
     config.validate()
     t_start = time.perf_counter()
+    many = distributed.is_distributed()
+    if (config.self_influence or config.per_query) and (many or config.resume):
+        raise ValueError("self_influence and per_query run in one process and are not resumable yet; "
+                         "score them without torchrun and without resume")
     if len(val) == 0:
         raise ValueError("the validation set is empty; influence needs a validation gradient")
     if len(train) == 0:
@@ -343,19 +365,31 @@ def score_pairs(
     precision = resolve_precision(config.precision, device, dtype)
     check_precision(precision, device)  # before the first batch: a clear error, not a crash mid-run
     seg_impl = _segment_impl_name(config.impl, device, precision)
+    work = None
+    if many or work_dir is not None:
+        settings = {**asdict(config), "padding_side": padding_side, "dtype": str(dtype), "resume": None,
+                    "progress": None, "precision": precision_name(precision)}
+        digests = shards.run_digests(model, train_enc, val_enc, settings)
+        # Before anything is written: ranks started with other inputs stop here, all of them.
+        distributed.agree({**digests, "work folder": str(work_dir)})
+        if work_dir is not None and not (config.self_influence or config.per_query):
+            work = shards.WorkFolder.open(work_dir, digests, settings, resume=config.resume)
 
-    def batches(enc: Sequence) -> PairBatches:
+    def batches(enc: Sequence, what: str | None = None) -> PairBatches:
         if config.group_by_length:
             enc = [enc[i] for i in length_order(enc)]
-        return PairBatches(enc, batch_size=config.batch_size, pad_token_id=pad_id, padding_side=padding_side,
-                           device=device)
+        whole = PairBatches(enc, batch_size=config.batch_size, pad_token_id=pad_id, padding_side=padding_side,
+                            device=device)
+        return distributed.ShardedBatches(whole, what=what) if many and what else whole
 
     was_training = model.training
     model.eval()
     try:
         t0 = time.perf_counter()
-        g_val, val_margins = mean_gradient(model, sites, batches(val_enc), desc="pass 1: validation gradient",
-                                           progress=config.progress)
+        saved = None if work is None else work.load_solve()
+        if saved is None:
+            g_val, val_margins = mean_gradient(model, sites, batches(val_enc, "validation set"),
+                                               desc="pass 1: validation gradient", progress=config.progress)
         t_pass1 = time.perf_counter() - t0
 
         if config.curvature == "identity":
@@ -366,16 +400,32 @@ def score_pairs(
             gen = torch.Generator().manual_seed(int(config.seed))
             pick = torch.randperm(len(train_enc), generator=gen)[: config.hessian_samples].sort().values
             curv_enc = [train_enc[int(i)] for i in pick]
-        curv_batches = None if curv_enc is None else batches(curv_enc)
-        q, info, sweep, factors = solve_stage(model, sites, g_val, curv_batches, config=config, plan=plan,
-                                              keep_factors=config.self_influence or config.per_query)
+        curv_batches = None if curv_enc is None else batches(curv_enc, "curvature set")
+        if saved is None:
+            q, info, sweep, factors = solve_stage(model, sites, g_val, curv_batches, config=config, plan=plan,
+                                                  keep_factors=config.self_influence or config.per_query)
+            if work is not None:
+                work.save_solve({"q": q, "g_val": g_val, "val_margins": val_margins},
+                                {"info": info.to_dict(), "sweep": asdict(sweep)})
+        else:
+            q, g_val, val_margins = (saved[0][k].to(device) for k in ("q", "g_val", "val_margins"))
+            info, sweep, factors = SolveInfo(**saved[1]["info"]), CurvatureSolve(**saved[1]["sweep"]), {}
+            logger.info("reusing the saved solve of %s (inputs unchanged)", work.path)
 
         t0 = time.perf_counter()
         order = length_order(train_enc) if config.group_by_length else list(range(len(train_enc)))
         train_batches = PairBatches([train_enc[i] for i in order], batch_size=config.batch_size,
                                     pad_token_id=pad_id, padding_side=padding_side, device=device)
-        sorted_cols = stream_scores(model, sites, train_batches, q, g_val, impl=config.impl,
-                                    progress=config.progress, precision=precision)
+
+        def score_batches(b: PairBatches, show: bool = False) -> dict[str, np.ndarray]:
+            return stream_scores(model, sites, b, q, g_val, impl=config.impl, progress=show,
+                                 precision=precision)
+
+        if many or work is not None:  # this rank's shard, batch by batch into resumable chunks; merged
+            sorted_cols = shards.sharded_pass(train_batches, order, [e.id for e in train_enc], score_batches,
+                                              work=work, progress=config.progress)
+        else:
+            sorted_cols = score_batches(train_batches, config.progress)
         cols = {}
         for name, values in sorted_cols.items():  # back to the training-set order
             cols[name] = np.empty_like(values)
@@ -426,6 +476,11 @@ def score_pairs(
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "precision": precision_name(precision),
+        "distributed": {"world_size": distributed.world_size(),
+                        "backend": dist.get_backend() if many else None},
+        "resume": None if work is None else {
+            "solve_reused": saved is not None, "chunks_reused": work.chunks_reused,
+            "chunks_computed": work.chunks_written},
         "versions": package_versions(),
         "model": getattr(model, "prefprune_info", None),
     }
@@ -535,16 +590,31 @@ def score_model(
         val = load_preferences(val, schema=schema, split=val_split)
     if len(val) == 0:
         raise ValueError(f"the validation set {val_src!r} is empty")
-    model, tokenizer = load_reward_model(model_dir, device=device)
-    if tokenizer is None:
-        raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
-    result = score_pairs(model, tokenizer, train, val, config=config)
-    result.metadata["sources"] = {
-        "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,
-        "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
-    }
-    write_scores(result, out, overwrite=overwrite)
-    write_per_query_of(result, out)
+    # Under torchrun this joins the process group (gloo on CPU, NCCL with cuda:LOCAL_RANK per rank).
+    with distributed.launched_group(device) as device:
+        model, tokenizer = load_reward_model(model_dir, device=device)
+        if tokenizer is None:
+            raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
+        work = shards.work_dir_for(out)
+        result = score_pairs(model, tokenizer, train, val, config=config, work_dir=work)
+        result.metadata["sources"] = {
+            "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,
+            "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
+        }
+        failure = None
+        if distributed.rank() == 0:  # every rank holds the merged rows; one writes them
+            try:
+                write_scores(result, out, overwrite=overwrite)
+                write_per_query_of(result, out)
+            except Exception as err:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+                failure = err
+        told = distributed.broadcast_object(None if failure is None else f"{type(failure).__name__}: "
+                                                                          f"{failure}")
+        if failure is not None:
+            raise failure
+        if told is not None:
+            raise RuntimeError(f"rank 0 could not write {str(out)!r}: {told}")
+        shutil.rmtree(work, ignore_errors=True)  # the merged file is written: the shards are done
     return result
 
 

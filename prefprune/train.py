@@ -33,6 +33,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefprune._io import atomic_write_text
+from prefprune.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    training_fingerprint,
+)
 from prefprune.data import EncodedPair, PreferencePair, collate_pairs, encode_pairs
 from prefprune.model import reward_forward, save_reward_model
 
@@ -99,6 +106,16 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
     eval_batch_size: int = field(default=32, metadata={"help": "pairs per evaluation batch"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+    checkpoint_every: int | None = field(
+        default=None,
+        metadata={"help": "save a resumable checkpoint (trainable weights, optimiser, scheduler, RNG states) "
+                          "to OUTPUT/checkpoint.pt every N optimiser steps; needs an output folder"},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue from OUTPUT/checkpoint.pt when it exists; the final weights equal an "
+                          "uninterrupted run's (on CPU bitwise); a changed setting or data is refused"},
+    )
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any) -> None:
@@ -109,6 +126,8 @@ class TrainConfig:
             positive(name, getattr(self, name))
         if self.max_steps is not None:
             positive("max_steps", self.max_steps)
+        if self.checkpoint_every is not None:
+            positive("checkpoint_every", self.checkpoint_every)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -441,16 +460,39 @@ def train_reward_model(
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
     epoch_loss = epoch_correct = epoch_n = 0.0
+    ckpt_path = fingerprint = resumed = None
+    if config.checkpoint_every is not None or config.resume:
+        if output_dir is None:
+            raise ValueError("checkpoint_every and resume need an output folder (output_dir / --output)")
+        ckpt_path = Path(output_dir) / CHECKPOINT_FILE
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fingerprint = training_fingerprint(model, asdict(config), encoded)
+        resumed = load_checkpoint(ckpt_path, fingerprint) if config.resume else None
+    start_epoch = start_window = 0
+    if resumed is not None:
+        restore_checkpoint(resumed, model=model, optimizer=optimizer, scheduler=scheduler)
+        pos = resumed["position"]
+        step, start_epoch, start_window = pos["step"], pos["epoch"], pos["window"]
+        history, eval_history = list(pos["history"]), list(pos["eval_history"])
+        logger.info("resuming from %s at optimiser step %d (epoch %d)", ckpt_path, step, start_epoch)
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         # Dropout draws from the global generators: seed them so the run is reproducible.
         torch.manual_seed(config.seed)
-        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not config.progress)
+        if resumed is not None:
+            torch.set_rng_state(resumed["rng_cpu"])
+            if rng_devices and resumed["rng_cuda"]:
+                torch.cuda.set_rng_state_all(resumed["rng_cuda"])
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress)
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             if step >= total_steps:
                 break
+            resuming = resumed is not None and epoch == start_epoch
+            if resuming:
+                generator.set_state(resumed["position"]["epoch_generator"])
+            epoch_generator = generator.get_state()
             batches = _batches(
                 encoded,
                 batch_size=config.batch_size,
@@ -458,7 +500,11 @@ def train_reward_model(
                 group_by_length=config.group_by_length,
             )
             epoch_loss = epoch_correct = epoch_n = 0.0
-            for window in _step_windows(len(batches), config.grad_accum):
+            if resuming:
+                epoch_loss, epoch_correct, epoch_n = resumed["position"]["epoch_sums"]
+            for w_index, window in enumerate(_step_windows(len(batches), config.grad_accum)):
+                if resuming and w_index < start_window:
+                    continue  # done before the checkpoint: same batches, same order
                 if step >= total_steps:
                     break
                 n_window = sum(len(batches[k]) for k in window)
@@ -508,6 +554,13 @@ def train_reward_model(
                 )
                 step += 1
                 bar.update(1)
+                if config.checkpoint_every is not None and step % config.checkpoint_every == 0:
+                    position = {"step": step, "epoch": epoch, "window": w_index + 1,
+                                "epoch_generator": epoch_generator, "history": history,
+                                "eval_history": eval_history,
+                                "epoch_sums": [epoch_loss, epoch_correct, epoch_n]}
+                    save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    fingerprint=fingerprint, position=position)
                 bar.set_postfix(loss=f"{epoch_loss / epoch_n:.4f}", acc=f"{epoch_correct / epoch_n:.3f}")
             logger.info(
                 "epoch %d: train loss %.4f, accuracy %.4f over %d pairs",

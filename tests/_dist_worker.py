@@ -84,6 +84,7 @@ def main() -> int:
             status = {"ok": False, "error": f"{type(err).__name__}: {err}"}
         Path(f"{job['status']}.rank{rank}.json").write_text(json.dumps(status))
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
@@ -153,7 +154,7 @@ def spawn(spec: dict, folder: Path, world: int, *, tag: str = "run"):
     return procs
 
 
-def wait_all(procs, timeout: float = 240) -> list[int]:
+def wait_all(procs, timeout: float = 600) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
 
