@@ -8,9 +8,10 @@ Each measurement runs in its own process, so that peaks do not mix:
   batch, every score column) over the same batches.
 
 CPU: the peak is the process's max RSS (``ru_maxrss``) minus the ``base`` process's; CUDA:
-``torch.cuda.max_memory_allocated`` after the setup is subtracted the same way. Time: the median over
-``--repeats`` rounds of all batches, after one warm-up round (the first round is also the one whose
-memory peak counts; later rounds reuse freed memory).
+``torch.cuda.max_memory_allocated`` after the setup is subtracted the same way. One round over every
+batch counts for the peak. Time: a fourth process builds both and alternates them, ``--repeats``
+rounds each after one warm-up, and reports the medians (interleaving spreads the load of other jobs
+over both alike). The training step runs in the same precision (autocast) as pass 2.
 
 Run (prints one table and, with ``--json``, writes the rows)::
 
@@ -55,14 +56,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=sorted(TARGETS), default="attn")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of each (after one warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write the rows to this file")
-    p.add_argument("--mode", choices=["base", "train", "pass2"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["base", "train", "pass2", "time"], default=None, help=argparse.SUPPRESS)
     return p
 
 
+def machine_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def _setup(args: argparse.Namespace):
+    # torch and prefprune are imported in the functions the measured child runs: the parent only
+    # launches the children and reads their numbers.
     import torch
 
     from prefprune.data import PairBatches, PreferencePair, encode_pairs
@@ -100,55 +117,73 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _child(args: argparse.Namespace) -> dict:
+def _rounds(args: argparse.Namespace, model, batches) -> dict:
+    """name -> one round over every batch: ``train`` (forward + backward + AdamW) and ``pass2``."""
     import torch
     import torch.nn.functional as F
 
     from prefprune.grads import pair_margins
     from prefprune.model import trainable_linears
+    from prefprune.precision import autocast_context
     from prefprune.score import stream_scores
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    device = torch.device(args.device)
+    sites = trainable_linears(model)
+    params = [p for s in sites for p in s.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(s.numel for s in sites), generator=gen).to(device)
+    g_val = torch.randn(q.numel(), generator=gen).to(device)
+
+    def train() -> None:
+        model.train()
+        for batch in batches:
+            with autocast_context(device, dtype):  # the training step in the same precision
+                margins = pair_margins(model, batch)
+            F.softplus(-margins.float()).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def pass2() -> None:
+        model.eval()
+        stream_scores(model, sites, batches, q, g_val, impl=None, progress=False, precision=dtype)
+
+    return {"train": train, "pass2": pass2}
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _child(args: argparse.Namespace) -> dict:
+    import torch
 
     model, batches = _setup(args)
     cuda = args.device.startswith("cuda")
     base_alloc = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times: list[float] = []
-    if args.mode == "train":
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-
-        def one_round() -> None:
-            for batch in batches:
-                loss = F.softplus(-pair_margins(model, batch)).mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    elif args.mode == "pass2":
-        model.eval()
-        sites = trainable_linears(model)
-        p = sum(s.numel for s in sites)
-        gen = torch.Generator().manual_seed(1)
-        q = torch.randn(p, generator=gen).to(args.device)
-        g_val = torch.randn(p, generator=gen).to(args.device)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-
-        def one_round() -> None:
-            stream_scores(model, sites, batches, q, g_val, impl=None, progress=False, precision=dtype)
-    else:
-        def one_round() -> None:
-            pass
-    for _ in range(args.repeats + 1):
-        _sync(args.device)
-        t0 = time.perf_counter()
-        one_round()
-        _sync(args.device)
-        times.append(time.perf_counter() - t0)
+    if args.mode == "time":
+        # Both in one process, rounds interleaved, so that load from other jobs hits both alike.
+        rounds = _rounds(args, model, batches)
+        for fn in rounds.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in rounds}
+        for _ in range(args.repeats):
+            for name, fn in rounds.items():
+                times[name].append(_timed(fn, args.device))
+        return {"mode": "time", **{name: statistics.median(ts) for name, ts in times.items()},
+                "all": times}
+    if args.mode != "base":
+        _rounds(args, model, batches)[args.mode]()  # one round: its peak is the one that counts
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = (torch.cuda.max_memory_allocated() - base_alloc) if cuda else rss_kib * 1024
-    return {"mode": args.mode, "peak_bytes": peak, "seconds": statistics.median(times[1:]) if times[1:] else 0.0,
-            "batches": len(batches)}
+    return {"mode": args.mode, "peak_bytes": peak, "batches": len(batches)}
 
 
 def _run_child(args: argparse.Namespace, mode: str) -> dict:
@@ -164,20 +199,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    rows = {m: _run_child(args, m) for m in ("base", "train", "pass2")}
+    rows = {m: _run_child(args, m) for m in ("base", "train", "pass2", "time")}
     cuda = args.device.startswith("cuda")
     base = 0 if cuda else rows["base"]["peak_bytes"]
     train_mb = (rows["train"]["peak_bytes"] - base) / 2**20
     pass2_mb = (rows["pass2"]["peak_bytes"] - base) / 2**20
-    machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"# {machine}, torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, LoRA r {args.rank} "
-          f"on {','.join(TARGETS[args.targets])}, {args.pairs} pairs x {args.tokens} tokens, batch {args.batch}, "
-          f"precision {args.precision}")
+    machine = machine_name(args.device)
+    print(f"# {machine}, torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, "
+          f"LoRA r {args.rank} on {','.join(TARGETS[args.targets])}, {args.pairs} pairs x {args.tokens} "
+          f"tokens, batch {args.batch}, precision {args.precision}")
     print(f"base peak {'(cuda: setup subtracted)' if cuda else f'{base / 2**20:.1f} MiB'}")
-    print(f"train step : peak +{train_mb:8.1f} MiB   {rows['train']['seconds']:.3f} s / round")
-    print(f"pass 2     : peak +{pass2_mb:8.1f} MiB   {rows['pass2']['seconds']:.3f} s / round")
+    times = rows["time"]
+    print(f"train step : peak +{train_mb:8.1f} MiB   {times['train']:.3f} s / round (median)")
+    print(f"pass 2     : peak +{pass2_mb:8.1f} MiB   {times['pass2']:.3f} s / round (median)")
     ratio_mem = pass2_mb / train_mb if train_mb > 0 else float("nan")
-    ratio_time = rows["pass2"]["seconds"] / rows["train"]["seconds"]
+    ratio_time = times["pass2"] / times["train"]
     print(f"pass2 / train: memory {ratio_mem:.3f}x, time {ratio_time:.3f}x")
     if args.json:
         with open(args.json, "w") as f:

@@ -160,6 +160,10 @@ def cg_reference(
 # Elements of scratch a chunk of padded segments may use (fp32: 4 bytes each): bounds the reference's memory
 # whatever T_total and N are, while keeping the number of Python-level chunks small.
 SEGMENT_CHUNK_ELEMENTS = 1 << 25
+# Up to this many segments, averaging at least this many rows each, the reference reduces segment by
+# segment instead of padding them into a batched matmul (the padded copy costs more than it saves then).
+_LOOP_SEGMENTS = 64
+_LOOP_MIN_ROWS_PER_SEGMENT = 32
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -215,6 +219,14 @@ def _segment_outer_sums(
     is ever held; segments are zero-padded to the chunk's longest one and reduced with one batched matmul.
     """
     bounds = offsets.tolist()
+    n_seg = len(bounds) - 1
+    if n_seg <= _LOOP_SEGMENTS and A.shape[0] >= _LOOP_MIN_ROWS_PER_SEGMENT * max(n_seg, 1):
+        # Few long segments (a scoring batch: 8-32 pairs of hundreds of tokens): one matmul on each
+        # segment's rows, with no padded copy of the layer and no scratch beyond one (k_a, k_b) block.
+        for s in range(n_seg):
+            t0, t1 = bounds[s], bounds[s + 1]
+            consume(s, s + 1, (map_a(A[t0:t1]).T @ map_b(B[t0:t1])).unsqueeze(0))
+        return
     for s0, s1, longest in _segment_chunks(bounds, per_row=k_a + k_b + A.shape[1] + B.shape[1],
                                            per_segment=k_a * k_b):
         t0, t1 = bounds[s0], bounds[s1]
