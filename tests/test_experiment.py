@@ -375,13 +375,17 @@ def test_demo_yaml_matches_embedded_demo_config():
     assert set(DEMO_CONFIG) <= set(embedded)
 
 
-@pytest.mark.parametrize("name", ["tldr-pythia-410m.yaml", "tldr-pythia-1b.yaml", "hh-harmless-minilm.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tldr-pythia-410m.yaml", "tldr-pythia-1b.yaml", "hh-harmless-minilm.yaml", "biased-annotator.yaml"]
+)
 def test_shipped_configs_load(name):
     from pathlib import Path
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     if name.startswith("tldr"):
         assert "exact" in cfg.curvatures and cfg.model.model.startswith("EleutherAI/pythia")
+    elif name.startswith("biased"):
+        assert cfg.data.noise == "prefer_longer" and cfg.clean_eval and len(cfg.seeds) >= 5
     else:
         assert cfg.data.skip_bad and cfg.model.model == "minilm"
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import tyro
 
 from prefprune.data.loading import PreferenceDataset
-from prefprune.data.noise import plant_label_noise
+from prefprune.data.noise import plant_label_noise, plant_length_bias
 from prefprune.data.synthetic import load_or_generate
 
 __all__ = ["SYNTHETIC", "DataConfig", "SchemaChoice", "load_data"]
@@ -57,6 +57,13 @@ class DataConfig:
             "flipped_ids); the synthetic generator plants it itself"
         },
     )
+    noise: Literal["flip", "prefer_longer"] = field(
+        default="flip",
+        metadata={
+            "help": "kind of planted noise: flip = swap the labels of random pairs; prefer_longer = a biased "
+            "annotator that labels the longer response chosen on a label_noise share of the pairs"
+        },
+    )
     data_seed: int = field(
         default=0, metadata={"help": "seed of the synthetic generator and of planted label noise"}
     )
@@ -77,14 +84,15 @@ class DataConfig:
 def load_data(cfg: DataConfig, *, source: str | None = None, plant_noise: bool = False) -> PreferenceDataset:
     """The dataset `cfg` names (or `source`, read with `cfg`'s other settings).
 
-    Synthetic data carries its own planted noise (`label_noise`); with `plant_noise`, noise is also
-    planted into loaded data (the experiment does, to measure noise detection on real pairs).
+    Synthetic data carries its own planted noise (`label_noise`, of kind `noise`); with `plant_noise`,
+    noise is also planted into loaded data (the experiment does, to measure noise detection on real pairs).
     """
     src = cfg.source if source is None else source
+    biased = cfg.noise == "prefer_longer"
     data = load_or_generate(
         src,
         synthetic_pairs=cfg.synthetic_pairs,
-        label_noise=cfg.label_noise,
+        label_noise=0.0 if biased else cfg.label_noise,
         seed=cfg.data_seed,
         schema=cfg.schema,
         split=cfg.split,
@@ -92,6 +100,8 @@ def load_data(cfg: DataConfig, *, source: str | None = None, plant_noise: bool =
         skip_bad=cfg.skip_bad,
         max_pairs=cfg.max_pairs,
     )
+    if biased and cfg.label_noise and (plant_noise or src == SYNTHETIC):
+        return plant_length_bias(data, cfg.label_noise, seed=cfg.data_seed)
     if plant_noise and cfg.label_noise and src != SYNTHETIC:
         data = plant_label_noise(data, cfg.label_noise, seed=cfg.data_seed)
     return data

@@ -78,6 +78,11 @@ class ExperimentConfig:
         "default: the validation split as it is, noise included",
         default=False,
     )
+    clean_eval: bool = _help(
+        "undo the planted noise of the validation and test pairs (noise in the training split only: clean "
+        "validation and test labels, as a biased-annotator study needs)",
+        default=False,
+    )
     split: list[float] = _help(
         "train / validation / test fractions of the data (disjoint)", default_factory=lambda: [0.7, 0.1, 0.2]
     )

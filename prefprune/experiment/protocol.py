@@ -45,6 +45,7 @@ from prefprune import score as score_mod
 from prefprune import train as train_mod
 from prefprune._io import output_lock
 from prefprune.data.config import load_data
+from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import RESUME_FREE, ExperimentConfig
 from prefprune.experiment.report import write_report
 from prefprune.experiment.results import collect_results, merge_tables, score_result_table
@@ -282,6 +283,10 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     out.mkdir(parents=True, exist_ok=True)
     steps = StepStore(out)
     dataset = load_data(cfg.data, plant_noise=True)
+    if cfg.clean_eval:
+        # The split depends on the ids and split_seed only, so restoring labels does not move any pair.
+        _, val0, test0 = dataset.split(cfg.split, seed=cfg.split_seed)
+        dataset = restore_labels(dataset, set(val0.ids) | set(test0.ids))
     train, val, test = _split(cfg, dataset, steps)
     # Training pairs whose response alone exceeds max_length can be neither trained on nor scored: leave
     # them out of the experiment (counted in results.json) rather than let each stage treat them its own way.
@@ -381,9 +386,7 @@ def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
         if rec is None:
             model, tok = run.ensure_model()
             _check_validation_fits(plan, tok)
-            _load_trainable(
-                model, load_state(plan.out / f"seed{seed}" / "baseline_state.pt")
-            )
+            _load_trainable(model, load_state(plan.out / f"seed{seed}" / "baseline_state.pt"))
             with _Timer() as tm:
                 res = score_mod.score_pairs(
                     model, tok, plan.train, plan.val_scoring, config=plan.cfg.score_config(seed, curv)
