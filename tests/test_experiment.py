@@ -376,7 +376,8 @@ def test_demo_yaml_matches_embedded_demo_config():
 
 
 @pytest.mark.parametrize(
-    "name", ["tldr-pythia-410m.yaml", "tldr-pythia-1b.yaml", "hh-harmless-minilm.yaml", "biased-annotator.yaml"]
+    "name",
+    ["tldr-pythia-410m.yaml", "tldr-pythia-1b.yaml", "hh-harmless-minilm.yaml", "biased-annotator.yaml"],
 )
 def test_shipped_configs_load(name):
     from pathlib import Path
