@@ -241,7 +241,10 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp.is_dir():  # an `atomic_folder` that never finished
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
     return removed
 
