@@ -64,8 +64,16 @@ def run_train(job: dict, rank: int) -> None:
 
     model, tok, data, held, cfg = train_setup(job["output"], **job.get("config", {}))
     if job.get("kill_after") is not None:
-        # lr_factor runs once when the scheduler is built and once per optimiser step.
-        _kill_after(train, "lr_factor", int(job["kill_after"]) + 1)
+        # The scheduler asks lr_factor(k) (once per parameter group) right after optimiser step k: dying
+        # there loses step k's progress since the last checkpoint.
+        real, k = train.lr_factor, int(job["kill_after"])
+
+        def dying(step, **kwargs):
+            if step >= k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(step, **kwargs)
+
+        train.lr_factor = dying
     train.train_reward_model(model, tok, data, config=cfg, eval_data=held, output_dir=job["output"])
 
 

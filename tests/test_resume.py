@@ -161,7 +161,16 @@ def test_resume_refuses_changed_inputs_and_needs_the_flag(inputs, monkeypatch):
     assert not out.exists() and len(_chunks(out)) == 2  # refused runs write nothing
 
 
-def test_training_killed_and_resumed_ends_with_identical_weights(tmp_path):
+@pytest.fixture
+def one_thread():
+    """The child trains with one thread; so must this process, for bitwise equal float sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_killed_and_resumed_ends_with_identical_weights(tmp_path, one_thread):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     model, tok, data, held, cfg = train_setup(full_dir)
     full = train_reward_model(model, tok, data, config=cfg, eval_data=held, output_dir=full_dir)
