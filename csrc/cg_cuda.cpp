@@ -1,7 +1,6 @@
 // ATen side of the fused CUDA CG update (CUDA builds only, WITH_CUDA): device guard, current stream,
 // workspace, launch configuration from the device's SM count, raw pointers, launch check. The kernels
 // themselves are plain CUDA in cg_kernels.cu.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -18,7 +17,11 @@ void cg_step_cuda(CGState& s, double tol, const at::Tensor& hist_row) {
   TORCH_CHECK(!hist_row.defined() || hist_row.is_contiguous(), "cg_step_cuda: history row must be contiguous");
   const c10::cuda::CUDAGuard guard(s.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.x.device().index()).stream();
-  const int64_t sms = at::cuda::getDeviceProperties(s.x.device().index())->multiProcessorCount;
+  int sm_count = 0;
+  const cudaError_t attr = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, s.x.device().index());
+  TORCH_CHECK(attr == cudaSuccess, "cg_step_cuda: cannot read the SM count of ", s.x.device(), ": ",
+              cudaGetErrorString(attr));
+  const int64_t sms = sm_count;
   const CGLaunch launch = cg_launch_config(m, k, sms);
   const int64_t nb = launch.blocks_per_column;
   if (!s.work.defined() || s.work.numel() < m * (2 * nb + 2)) {
