@@ -31,6 +31,7 @@ import tyro
 from prefprune import __version__
 from prefprune._io import output_lock
 from prefprune.data.config import DataConfig, load_data
+from prefprune.ensemble import member_path, score_ensemble
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
 from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
 from prefprune.model import ModelConfig, build_model, load_reward_model, max_length_of, save_reward_model
@@ -224,7 +225,10 @@ class ScoreCommand:
     timings, versions).
     """
 
-    model: str = _opt("reward model folder (from prefprune train)")
+    model: list[str] = _opt(
+        "reward model folder(s) from prefprune train; several folders (seeds, checkpoints) write the mean "
+        "of their scores to --output and each member's scores beside it (OUTPUT stem + .memberK)"
+    )
     train: str = _opt("training pairs to score (a file or hub dataset id)")
     val: str = _opt("validation pairs (never truncated)")
     output: str = _opt(
@@ -243,26 +247,24 @@ class ScoreCommand:
     general: Annotated[General, Flat] = _opt("general options", default_factory=General)
 
     def run(self) -> int:
-        result = score_model(
-            self.model,
-            self.train,
-            self.val,
-            self.output,
+        kw = dict(
             config=self.score,
             schema=self.schema,
             train_split=self.train_split,
             val_split=self.val_split,
             max_pairs=self.max_pairs,
             device=str(resolve_device(self.device)),
-            overwrite=self.overwrite,
         )
+        if len(self.model) > 1:
+            ens, members = score_ensemble(self.model, self.train, self.val, self.output, **kw)
+            print(
+                f"scored {len(ens)} pairs with {len(members)} models; wrote the mean of their scores to "
+                f"{self.output} and each model's to {member_path(self.output, 0).name} ..."
+            )
+            return 0
+        result = score_model(self.model[0], self.train, self.val, self.output, **kw)
         s = result.solve
-        if s.curvature == "identity":
-            solve = "no solve"
-        elif s.method == "direct":
-            solve = f"direct Gauss–Newton solve, {s.curvature_passes} pass over the curvature sample"
-        else:
-            solve = f"{s.method} {s.status} after {s.iterations} iterations"
+        solve = "no solve" if s.curvature == "identity" else f"CG {s.status} after {s.iterations} iterations"
         total = result.metadata["timings_s"]["total"]
         print(
             f"scored {len(result)} pairs ({s.curvature}, damping {s.damping:g}, {solve}) in {total:.1f} s; "

@@ -62,7 +62,7 @@ def higher_is_suspect(column: str) -> bool:
     """
     if column in HIGH_IS_SUSPECT or column == "self_influence" or column.startswith("self_influence@"):
         return True
-    if column in LOW_IS_SUSPECT or column.startswith(("influence_", "influence@")):
+    if column in LOW_IS_SUSPECT or column.startswith(("influence_", "influence@", "ensemble_")):
         return False
     raise ValueError(
         f"unknown score column {column!r}: expected one of {LOW_IS_SUSPECT + HIGH_IS_SUSPECT}, "
@@ -240,8 +240,10 @@ def _refuse_inputs(option: str, target: Path, inputs: Mapping[str, Any]) -> None
         if not same and target.exists() and Path(src).exists():
             same = os.path.samefile(src, target)
         if same:
-            raise ValueError(f"{option} {str(target)!r} is the {what} {str(src)!r}; choose another path "
-                             "(writing there would overwrite the input)")
+            raise ValueError(
+                f"{option} {str(target)!r} is the {what} {str(src)!r}; choose another path "
+                "(writing there would overwrite the input)"
+            )
 
 
 def prune_file(
@@ -351,8 +353,10 @@ class PruneConfig:
     )
     by: str = field(
         default="influence",
-        metadata={"help": "score column: influence, influence_<damping or curvature>, grad_dot, grad_cos, "
-                  "train_loss, margin, or random"},
+        metadata={
+            "help": "score column: influence, influence_<damping or curvature>, grad_dot, grad_cos, "
+            "train_loss, margin, or random"
+        },
     )
     select: Mode = field(
         default="harmful",

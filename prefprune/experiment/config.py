@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Methods a config may name; "influence" expands to one method per requested curvature.
-BASE_METHODS = ("influence", "grad_dot", "grad_cos", "train_loss", "margin", "random")
+BASE_METHODS = ("influence", "ensemble", "grad_dot", "grad_cos", "train_loss", "margin", "random")
 #: Keys of the experiment config that may differ when a run is resumed (they change no result).
 RESUME_FREE = ("output", "num_threads", "progress", "device", "bootstrap_samples", "interval_level")
 #: Fields of the train / score sections that the experiment sets itself (from the top-level fields).
@@ -226,8 +226,11 @@ class ExperimentConfig:
             m.startswith("influence") for m in self.methods + self.helpful_methods
         ):
             raise ValueError("methods name influence but curvatures is empty")
-        self.arm_methods()
-        self.helpful_arm_methods()
+        arms = self.arm_methods() + self.helpful_arm_methods()
+        if any(m.startswith("ensemble_") for m in arms) and len(self.seeds) < 2:
+            raise ValueError(
+                f"method ensemble averages the seeds' baselines: give at least two seeds, got {self.seeds}"
+            )
         if not self.methods:
             raise ValueError("methods is empty: give at least one method")
 
@@ -246,10 +249,11 @@ def expand_methods(methods: Sequence[str], curvatures: Sequence[str]) -> list[st
     """Method names with "influence" expanded to influence_<curvature>; ValueError on unknown names."""
     out: list[str] = []
     for m in methods:
-        if m == "influence":
-            names = [f"influence_{c}" for c in curvatures]
-        elif m.startswith("influence_"):
-            c = m[len("influence_") :]
+        if m in ("influence", "ensemble"):
+            # ensemble_<curvature>: the mean over the seeds' baselines of their influence_<curvature>.
+            names = [f"{m}_{c}" for c in curvatures]
+        elif m.startswith(("influence_", "ensemble_")):
+            c = m.split("_", 1)[1]
             if c not in curvatures:
                 raise ValueError(
                     f"method {m!r} needs curvature {c!r} in curvatures (have {list(curvatures)})"

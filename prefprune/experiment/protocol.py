@@ -48,7 +48,12 @@ from prefprune.data.config import load_data
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import RESUME_FREE, ExperimentConfig
 from prefprune.experiment.report import write_report
-from prefprune.experiment.results import collect_results, merge_tables, score_result_table
+from prefprune.experiment.results import (
+    collect_results,
+    merge_tables,
+    score_result_table,
+    with_ensemble_columns,
+)
 from prefprune.experiment.steps import StepStore, arm_step_name, load_state, read_json, save_state, write_json
 from prefprune.model import build_model, resolve_backbone
 from prefprune.prefix_cache import InstalledCache, PrefixCache, adapt_top_layers
@@ -263,7 +268,7 @@ def _score_curvatures(cfg: ExperimentConfig) -> list[str]:
     score_methods = [m for m in dict.fromkeys(cfg.arm_methods() + cfg.helpful_arm_methods()) if m != "random"]
     if not score_methods:
         return []
-    if any(m.startswith("influence_") for m in score_methods):
+    if any(m.startswith(("influence_", "ensemble_")) for m in score_methods):
         return list(cfg.curvatures)
     return ["identity"]  # grad_dot / grad_cos / train_loss only: no curvature solve needed
 
@@ -497,19 +502,29 @@ def _run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     plan = _prepare(cfg)
+    ensemble = any(m.startswith("ensemble_") for m, _, _ in plan.arms)
+    merged: dict[int, ScoreTable | None] = {}
     for seed in cfg.seeds:
         run = _SeedRun(cfg, seed, plan.out, plan.cache, plan.test, plan.clean_ids)
         _baseline(plan, run)
-        merged = _scores(plan, run)
-        _arms(plan, run, merged)
+        merged[seed] = _scores(plan, run)
+        if not ensemble:  # without ensemble arms a seed is finished here (its model is built once)
+            _arms(plan, run, merged[seed])
         run.close()
-        if plan.cache is not None:
-            c = plan.cache
-            logger.info(
-                "prefix cache: %d sequences, %.1f MB, %d hits, %d misses",
-                len(c),
-                c.nbytes / 2**20,
-                c.hits,
-                c.misses,
-            )
+    if ensemble:
+        # The ensemble of the seeds' baselines needs every seed's scores before any seed prunes by it.
+        tables = with_ensemble_columns(merged, plan.curvatures)
+        for seed in cfg.seeds:
+            run = _SeedRun(cfg, seed, plan.out, plan.cache, plan.test, plan.clean_ids)
+            _arms(plan, run, tables[seed])
+            run.close()
+    if plan.cache is not None:
+        c = plan.cache
+        logger.info(
+            "prefix cache: %d sequences, %.1f MB, %d hits, %d misses",
+            len(c),
+            c.nbytes / 2**20,
+            c.hits,
+            c.misses,
+        )
     return _finish(plan, t_start)

@@ -18,7 +18,7 @@ from prefprune.experiment.steps import StepStore, arm_step_name
 from prefprune.metrics import detection_auc, mean_std, precision_at_k
 from prefprune.prune import MODES, ScoreTable, higher_is_suspect
 
-__all__ = ["collect_results", "merge_tables", "score_result_table"]
+__all__ = ["collect_results", "ensemble_table", "merge_tables", "score_result_table", "with_ensemble_columns"]
 
 #: Score columns carried over from the first score pass.
 SHARED_COLUMNS = ("grad_dot", "grad_cos", "train_loss", "margin")
@@ -43,6 +43,41 @@ def merge_tables(tables: Mapping[str, ScoreTable], ids: Sequence[str]) -> ScoreT
             first = False
         meta[curv] = tab.metadata
     return ScoreTable(ids=list(ids), columns=cols, metadata=meta, source="merged scores")
+
+
+def ensemble_table(
+    merged: Mapping[int, ScoreTable | None], curvatures: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """ensemble_<curvature> = the mean over seeds of each seed's baseline influence_<curvature> (the same
+    training pairs for every seed, in the order of the first seed's table)."""
+    tables = [t for t in merged.values() if t is not None]
+    if len(tables) < 2:
+        return {}
+    ids = tables[0].ids
+    out = {}
+    for curv in curvatures:
+        name = f"influence_{curv}"
+        if all(name in t.columns for t in tables):
+            stacked = [t.column(name)[[{i: k for k, i in enumerate(t.ids)}[j] for j in ids]] for t in tables]
+            out[f"ensemble_{curv}"] = np.mean(stacked, axis=0)
+    return out
+
+
+def with_ensemble_columns(
+    merged: Mapping[int, ScoreTable | None], curvatures: Sequence[str]
+) -> dict[int, ScoreTable | None]:
+    """Each seed's merged table with the seeds' ensemble columns added."""
+    ens = ensemble_table(merged, curvatures)
+    out: dict[int, ScoreTable | None] = {}
+    for seed, tab in merged.items():
+        if tab is None:
+            out[seed] = None
+            continue
+        pos = {i: k for k, i in enumerate(next(t for t in merged.values() if t is not None).ids)}
+        order = np.asarray([pos[i] for i in tab.ids])
+        cols = {**tab.columns, **{k: v[order] for k, v in ens.items()}}
+        out[seed] = ScoreTable(ids=tab.ids, columns=cols, metadata=tab.metadata, source=tab.source)
+    return out
 
 
 def score_result_table(result: Any, *, source: str) -> ScoreTable:
@@ -82,7 +117,11 @@ def _detection_rows(
     rows: list[dict[str, Any]] = []
     hist: dict[str, dict[str, list[float]]] = {}
     for col in merged.columns:
-        if col not in DETECTION_COLUMNS and col not in cfg.methods and not col.startswith("influence_"):
+        if (
+            col not in DETECTION_COLUMNS
+            and col not in cfg.methods
+            and not col.startswith(("influence_", "ensemble_"))
+        ):
             continue
         vals = merged.column(col)
         high = higher_is_suspect(col)
@@ -247,6 +286,7 @@ class _Collector:
         self.cpu_seconds = 0.0
         #: (seed, "baseline") or (seed, method, mode, fraction) -> {test pair id: margin}
         self.margins: dict[tuple, dict[str, float]] = {}
+        self.merged: dict[int, ScoreTable] = {}
 
     def _count(self, rec: Mapping[str, Any]) -> None:
         self.seconds += rec["seconds"]
@@ -290,6 +330,7 @@ class _Collector:
         if not tables:
             return
         merged = merge_tables(tables, self.train_ids)
+        self.merged[seed] = merged
         first = seed == self.cfg.seeds[0]
         if self.flipped:
             rows, hist = _detection_rows(self.cfg, seed, merged, self.flipped)
@@ -315,6 +356,17 @@ def collect_results(
     c = _Collector(cfg, out, train.ids, set(flipped_train))
     for seed in cfg.seeds:
         c.seed(seed, curvatures)
+    ens = (
+        ensemble_table(c.merged, curvatures)
+        if any(m.startswith("ensemble_") for m, _, _ in arm_keys(cfg))
+        else {}
+    )
+    if ens and c.flipped:
+        # One ensemble over all seeds: its detection quality is one row (its seed field says so).
+        ens_table = ScoreTable(ids=list(c.train_ids), columns=ens, source="ensemble of the seeds' baselines")
+        rows, hist = _detection_rows(cfg, 0, ens_table, c.flipped)
+        c.detection.extend({**r, "seed": "ensemble"} for r in rows if r["method"] != "random")
+        c.histograms.update(hist)
     summary_arms = _summarise_arms(arm_keys(cfg), c.arms)
     add_intervals(cfg, summary_arms, c.margins)
     return {
