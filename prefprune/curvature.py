@@ -40,14 +40,17 @@ from prefprune.distributed import cat_over_ranks, sum_over_ranks
 from prefprune.grads import (
     LinearSite,
     SegmentCapture,
+    StreamingCapture,
     capture_pairs,
     flatten_site_matrices,
+    iter_layouts,
     pair_dots,
     pair_margins,
     split_flat,
 )
 from prefprune.model import eager_attention
 from prefprune.ops import dispatch
+from prefprune.ops.segment import KroneckerProjector, segment_project
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +202,6 @@ def ggn_product(
 
 
 def _projector(sites: Sequence[LinearSite], k: int, seed: int, device: torch.device):
-    from prefprune.ops.segment import KroneckerProjector
-
     return KroneckerProjector([(s.d_out, s.d_in) for s in sites], k_out=k, k_in=k, seed=seed, device=device)
 
 
@@ -215,19 +216,20 @@ def projected_ggn_rows(
     Returns:
         (n, dim) rows (fp32; fp64 for fp64 models) and (n,) weights σ(m_i)σ(−m_i).
     """
-    from prefprune.ops.segment import segment_project
-
     rows, weights = [], []
-    with SegmentCapture(sites) as cap:
-        for batch in batches:
-            margins, packed = capture_pairs(model, cap, batch, lambda m: m)
-            blocks = []
-            for k, layer in enumerate(packed):
-                # Layers have their own offsets (a decoder head keeps 2 rows per pair), so each layer is
-                # projected on its own rather than through the shared-offsets projector call.
-                pin, pout = projector.P_in[k], projector.P_out[k]
-                blocks.append(segment_project(layer.X, layer.dY, layer.offsets, pin, pout, impl=impl))
-            rows.append(torch.cat(blocks, dim=1))
+    wide = torch.float64 if sites[0].module.weight.dtype == torch.float64 else torch.float32
+    with StreamingCapture(sites) as cap:
+        for batch, layout in iter_layouts(batches.on("cpu"), batches.device):
+            block = torch.zeros(layout.n_pairs, projector.dim, dtype=wide, device=batches.device)
+
+            def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor, block=block) -> None:
+                # Each layer's projected block is written as soon as its Δ exists (one layer held at a time).
+                block[:, projector.slices[k]] = segment_project(
+                    X, dY, offsets, projector.P_in[k], projector.P_out[k], impl=impl, offsets_checked=True
+                ).to(wide)
+
+            margins = cap.run(model, batch, layout, lambda m: m, reduce)
+            rows.append(block)
             weights.append(torch.sigmoid(margins) * torch.sigmoid(-margins))
     weights = cat_over_ranks(batches, torch.cat(weights))
     return cat_over_ranks(batches, torch.cat(rows)), weights.to(rows[0].dtype)
