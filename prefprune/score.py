@@ -31,10 +31,11 @@ from torch import Tensor, nn
 from prefprune import distributed, shards
 from prefprune._io import package_versions
 from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient
-from prefprune.data import PairBatches, length_order
+from prefprune.data import PairBatches, encode_pairs, length_order, load_preferences
 from prefprune.grads import stream_pair_dots
-from prefprune.model import trainable_linears
+from prefprune.model import load_reward_model, trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
+from prefprune.ops.segment import select_segment_impl
 from prefprune.precision import PRECISIONS, Precision, check_precision, precision_name, resolve_precision
 from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
 from prefprune.solve import SOLVERS, CurvatureSolve, Solver, check_dampings
@@ -257,8 +258,6 @@ def _check_ids(ids: Sequence[str], what: str) -> None:
 
 def _encode_validation(val: Sequence, tokenizer: Any, max_length: int) -> list:
     """The validation pairs encoded uncut; a pair that does not fit is named by file and line."""
-    from prefprune.data import encode_pairs
-
     enc = encode_pairs(val, tokenizer, max_length=max_length, truncation="prompt")
     cut = [i for i, e in enumerate(enc) if e.truncated]
     if cut:
@@ -277,8 +276,6 @@ def _segment_impl_name(
     impl: str | None, device: torch.device, dtype: torch.dtype, op: str = "segment_grad_dot_grouped"
 ) -> str:
     """Name of the implementation the dispatcher picks for `op` on activations of this device/dtype."""
-    from prefprune.ops.segment import select_segment_impl
-
     probe = torch.zeros(1, 1, dtype=dtype, device=device)
     return select_segment_impl(op, [probe, probe], impl=impl).name
 
@@ -321,8 +318,6 @@ def score_pairs(
             longer than max_length, a model without trainable parameters, invalid settings.
         prefprune.curvature.NonPositiveCurvatureError: CG met non-positive curvature (on_nonpositive="raise").
     """
-    from prefprune.data import encode_pairs
-
     config = config or ScoreConfig()
     config.validate()
     t_start = time.perf_counter()
@@ -574,9 +569,6 @@ def score_model(
     Returns:
         The `ScoreResult` that was written.
     """
-    from prefprune.data import load_preferences
-    from prefprune.model import load_reward_model
-
     config = config or ScoreConfig()
     config.validate()
     out = check_output_path(output, overwrite=overwrite)

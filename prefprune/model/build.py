@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from prefprune.model.config import (
@@ -118,8 +119,6 @@ def _fix_pad_token(config: Any, tokenizer: Any) -> None:
 
 def _all_linear_targets(model: nn.Module, head: str) -> list[str]:
     """Names (last components) of every Linear/Conv1D module of the base outside the head and pooler."""
-    from transformers.pytorch_utils import Conv1D
-
     names = {
         name.rsplit(".", 1)[-1]
         for name, mod in model.named_modules()
