@@ -130,16 +130,20 @@ def _demo_setup():
     if os.environ.get("PREFPRUNE_BENCH_DEMO_STANDIN") == "1":
         cfg = tiny_config("bert", hidden_size=64, intermediate_size=256, num_attention_heads=4)
         model, _ = build_reward_model(cfg, lora=LoRASettings(r=8, alpha=16.0), seed=0)
-        tok, name = tiny_tokenizer(), "tiny BERT stand-in (hidden 64)"
+        tok, name = tiny_tokenizer(), "tiny BERT stand-in (hidden 64, 2 layers, ~64-token pairs)"
+        # The byte-level tiny tokenizer makes the synthetic posts too long: short random pairs instead.
+        train, val = _pairs(240, 2, "d"), _pairs(60, 3, "e")
     else:
         model, tok = build_reward_model("minilm", lora=LoRASettings(r=8, alpha=16.0), seed=0)
         adapt_top_layers(model, 1)
         name = "MiniLM-L6 (LoRA top layer + head + pooler)"
+    standin = os.environ.get("PREFPRUNE_BENCH_DEMO_STANDIN") == "1"
     with torch.no_grad():  # an untrained LoRA B is zero: give the adapters a trained-like state
         gen = torch.Generator().manual_seed(1)
         for n, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in n:
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+            if p.requires_grad and ("lora_B" in n or standin):
+                # The random stand-in needs larger weights for a curvature comparable to the damping.
+                p.add_((0.5 if standin else 0.02) * torch.randn(p.shape, generator=gen))
     model.eval()
     return model, tok, train, val, name
 
