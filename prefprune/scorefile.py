@@ -240,7 +240,9 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"sidecar {p}: line {e.lineno}: invalid JSON ({e.msg} at character {e.colno})") from None
+        raise ValueError(
+            f"sidecar {p}: line {e.lineno}: invalid JSON ({e.msg} at character {e.colno})"
+        ) from None
     if not isinstance(meta, dict):
         raise ValueError(f"sidecar {p}: expected a JSON object, got {type(meta).__name__}")
     return meta
@@ -279,7 +281,9 @@ def _parse_jsonl(src: str, data: bytes) -> tuple[list[str], dict[str, list[float
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{src}: line {line_no}: invalid JSON ({e.msg} at character {e.colno})") from None
+            raise ValueError(
+                f"{src}: line {line_no}: invalid JSON ({e.msg} at character {e.colno})"
+            ) from None
         here = f"line {line_no}, row {len(ids) + 1}"
         if not isinstance(rec, dict):
             raise ValueError(f"{src}: {here}: expected a JSON object, got {type(rec).__name__}")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from prefprune.data import PreferenceDataset, PreferencePair, load_preferences
 from prefprune.scorefile import read_score_table, write_scores
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DATA_EXTS = [".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz"]
 SCORE_EXTS = [".parquet", ".jsonl", ".csv"]
 HOW = ["random", "truncate", "flip", "enc"]
