@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import filelock
 import numpy as np
 
 __all__ = [
@@ -285,36 +284,50 @@ class OutputLocked(RuntimeError):
     """Another process holds the lock of an output folder."""
 
 
-_HELD: dict[str, list] = {}  # lock path → [FileLock, depth]: re-entry in one process is not a conflict
+_HELD: dict[str, list] = {}  # locked folder → [fd, depth]: re-entry in one process is not a conflict
 
 
-def _lock_path(target: Path) -> Path:
-    # Beside the target, not inside it: a folder can then be replaced or emptied while it is locked.
-    target = target.resolve()
-    return target.with_name(f".{target.name}.lock")
+def _owner_path(folder: Path) -> Path:
+    # Beside the locked folder, so that the folder's own listing stays exactly what the command wrote.
+    return folder.with_name(f".{folder.name}.lock.owner")
+
+
+def _holder(folder: Path) -> str:
+    try:
+        info = json.loads(_owner_path(folder).read_text(encoding="utf-8"))
+        return f"pid {info.get('pid')} on {info.get('host')} ({info.get('what')}, since {info.get('since')})"
+    except (OSError, ValueError, AttributeError):
+        return "another process (its pid is not recorded)"
 
 
 @contextlib.contextmanager
-def output_lock(target: str | os.PathLike, *, what: str = "prefprune") -> Iterator[Path]:
-    """Hold an exclusive lock on an output folder (or, for a single output file, on that file).
+def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: float | None = None
+                ) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder, or on the folder of an output file.
 
-    The lock is an OS file lock (`filelock`) on the hidden file ``.NAME.lock`` beside the target, so it
-    goes away with its process, even on SIGKILL.
-    A second process gets `OutputLocked` at once, with the holder's pid, host, command and start
-    time; the same process may re-enter. A folder is created when missing. Temporaries left by
-    killed writers are removed once the lock is held.
+    The lock is the OS's ``flock`` on the folder itself (no lock file is left anywhere), so it goes away
+    with its process, even on SIGKILL. A second process gets `OutputLocked` with the holder's pid,
+    host, command and start time (recorded in a hidden ``.NAME.lock.owner`` beside the folder while
+    the lock is held); the same process may re-enter. A folder target is created when missing.
+    Temporaries left by killed writers are removed once the lock is held.
 
     Args:
-        target: the output folder, or a file path with an extension (then only that file's lock).
+        target: the output folder, or a file path with an extension (then its folder is locked).
         what: what is writing (recorded for the message another process gets).
+        wait: seconds to wait for the lock (default: none for a folder, 30 s for a file's folder,
+            whose lock is only held while that file is committed).
     """
+    import fcntl
+
     target = Path(target)
     if target.suffix and not target.is_dir():
-        _folder_of(target)
+        folder = _folder_of(target).resolve()
+        wait = 30.0 if wait is None else wait
     else:
         target.mkdir(parents=True, exist_ok=True)
-    lock_path = _lock_path(target)
-    key = str(lock_path.resolve())
+        folder = target.resolve()
+        wait = 0.0 if wait is None else wait
+    key = str(folder)
     held = _HELD.get(key)
     if held is not None:
         held[1] += 1
@@ -323,34 +336,36 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune") -> Iterat
         finally:
             held[1] -= 1
         return
-    lock = filelock.FileLock(str(lock_path), timeout=0)
-    owner = lock_path.with_name(lock_path.name + ".owner")
-    try:
-        lock.acquire()
-    except filelock.Timeout:
+    fd = os.open(folder, os.O_RDONLY)
+    deadline = time.monotonic() + wait
+    while True:
         try:
-            info = json.loads(owner.read_text(encoding="utf-8"))
-            holder = (f"pid {info.get('pid')} on {info.get('host')} ({info.get('what')}, since "
-                      f"{info.get('since')})")
-        except (OSError, ValueError, AttributeError):
-            holder = "another process (its pid is not recorded yet)"
-        raise OutputLocked(
-            f"{target}: output is locked by {holder}; wait for it to finish or choose another output "
-            f"(lock file {lock_path})"
-        ) from None
-    _HELD[key] = [lock, 1]
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise OutputLocked(
+                    f"{target}: output is locked by {_holder(folder)}; wait for it to finish or choose "
+                    f"another output (locked folder {folder})"
+                ) from None
+            time.sleep(0.05)
+    _HELD[key] = [fd, 1]
+    owner = _owner_path(folder)
     try:
-        atomic_write_bytes(owner, json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "what": what,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
-        }).encode())
-        remove_stale_temps(lock_path.parent)
+        with contextlib.suppress(OSError):  # the pid is for the message only: a read-only parent is fine
+            atomic_write_bytes(owner, json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+            }).encode())
+        remove_stale_temps(folder)
         yield target
     finally:
         del _HELD[key]
         with contextlib.suppress(OSError):
             owner.unlink()
-        lock.release()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,15 +135,18 @@ def test_experiment_train_and_score_outputs_are_locked(tmp_path, capsys):
     finally:
         child.kill()
         child.wait()
-    scores = tmp_path / "s.parquet"
+    scores = tmp_path / "out" / "s.parquet"
+    scores.parent.mkdir()
     child = _hold_lock_in_child(scores, what="prefprune score")
     try:
         with pytest.raises(_io.OutputLocked, match=f"pid {child.pid}.*prefprune score"):
-            write_scores(_Result(["a", "b"]), scores)
+            with _io.output_lock(scores, wait=0.2):  # write_scores waits up to 30 s for a file's folder
+                pass
     finally:
         child.kill()
         child.wait()
-    assert not scores.exists()
+    write_scores(_Result(["a", "b"]), scores)
+    assert sorted(p.name for p in scores.parent.iterdir()) == ["s.parquet", "s.parquet.json"]
 
 
 def test_experiment_weights_load_with_weights_only(tmp_path):
