@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from prefprune import score as score_mod
 from prefprune import train as train_mod
 from prefprune._config import from_mapping
+from prefprune._io import atomic_write
 from prefprune.bootstrap import correlation_interval, pearson, spearman
 from prefprune.curvature import Curvature
 from prefprune.data.config import DataConfig, load_data
@@ -417,7 +418,7 @@ def _scatter(results: dict[str, Any], folder: Path) -> str | None:
             ax.set_xlabel("predicted Δ val loss", fontsize=7)
             ax.set_ylabel("measured Δ (LOO)", fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / SCATTER_PLOT, dpi=110)
+    atomic_write(folder / SCATTER_PLOT, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
     return SCATTER_PLOT
 
