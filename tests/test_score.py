@@ -284,8 +284,9 @@ def test_native_cg_in_the_scorer_matches_the_reference(curvature):
     model, tok = tiny_model("gpt_neox"), tokenizer()
     cols = {}
     for impl in ("reference", "native"):
+        # solver="cg": this test is about the CG loop; ggn's default (auto) would take the direct solve.
         cfg = ScoreConfig(curvature=curvature, damping=5.0, batch_size=3, tol=1e-12, max_iter=500, impl=impl,
-                          progress=False)
+                          solver="cg", progress=False)
         res = score_pairs(model, tok, TRAIN, VAL, config=cfg)
         assert res.metadata["impl"]["cg"] == impl and res.solve.status == "converged", res.metadata
         cols[impl] = res.columns
