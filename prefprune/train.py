@@ -290,7 +290,6 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
-@torch.no_grad()
 def split_for_eval(
     data: Any, fraction: float, *, seed: int, held_out: Any | None = None
 ) -> tuple[Any, Any | None]:
@@ -306,6 +305,7 @@ def split_for_eval(
     return train, held
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
