@@ -328,7 +328,22 @@ def _print_summary(results: dict, folder: Path) -> None:
 
 
 @dataclass
-class ExperimentCommand:
+class _ProtocolCommand:
+    """Shared by ``experiment`` and ``demo``: the protocol's settings, run and summarised."""
+
+    experiment: Annotated[ExperimentConfig, Flat] = _opt(
+        "experiment settings", default_factory=ExperimentConfig
+    )
+    general: Annotated[General, Flat] = _opt("general options", default_factory=General)
+
+    def run(self) -> int:
+        results = run_experiment(self.experiment)
+        _print_summary(results, Path(self.experiment.output))
+        return 0
+
+
+@dataclass
+class ExperimentCommand(_ProtocolCommand):
     """The pruning protocol: train, score, prune, retrain, test, over seeds (resumable).
 
     Split the data into train/validation/test, train a baseline reward model per seed, score every training
@@ -342,19 +357,10 @@ class ExperimentCommand:
     config: str | None = _opt(
         "YAML config file (keys = the flags without dashes; sections nested)", default=None
     )
-    experiment: Annotated[ExperimentConfig, Flat] = _opt(
-        "experiment settings", default_factory=ExperimentConfig
-    )
-    general: Annotated[General, Flat] = _opt("general options", default_factory=General)
-
-    def run(self) -> int:
-        results = run_experiment(self.experiment)
-        _print_summary(results, Path(self.experiment.output))
-        return 0
 
 
 @dataclass
-class DemoCommand:
+class DemoCommand(_ProtocolCommand):
     """The whole protocol offline on CPU: MiniLM + synthetic TL;DR-style data with 20% label noise.
 
     Run the pruning experiment with the embedded demo settings (configs/demo.yaml: MiniLM backbone, 600
@@ -362,16 +368,6 @@ class DemoCommand:
     pruning) offline on CPU in about 15 minutes on 2 cores, then print the report table. Any experiment flag
     overrides a demo setting; rerunning with the same --output resumes.
     """
-
-    experiment: Annotated[ExperimentConfig, Flat] = _opt(
-        "experiment settings", default_factory=ExperimentConfig
-    )
-    general: Annotated[General, Flat] = _opt("general options", default_factory=General)
-
-    def run(self) -> int:
-        results = run_experiment(self.experiment)
-        _print_summary(results, Path(self.experiment.output))
-        return 0
 
 
 @dataclass
