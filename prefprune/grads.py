@@ -29,7 +29,13 @@ from tqdm.auto import tqdm
 
 from prefprune.data import PairBatches, collate_pairs
 from prefprune.model import LinearSite, reward_forward, trainable_linears
-from prefprune.ops.segment import check_offsets, segment_grad_dot, segment_grad_dot_grouped
+from prefprune.ops.reference import pair_sequence_grad_dot_reference
+from prefprune.ops.segment import (
+    check_offsets,
+    segment_grad_dot,
+    segment_grad_dot_grouped,
+    select_segment_impl,
+)
 from prefprune.precision import autocast_context
 
 __all__ = [
@@ -325,10 +331,13 @@ class BatchLayout:
                            move(self.seq_index), move(self.seq_offsets))
 
 
-Reducer = Callable[[int, Tensor, Tensor, Tensor], None]
+Reducer = Callable[[int, Tensor, Tensor, Tensor | None], None]
 """``reduce(k, X, dY, offsets)``: site k's packed (T, d_in') inputs and (T, d_out) output gradients of one
 batch, segment i = pair i's rows offsets[i]:offsets[i+1] (already validated: pass ``offsets_checked=True``
-to the segment ops). The tensors are freed when it returns; it must not keep them."""
+to the segment ops); or, for a capture with ``packed=False``, its unpacked (2B, L', d_in') and
+(2B, L', d_out) per-sequence tensors with padding rows (L' = 1 for sequence-level layers) and
+``offsets=None`` (see `prefprune.ops.reference.pair_sequence_grad_dot_reference`). The tensors are freed
+when it returns; it must not keep them."""
 
 
 class _Tap(torch.autograd.Function):
@@ -359,11 +368,14 @@ class StreamingCapture:
         dtype: dtype the inputs and output gradients are handed over in (None: as computed). Under
             autocast the layer outputs (and so Δ) are already in the low precision; the inputs are cast
             in the forward hook.
+        packed: hand the reducer each layer's kept rows gathered per pair (True), or its per-sequence
+            tensors as they are, padding included (False: no gather; see `Reducer`).
     """
 
-    def __init__(self, sites: Sequence[LinearSite], *, dtype: torch.dtype | None = None):
+    def __init__(self, sites: Sequence[LinearSite], *, dtype: torch.dtype | None = None, packed: bool = True):
         self.sites = list(sites)
         self.dtype = dtype
+        self.packed = packed
         # Read before __enter__ switches requires_grad off (LinearSite.has_bias looks at it).
         self._bias = [s.has_bias for s in self.sites]
         self._handles: list = []
@@ -420,14 +432,18 @@ class StreamingCapture:
 
         return hook
 
-    def _rows(self, k: int, t: Tensor, what: str) -> tuple[Tensor, Tensor]:
-        """Gather one layer tensor's rows per pair: (packed (T, d), offsets)."""
+    def _rows(self, k: int, t: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
+        """A layer tensor's rows: gathered per pair ((T, d), offsets) or unpacked ((2B, L', d), None)."""
         layout = self._layout
         two_b, length = 2 * layout.n_pairs, layout.length
         lead = tuple(t.shape[:-1])
         if lead in ((two_b, length), (two_b * length,)):
+            if not self.packed:
+                return t.reshape(two_b, length, -1), None
             return t.reshape(two_b * length, -1).index_select(0, layout.token_index), layout.token_offsets
         if lead == (two_b,):
+            if not self.packed:
+                return t.unsqueeze(1), None
             return t.index_select(0, layout.seq_index), layout.seq_offsets
         raise ValueError(
             f"layer {self.sites[k].name!r}: {what} of shape {tuple(t.shape)}; expected (2B, L, d) or (2B, d) "
@@ -443,7 +459,7 @@ class StreamingCapture:
         X, offsets = self._rows(k, x, "input")
         del x
         if self._bias[k]:
-            X = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
+            X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
         dY, _ = self._rows(k, grad if self.dtype is None else grad.to(self.dtype), "output gradient")
         self._reduce(k, X, dY, offsets)
 
@@ -535,7 +551,11 @@ def stream_pair_dots(
     wide = torch.float64 if sites[0].module.weight.dtype == torch.float64 else torch.float32
     dots, sqs, margins, flags = [], [], [], []
     autocast = None if dtype is None else autocast_context(device, dtype)
-    with StreamingCapture(sites, dtype=dtype) as cap:
+    # Where the reference runs (CPU, or impl="reference"), each layer is reduced on its unpacked
+    # per-sequence tensors by batched matmuls: no gather of the kept rows, no loop over pairs.
+    probe = torch.empty(0, dtype=dtype or sites[0].module.weight.dtype, device=device)
+    packed = select_segment_impl("segment_grad_dot", [probe], impl=impl).name != "reference"
+    with StreamingCapture(sites, dtype=dtype, packed=packed) as cap:
         for batch, layout in tqdm(iter_layouts(batches.on("cpu"), device), total=len(batches), desc=desc,
                                   disable=not progress, leave=False):
             S = torch.zeros(layout.n_pairs, m, dtype=wide, device=device)
@@ -544,9 +564,12 @@ def stream_pair_dots(
             # the final copy (no extra sync), so a NaN never becomes a score silently.
             bad = torch.zeros(layout.n_pairs, len(sites), dtype=torch.bool, device=device)
 
-            def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor, S=S, sq=sq, bad=bad) -> None:
-                s, q2 = segment_grad_dot(X, dY, offsets, None if Qs is None else Qs[k], impl=impl,
-                                         offsets_checked=True)
+            def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor | None, S=S, sq=sq, bad=bad) -> None:
+                Q = None if Qs is None else Qs[k]
+                if offsets is None:
+                    s, q2 = pair_sequence_grad_dot_reference(X, dY, Q)
+                else:
+                    s, q2 = segment_grad_dot(X, dY, offsets, Q, impl=impl, offsets_checked=True)
                 S.add_(s.to(wide))
                 sq.add_(q2.to(wide))
                 bad[:, k] = ~torch.isfinite(q2)

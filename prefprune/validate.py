@@ -54,6 +54,7 @@ from prefprune.experiment.steps import StepStore, write_json
 from prefprune.model import ModelConfig, build_model, training_metadata
 from prefprune.prune import ScoreTable, check_ids_match, read_score_table
 from prefprune.score import ScoreConfig
+from prefprune.solve import damping_column_names
 from prefprune.train import TrainConfig, split_for_eval
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class ValidateConfig:
     loo: int = field(default=0, metadata={"help": "m: single pairs left out and retrained (0 = no LOO)"})
     dampings: list[float] = field(
         default_factory=lambda: [1.0, 0.1, 0.01],
-        metadata={"help": "damping values λ of the influence columns (one score pass each)"},
+        metadata={"help": "damping values λ of the influence columns (one score pass and solve for all)"},
     )
     curvature: Curvature = field(default="ggn", metadata={"help": "Hessian of the influence columns"})
     scores: list[str] = field(
@@ -277,34 +278,39 @@ def _draws(vc: ValidateConfig, ids: Sequence[str]) -> tuple[list[list[str]], lis
     return left_out, loo
 
 
+def _scores_step(vc: ValidateConfig) -> str:
+    return "scores/damping_" + "_".join(f"{d:g}" for d in vc.dampings) + ".json"
+
+
 def _score_tables(
     vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, steps: StepStore
-) -> dict[str, ScoreTable]:
-    """One score pass of the reference model per damping value (each a step); keyed by damping tag."""
-    tables = {}
-    for d in vc.dampings:
-        rel = f"scores/damping_{d:g}.json"
-        rec = steps.get(rel)
-        if rec is None:
-            # A damping at which H + λI is not positive definite (exact curvature) is a finding to report
-            # (its column is NaN), not a reason to stop the other columns.
-            cfg = dataclasses.replace(
-                setup.score_config, curvature=vc.curvature, damping=d, progress=False, on_nonpositive="nan"
-            )
-            res = score_mod.score_pairs(rt.model, rt.tokenizer, setup.train, setup.val, config=cfg)
-            table = score_result_table(res, source=f"validate scores (damping {d:g})")
-            rec = steps.put(rel, table.to_json())
-        tables[f"{d:g}"] = ScoreTable.from_json(rec, source=str(steps.root / rel))
-    return tables
+) -> dict[str, tuple[ScoreTable, str]]:
+    """One score pass of the reference model for every damping value (a sweep: one influence column per
+    value from one curvature solve), as one step; keyed by damping tag → (table, its influence column)."""
+    rec = steps.get(rel := _scores_step(vc))
+    if rec is None:
+        # A damping at which H + λI is not positive definite (exact curvature) is a finding to report
+        # (its column is NaN), not a reason to stop the other columns.
+        damping = vc.dampings[0] if len(vc.dampings) == 1 else list(vc.dampings)
+        cfg = dataclasses.replace(
+            setup.score_config, curvature=vc.curvature, damping=damping, progress=False, on_nonpositive="nan"
+        )
+        res = score_mod.score_pairs(rt.model, rt.tokenizer, setup.train, setup.val, config=cfg)
+        rec = steps.put(rel, score_result_table(res, source="validate scores").to_json())
+    table = ScoreTable.from_json(rec, source=str(steps.root / rel))
+    names = damping_column_names(vc.dampings, relative=False)
+    return {f"{d:g}": (table, name) for d, name in zip(vc.dampings, names, strict=True)}
 
 
-def _columns(vc: ValidateConfig, tables: dict[str, ScoreTable], ids: Sequence[str]) -> dict[str, np.ndarray]:
+def _columns(
+    vc: ValidateConfig, tables: dict[str, tuple[ScoreTable, str]], ids: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Every validated column, aligned with `ids`: influence@λ, grad_dot, grad_cos, extra files' columns."""
     cols: dict[str, np.ndarray] = {}
-    for tag, tab in tables.items():
+    for tag, (tab, name) in tables.items():
         pos = {i: k for k, i in enumerate(tab.ids)}
         order = np.asarray([pos[i] for i in ids])
-        cols[f"influence@{tag}"] = tab.column("influence")[order]
+        cols[f"influence@{tag}"] = tab.column(name)[order]
         for c in PREDICTIVE:
             if c in tab.columns and c not in cols:
                 cols[c] = tab.columns[c][order]
@@ -476,7 +482,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     n_retrains = 1 + len(left_outs) + len(loo_ids)
     logger.info(
         "validate: %d retrains (1 reference + %d subsets at α=%g + %d leave-one-out) on %d pairs, "
-        "plus %d score passes",
+        "plus 1 score pass (%d damping values)",
         n_retrains,
         len(left_outs),
         vc.fraction,
@@ -487,7 +493,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     t0 = time.perf_counter()
     rt = _Retrainer(setup)
     ref = steps.get("reference.json")
-    scored = all(steps.get(f"scores/damping_{d:g}.json") is not None for d in vc.dampings)
+    scored = steps.get(_scores_step(vc)) is not None
     if ref is None or not scored:
         # The reference model is the one scored (rebuilt when resuming: training is deterministic on CPU).
         loss, secs = rt.retrain(setup.train)

@@ -25,6 +25,7 @@ from prefprune.grads import (
     split_flat,
 )
 from prefprune.model import trainable_linears
+from prefprune.ops.reference import pair_sequence_grad_dot_reference
 from prefprune.ops.segment import segment_grad_dot
 
 CASES = [
@@ -142,8 +143,10 @@ def test_trainable_linears_rejects_bad_models():
         trainable_linears(WithNorm())
 
 
-def _streamed(model, enc, side, objective, queries, impl="reference", dtype=None, on_reduce=None):
-    """Dots and norms from the streaming capture: each layer reduced by its own fused call."""
+def _streamed(model, enc, side, objective, queries, impl="reference", dtype=None, on_reduce=None,
+              packed=True):
+    """Dots and norms from the streaming capture: each layer reduced by its own fused call (packed rows),
+    or by the per-sequence batched matmuls on the unpacked tensors, padding included (packed=False)."""
     sites = trainable_linears(model)
     batch = collate_pairs(enc, pad_token_id=PAD, padding_side=side)
     layout = BatchLayout.from_mask(batch["attention_mask"])
@@ -153,24 +156,30 @@ def _streamed(model, enc, side, objective, queries, impl="reference", dtype=None
     def reduce(k, X, dY, offsets):
         if on_reduce is not None:
             on_reduce(k, X, dY)
-        s, q = segment_grad_dot(X, dY, offsets, Qs[k], impl=impl, offsets_checked=True)
+        assert (offsets is None) == (not packed)
+        if packed:
+            s, q = segment_grad_dot(X, dY, offsets, Qs[k], impl=impl, offsets_checked=True)
+        else:
+            assert X.dim() == 3 and X.shape[0] == 2 * len(enc), X.shape
+            s, q = pair_sequence_grad_dot_reference(X, dY, Qs[k])
         acc[k] = (s.double(), q.double())
 
-    with StreamingCapture(sites, dtype=dtype) as cap:
+    with StreamingCapture(sites, dtype=dtype, packed=packed) as cap:
         margins = cap.run(model, batch, layout, objective, reduce)
     S = sum(v[0] for v in acc.values())
     sq = sum(v[1] for v in acc.values())
     return margins, S, sq, acc, cap
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("family,side", CASES)
-def test_streaming_capture_matches_oracle_float64(family, side):
+def test_streaming_capture_matches_oracle_float64(family, side, packed):
     model = tiny_model(family)
     enc = encode_pairs(make_pairs(5, seed=3), tokenizer(), max_length=512)
     G, m_oracle = oracle_pair_gradients(model, enc, pad_token_id=PAD)
     Q = torch.randn(G.shape[1], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     flags = [p.requires_grad for p in model.parameters()]
-    margins, S, sq, acc, _ = _streamed(model, enc, side, lambda m: F.softplus(-m), Q)
+    margins, S, sq, acc, _ = _streamed(model, enc, side, lambda m: F.softplus(-m), Q, packed=packed)
     assert [p.requires_grad for p in model.parameters()] == flags, "requires_grad restored on exit"
     assert len(acc) == len(trainable_linears(model)), "every site reduced once"
     assert rel_err(margins, m_oracle) <= 1e-10, (margins, m_oracle)
@@ -181,8 +190,9 @@ def test_streaming_capture_matches_oracle_float64(family, side):
     assert e <= 1e-10, f"{family}/{side}: streamed squared norms rel err {e:.3g}"
 
 
-def test_streaming_capture_holds_one_layer_at_a_time():
-    """When a layer is reduced, no earlier layer's packed (X, Δ) is alive and its raw input is released."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_streaming_capture_holds_one_layer_at_a_time(packed):
+    """When a layer is reduced, no earlier layer's (X, Δ) is alive and its raw input is released."""
     model = tiny_model("llama")
     sites = trainable_linears(model)
     enc = encode_pairs(make_pairs(4, seed=9), tokenizer(), max_length=512)
@@ -212,9 +222,12 @@ def test_streaming_capture_holds_one_layer_at_a_time():
 
     def reduce(k, X, dY, offsets):
         on_reduce(k, X, dY)
-        segment_grad_dot(X, dY, offsets, Qs[k], offsets_checked=True)
+        if packed:
+            segment_grad_dot(X, dY, offsets, Qs[k], offsets_checked=True)
+        else:
+            pair_sequence_grad_dot_reference(X, dY, Qs[k])
 
-    with Probe(sites) as cap:
+    with Probe(sites, packed=packed) as cap:
         cap.run(model, batch, layout, lambda m: F.softplus(-m), reduce)
         assert cap.held_inputs() == 0
     gc.collect()

@@ -328,3 +328,39 @@ def segment_grad_dot_grouped_reference(
         S_total = S if S_total is None else S_total + S
         sq_total = sq if sq_total is None else sq_total + sq
     return S_total, sq_total
+
+
+def pair_sequence_grad_dot_reference(X: Tensor, dY: Tensor, Q: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`segment_grad_dot_reference` on a layer's unpacked per-sequence tensors, padding rows included.
+
+    Args:
+        X: (2N, L, d_in) inputs and dY: (2N, L, d_out) output gradients of one pair batch, sequence n
+            the chosen and N + n the rejected sequence of pair n (L = 1 for sequence-level layers).
+        Q: (m, d_out, d_in) queries in nn.Linear weight layout, or None (m = 0).
+
+    Returns:
+        S (N, m) and sqnorm (N,) of G_n = dY_nᵀ X_n + dY_{N+n}ᵀ X_{N+n}, fp32 (fp64 for fp64 inputs).
+
+    A padding row adds x·0: its output gradient is exactly zero wherever nothing reads it, and where
+    something does it belongs to the gradient. So no gather of the kept rows is needed: each chunk of
+    pairs is two batched matmuls over the padded sequences (the FLOPs of a training step's weight
+    gradient), then one GEMM with the queries.
+    """
+    ct = _compute_dtype(X.dtype)
+    two_n, _, d_in = X.shape
+    n, d_out = two_n // 2, dY.shape[2]
+    m = 0 if Q is None else Q.shape[0]
+    q = None if Q is None else Q.to(ct).reshape(m, d_out * d_in)
+    S = torch.zeros((n, m), dtype=ct, device=X.device)
+    sq = torch.zeros((n,), dtype=ct, device=X.device)
+    cast = 0 if X.dtype == ct and dY.dtype == ct else 2 * X.shape[1] * (d_in + d_out)
+    step = max(1, SEGMENT_CHUNK_ELEMENTS // (2 * d_out * d_in + cast))
+    for s0 in range(0, n, step):
+        s1 = min(n, s0 + step)
+        G = torch.bmm(dY[s0:s1].to(ct).transpose(1, 2), X[s0:s1].to(ct))
+        G.baddbmm_(dY[n + s0 : n + s1].to(ct).transpose(1, 2), X[n + s0 : n + s1].to(ct))
+        flat = G.reshape(s1 - s0, -1)
+        sq[s0:s1] = torch.linalg.vector_norm(flat, dim=1).square()
+        if q is not None:
+            torch.mm(flat, q.T, out=S[s0:s1])
+    return S, sq
