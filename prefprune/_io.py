@@ -300,9 +300,18 @@ def _holder(folder: Path) -> str:
         return "another process (its pid is not recorded)"
 
 
+def _same_inode(fd: int, folder: Path) -> bool:
+    try:
+        now = os.stat(folder)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
 @contextlib.contextmanager
-def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: float | None = None
-                ) -> Iterator[Path]:
+def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: float | None = None,
+                is_folder: bool | None = None) -> Iterator[Path]:
     """Hold an exclusive lock on an output folder, or on the folder of an output file.
 
     The lock is the OS's ``flock`` on the folder itself (no lock file is left anywhere), so it goes away
@@ -316,11 +325,14 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
         what: what is writing (recorded for the message another process gets).
         wait: seconds to wait for the lock (default: none for a folder, 30 s for a file's folder,
             whose lock is only held while that file is committed).
+        is_folder: whether `target` is a folder (None: an existing folder or a name without an extension;
+            say True for a folder whose name has a dot, such as ``OUTPUT.shards``).
     """
     import fcntl
 
     target = Path(target)
-    if target.suffix and not target.is_dir():
+    own_folder = is_folder if is_folder is not None else not (target.suffix and not target.is_dir())
+    if not own_folder:
         folder = _folder_of(target).resolve()
         wait = 30.0 if wait is None else wait
     else:
@@ -341,7 +353,6 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
@@ -350,6 +361,17 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
                     f"another output (locked folder {folder})"
                 ) from None
             time.sleep(0.05)
+            continue
+        if _same_inode(fd, folder):
+            break
+        # The holder removed the folder (a finished score run's shards) before letting go: this lock is on
+        # a deleted folder that a third process could not see, so lock the one now at the path instead.
+        os.close(fd)
+        if not own_folder:
+            raise FileNotFoundError(f"{target}: folder {str(folder)!r} was removed while waiting for its "
+                                    "lock")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
     _HELD[key] = [fd, 1]
     owner = _owner_path(folder)
     try:

@@ -576,18 +576,19 @@ def score_model(
         raise ValueError(f"model folder {str(model_dir)!r} does not exist")
     train_src = str(train) if isinstance(train, str | os.PathLike) else "<pairs>"
     val_src = str(val) if isinstance(val, str | os.PathLike) else "<pairs>"
-    if isinstance(train, str | os.PathLike):
-        train = load_preferences(train, schema=schema, split=train_split, max_pairs=max_pairs)
-    if isinstance(val, str | os.PathLike):
-        val = load_preferences(val, schema=schema, split=val_split)
-    if len(val) == 0:
-        raise ValueError(f"the validation set {val_src!r} is empty")
-    # Under torchrun this joins the process group (gloo on CPU, NCCL with cuda:LOCAL_RANK per rank).
-    with distributed.launched_group(device) as device:
+    # Under torchrun this joins the process group (gloo on CPU, NCCL with cuda:LOCAL_RANK per rank). One
+    # run per output: from here until the file is committed, rank 0 holds the lock of OUTPUT.shards/, so
+    # a second run into the same output stops at once (naming this one's pid) instead of mixing chunks.
+    with distributed.launched_group(device) as device, shards.locked_work_dir(out) as work:
+        if isinstance(train, str | os.PathLike):
+            train = load_preferences(train, schema=schema, split=train_split, max_pairs=max_pairs)
+        if isinstance(val, str | os.PathLike):
+            val = load_preferences(val, schema=schema, split=val_split)
+        if len(val) == 0:
+            raise ValueError(f"the validation set {val_src!r} is empty")
         model, tokenizer = load_reward_model(model_dir, device=device)
         if tokenizer is None:
             raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
-        work = shards.work_dir_for(out)
         result = score_pairs(model, tokenizer, train, val, config=config, work_dir=work)
         result.metadata["sources"] = {
             "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,

@@ -1,6 +1,7 @@
 """Resumable scoring: fingerprints of the inputs, the saved solve, per-batch score chunks with manifests.
 
-A scoring run that writes OUTPUT keeps its work in ``OUTPUT.shards/`` until the merged file is written:
+A scoring run that writes OUTPUT keeps its work in ``OUTPUT.shards/`` until the merged file is written, and
+holds that folder's lock the whole time (`locked_work_dir`: one run per output):
 
 - ``fingerprint.json``: digests of the model weights, the encoded training and validation pairs and the
   settings that change scores (world size is not one of them, so a re-sharded run resumes too);
@@ -17,12 +18,13 @@ another run or another solve) is logged and recomputed, never merged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefprune import distributed
-from prefprune._io import atomic_write_bytes, atomic_write_text, jsonable
+from prefprune._io import OutputLocked, atomic_write_bytes, atomic_write_text, jsonable, output_lock
 from prefprune.data.batching import PairBatches
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ __all__ = [
     "ResumeMismatchError",
     "WorkFolder",
     "encoded_digest",
+    "locked_work_dir",
     "model_digest",
     "run_digests",
     "sharded_pass",
@@ -62,6 +65,52 @@ class ResumeMismatchError(ValueError):
 def work_dir_for(output: str | os.PathLike) -> Path:
     """The work folder of a score file: ``<output>.shards``."""
     return Path(str(output) + ".shards")
+
+
+_LOCK_ERRORS: dict[str, type[Exception]] = {
+    "OutputLocked": OutputLocked, "ResumeMismatchError": ResumeMismatchError,
+    "PermissionError": PermissionError, "FileNotFoundError": FileNotFoundError,
+}
+
+
+@contextlib.contextmanager
+def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score") -> Iterator[Path]:
+    """Hold the lock of `output`'s work folder for a whole scoring run; every rank must enter it.
+
+    Rank 0 takes `prefprune._io.output_lock` on ``<output>.shards`` (created when missing) before any
+    rank touches the folder and keeps it until the block ends, the final file's commit included. The
+    other ranks wait for rank 0's outcome, so a run whose output is taken stops on every rank with the
+    same `OutputLocked` naming the holder's pid, and none hangs. On a normal exit every rank passes a
+    barrier before rank 0 lets go (no rank still removes the folder when the next run takes it); a
+    folder that a failed run left empty is removed (one with chunks stays, for ``--resume``).
+
+    Yields:
+        The work folder.
+    """
+    path = work_dir_for(output)
+    with contextlib.ExitStack() as held:
+        failure: BaseException | None = None
+        if distributed.rank() == 0:
+            try:
+                if path.exists() and not path.is_dir():
+                    raise ResumeMismatchError(f"{str(path)!r} exists and is not a folder")
+                held.enter_context(output_lock(path, what=what, wait=0.0, is_folder=True))
+            except (OutputLocked, ResumeMismatchError, OSError) as err:
+                failure = err
+        verdict = distributed.broadcast_object(None if failure is None else (type(failure).__name__,
+                                                                             str(failure)))
+        if failure is not None:
+            raise failure
+        if verdict is not None:
+            raise _LOCK_ERRORS.get(verdict[0], OSError)(verdict[1])
+        try:
+            yield path
+        except BaseException:
+            if distributed.rank() == 0:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only when empty
+            raise
+        distributed.barrier()
 
 
 def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:

@@ -6,15 +6,20 @@ is `score_model` in this process, on the same model folders and data files.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import pytest
 import torch
 from _dist_worker import CURVATURES, DTYPES, logs, make_inputs, score_config, spawn, status, wait_all
 
 from prefprune import distributed
+from prefprune._io import output_lock
 from prefprune.data import PairBatches
 from prefprune.score import ScoreConfig, score_model
 from prefprune.scorefile import read_score_table
+from prefprune.shards import work_dir_for
 
 SCORED = ("influence", "grad_dot", "grad_cos", "train_loss", "margin")
 # Norm-wise relative error allowed against the single-process run (the bound for float32). The
@@ -81,16 +86,28 @@ def _jobs(folder, paths, world):
 def test_ranks_equal_single_process(inputs, world):
     folder, paths, refs = inputs
     jobs = _jobs(folder, paths, world)
+    scored = list(jobs)
+    held = contextlib.nullcontext()
     if world == 2:  # and ranks started with different settings: refused on every rank, nothing written
         bad = folder / "mismatch.parquet"
         jobs.append({"kind": "score", "model": paths["float64"], "train": paths["train"], "val": paths["val"],
                      "output": str(bad), "config": score_config("ggn", "float64"),
                      "config_rank": {"1": {"damping": 0.5}}, "status": str(bad) + ".status"})
-    procs = spawn({"jobs": jobs}, folder, world, tag=f"w{world}")
-    codes = wait_all(procs)
+        # and first, a run into an output whose lock another process (this one) holds: refused on both ranks
+        # with the holder's pid, none waits for the other, and the ranks go on in step to the jobs after it
+        locked = folder / "locked.parquet"
+        jobs.insert(0, {**jobs[-1], "output": str(locked), "config_rank": {},
+                        "status": str(locked) + ".status"})
+        held = output_lock(work_dir_for(locked), what="prefprune score", is_folder=True)
+    with held:
+        if world == 2:
+            (work_dir_for(locked) / "chunks").mkdir()
+            (work_dir_for(locked) / "chunks" / "b0000000.safetensors").write_bytes(b"the holder's chunk")
+        procs = spawn({"jobs": jobs}, folder, world, tag=f"w{world}")
+        codes = wait_all(procs, timeout=300)
     assert codes == [0] * world, logs(folder, f"w{world}")
     errors = {}
-    for job in jobs[: 2 * len(CURVATURES)]:
+    for job in scored:
         for r in range(world):
             assert status(job["status"], r) == {"ok": True}, (job["output"], r, status(job["status"], r))
         got = read_score_table(job["output"])
@@ -108,4 +125,13 @@ def test_ranks_equal_single_process(inputs, world):
             assert not st["ok"] and "DisagreementError" in st["error"], st
             assert "settings differs on rank(s) [1]" in st["error"], st
         assert not bad.exists() and not (folder / "mismatch.parquet.shards").exists()
+        refusals = [status(str(locked) + ".status", r) for r in range(2)]
+        for st in refusals:
+            assert not st["ok"] and st["error"].startswith("OutputLocked: "), refusals
+            assert f"locked.parquet.shards: output is locked by pid {os.getpid()} " in st["error"], refusals
+        assert refusals[0] == refusals[1], refusals
+        assert not locked.exists()
+        chunk = work_dir_for(locked) / "chunks" / "b0000000.safetensors"
+        assert [p.name for p in work_dir_for(locked).rglob("*")] == ["chunks", chunk.name]
+        assert chunk.read_bytes() == b"the holder's chunk"
     print(f"world {world}: worst relative error", {k: f"{v:.1e}" for k, v in errors.items() if v > 0})

@@ -149,6 +149,116 @@ def test_experiment_train_and_score_outputs_are_locked(tmp_path, capsys):
     assert sorted(p.name for p in scores.parent.iterdir()) == ["s.parquet", "s.parquet.json"]
 
 
+def test_output_lock_follows_a_folder_its_holder_removed(tmp_path):
+    # A score run removes OUTPUT.shards/ before it lets go; a waiter must then lock the folder at the path,
+    # not the deleted one, or a third run would find the path unlocked.
+    folder = tmp_path / "s.parquet.shards"
+    folder.mkdir()
+    code = textwrap.dedent(f"""
+        import shutil, sys, time
+        from prefprune._io import output_lock
+        with output_lock({str(folder)!r}, is_folder=True):
+            print("locked", flush=True)
+            sys.stdin.readline()
+            time.sleep(1.0)
+            shutil.rmtree({str(folder)!r})
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        with _io.output_lock(folder, wait=30, is_folder=True):
+            assert holder.wait(timeout=30) == 0
+            assert folder.is_dir()
+            probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+                from prefprune._io import OutputLocked, output_lock
+                try:
+                    with output_lock({str(folder)!r}, is_folder=True):
+                        print("got it")
+                except OutputLocked as err:
+                    print(err)
+            """)], capture_output=True, text=True, timeout=60)
+            assert f"output is locked by pid {os.getpid()}" in probe.stdout, probe.stdout + probe.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_second_score_run_on_one_output_is_refused_and_the_first_run_s_shards_kept(tmp_path, monkeypatch,
+                                                                                    capsys):
+    import torch
+    from _scoring_helpers import make_pairs, tiny_model, tokenizer
+
+    from prefprune.cli import main
+    from prefprune.model import save_reward_model
+    from prefprune.score import ScoreConfig, score_model
+    from prefprune.shards import work_dir_for
+
+    save_reward_model(tiny_model("gpt_neox", dtype=torch.float32, seed=5), tokenizer(), tmp_path / "rm")
+    PreferenceDataset(make_pairs(9, seed=1, prefix="t"), schema="prompt_chosen_rejected").save(
+        tmp_path / "train.jsonl")
+    PreferenceDataset(make_pairs(4, seed=2, prefix="v"), schema="prompt_chosen_rejected").save(
+        tmp_path / "val.jsonl")
+    out = tmp_path / "s.parquet"
+    args = (str(tmp_path / "rm"), str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), str(out))
+    # The first run pauses in pass 2 after its first chunk (batch 0 of 3) is in OUTPUT.shards/.
+    code = textwrap.dedent(f"""
+        import sys
+        import torch
+        from prefprune import score
+        torch.set_num_threads(1)
+        real, calls = score.stream_scores, [0]
+        def pausing(*a, **k):
+            calls[0] += 1
+            if calls[0] == 2:
+                print("paused", flush=True)
+                sys.stdin.readline()
+            return real(*a, **k)
+        score.stream_scores = pausing
+        score.score_model(*{args!r}, config=score.ScoreConfig(curvature="ggn", batch_size=3,
+                                                              impl="reference", progress=False))
+        print("done", flush=True)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "paused"
+        work = work_dir_for(out)
+        before = _snapshot(work)
+        assert any(k.startswith("chunks/") for k in before) and "fingerprint.json" in before, sorted(before)
+
+        def no_waiting(seconds):
+            raise AssertionError(f"the second run waited {seconds} s for the lock instead of stopping")
+
+        monkeypatch.setattr(_io.time, "sleep", no_waiting)
+        with pytest.raises(_io.OutputLocked, match=rf"s.parquet.shards: output is locked by pid {first.pid} "
+                                                   r".*prefprune score"):
+            score_model(*args, config=ScoreConfig(curvature="identity", batch_size=3, progress=False))
+        assert main(["score", "--model", args[0], "--train", args[1], "--val", args[2], "--output", args[3],
+                     "--resume", "--no-progress"]) == 2
+        assert f"output is locked by pid {first.pid}" in capsys.readouterr().err
+        monkeypatch.undo()
+        assert _snapshot(work) == before, "a refused run touched the first run's shards"
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "done"
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert read_score_table(out).ids == [f"t{i}" for i in range(9)]
+    assert not work.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_experiment_weights_load_with_weights_only(tmp_path):
     import torch
 
