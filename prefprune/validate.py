@@ -47,6 +47,7 @@ from prefprune._io import atomic_write
 from prefprune.bootstrap import correlation_interval, pearson, spearman
 from prefprune.curvature import Curvature
 from prefprune.data.config import DataConfig, load_data
+from prefprune.ensemble import average_tables
 from prefprune.experiment import protocol as proto
 from prefprune.experiment.config import load_config
 from prefprune.experiment.results import score_result_table
@@ -115,6 +116,14 @@ class ValidateConfig:
             "validated too; ids must match the training pairs"
         },
     )
+    ensemble: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "training seeds of extra models: each is trained on the whole training set from its own "
+            "initial weights and scored like the reference; the mean of every column over the reference and "
+            "them is validated as ensemble:<column>"
+        },
+    )
     score: ScoreConfig = field(
         default_factory=ScoreConfig,
         metadata={"help": "scoring settings (curvature, damping, seed and max_length are set by validate)"},
@@ -161,6 +170,8 @@ class ValidationSetup:
         train_config: the settings every retrain uses (the reference's included).
         score_config: scoring settings; curvature, damping and progress are set per score pass.
         source: where the setup came from (recorded in validate.json).
+        reseed: the same setup for another training seed (its own initial weights and data order), for
+            ensembles; None if the source cannot give one.
     """
 
     train: Any
@@ -169,6 +180,7 @@ class ValidationSetup:
     train_config: TrainConfig
     score_config: ScoreConfig
     source: dict[str, Any]
+    reseed: Callable[[int], ValidationSetup] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,18 +207,21 @@ def _setup_from_folder(vc: ValidateConfig) -> ValidationSetup:
         raise ValueError(f"{vc.model} was trained without held-out pairs: give --val")
     train_cfg = dataclasses.replace(train_cfg, progress=False, device=vc.device)
 
-    def build() -> tuple[nn.Module, Any]:
-        model, tok = build_model(model_cfg, seed=train_cfg.seed)
-        return model.to(train_mod.resolve_device(vc.device)), tok
+    def for_seed(seed: int) -> ValidationSetup:
+        def build() -> tuple[nn.Module, Any]:
+            model, tok = build_model(model_cfg, seed=seed)
+            return model.to(train_mod.resolve_device(vc.device)), tok
 
-    score_cfg = dataclasses.replace(vc.score, max_length=train_cfg.max_length, seed=train_cfg.seed)
-    return ValidationSetup(train, val, build, train_cfg, score_cfg, {"model": vc.model})
+        score_cfg = dataclasses.replace(vc.score, max_length=train_cfg.max_length, seed=seed)
+        return ValidationSetup(train, val, build, dataclasses.replace(train_cfg, seed=seed), score_cfg,
+                               {"model": vc.model, "seed": seed}, for_seed)
+
+    return for_seed(train_cfg.seed)
 
 
 def _setup_from_experiment(vc: ValidateConfig) -> ValidationSetup:
     # The experiment's own helpers: the same split, fit filter, model build and prefix cache as its seeds.
     cfg = load_config(vc.config)
-    seed = cfg.seeds[0]
     dataset = load_data(cfg.data, plant_noise=True)
     train, val, _ = dataset.split(cfg.split, seed=cfg.split_seed)
     fit_ids, _ = proto._fits(train, proto._load_tokenizer(cfg), cfg.max_length, truncation="prompt")
@@ -217,16 +232,20 @@ def _setup_from_experiment(vc: ValidateConfig) -> ValidationSetup:
         val = val.exclude(dataset.flipped_ids & set(val.ids))
     cache = proto._prefix_cache(cfg)
 
-    def build() -> tuple[nn.Module, Any]:
-        model, tok = proto._build_model(cfg, seed)
-        model.to(train_mod.resolve_device(None if cfg.device == "auto" else cfg.device))
-        if cache is not None:
-            cache.install(model)
-        return model, tok
+    def for_seed(seed: int) -> ValidationSetup:
+        def build() -> tuple[nn.Module, Any]:
+            model, tok = proto._build_model(cfg, seed)
+            model.to(train_mod.resolve_device(None if cfg.device == "auto" else cfg.device))
+            if cache is not None:
+                cache.install(model)
+            return model, tok
 
-    train_cfg = dataclasses.replace(cfg.train_config(seed), progress=False)
-    score_cfg = dataclasses.replace(cfg.score, max_length=cfg.max_length, seed=seed)
-    return ValidationSetup(train, val, build, train_cfg, score_cfg, {"config": vc.config, "seed": seed})
+        train_cfg = dataclasses.replace(cfg.train_config(seed), progress=False)
+        score_cfg = dataclasses.replace(cfg.score, max_length=cfg.max_length, seed=seed)
+        return ValidationSetup(train, val, build, train_cfg, score_cfg, {"config": vc.config, "seed": seed},
+                               for_seed)
+
+    return for_seed(cfg.seeds[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,8 +297,8 @@ def _draws(vc: ValidateConfig, ids: Sequence[str]) -> tuple[list[list[str]], lis
     return left_out, loo
 
 
-def _scores_step(vc: ValidateConfig) -> str:
-    return "scores/damping_" + "_".join(f"{d:g}" for d in vc.dampings) + ".json"
+def _scores_step(vc: ValidateConfig, prefix: str = "") -> str:
+    return f"scores/{prefix}damping_" + "_".join(f"{d:g}" for d in vc.dampings) + ".json"
 
 
 def _score_tables(
@@ -287,7 +306,29 @@ def _score_tables(
 ) -> dict[str, tuple[ScoreTable, str]]:
     """One score pass of the reference model for every damping value (a sweep: one influence column per
     value from one curvature solve), as one step; keyed by damping tag → (table, its influence column)."""
-    rec = steps.get(rel := _scores_step(vc))
+    table = _scored(vc, setup, rt, steps, _scores_step(vc))
+    if vc.ensemble:
+        members = [table]
+        for seed in vc.ensemble:
+            rel = _scores_step(vc, f"ensemble_seed{seed}_")
+            other = setup.reseed(seed)
+            member = None
+            if steps.get(rel) is None:  # trained (then scored) only when its step is missing
+                member = _Retrainer(other)
+                member.retrain(setup.train)
+            members.append(_scored(vc, other, member, steps, rel))
+        mean = average_tables(members, sources=[f"seed {s}" for s in [setup.train_config.seed, *vc.ensemble]])
+        table = ScoreTable(ids=mean.ids, columns={**table.columns, **{f"ensemble:{c}": v for c, v in
+                           mean.columns.items()}}, metadata=table.metadata, source=table.source)
+    names = damping_column_names(vc.dampings, relative=False)
+    return {f"{d:g}": (table, name) for d, name in zip(vc.dampings, names, strict=True)}
+
+
+def _scored(
+    vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer | None, steps: StepStore, rel: str
+) -> ScoreTable:
+    """Step `rel`: every damping's influence (one pass, one solve), grad_dot and grad_cos of rt's model."""
+    rec = steps.get(rel)
     if rec is None:
         # A damping at which H + λI is not positive definite (exact curvature) is a finding to report
         # (its column is NaN), not a reason to stop the other columns.
@@ -297,9 +338,7 @@ def _score_tables(
         )
         res = score_mod.score_pairs(rt.model, rt.tokenizer, setup.train, setup.val, config=cfg)
         rec = steps.put(rel, score_result_table(res, source="validate scores").to_json())
-    table = ScoreTable.from_json(rec, source=str(steps.root / rel))
-    names = damping_column_names(vc.dampings, relative=False)
-    return {f"{d:g}": (table, name) for d, name in zip(vc.dampings, names, strict=True)}
+    return ScoreTable.from_json(rec, source=str(steps.root / rel))
 
 
 def _columns(
@@ -310,10 +349,11 @@ def _columns(
     for tag, (tab, name) in tables.items():
         pos = {i: k for k, i in enumerate(tab.ids)}
         order = np.asarray([pos[i] for i in ids])
-        cols[f"influence@{tag}"] = tab.column(name)[order]
-        for c in PREDICTIVE:
-            if c in tab.columns and c not in cols:
-                cols[c] = tab.columns[c][order]
+        for prefix in ("", "ensemble:") if vc.ensemble else ("",):
+            cols[f"{prefix}influence@{tag}"] = tab.column(prefix + name)[order]
+            for c in PREDICTIVE:
+                if prefix + c in tab.columns and prefix + c not in cols:
+                    cols[prefix + c] = tab.columns[prefix + c][order]
     for path in vc.scores:
         tab = read_score_table(path)
         check_ids_match(list(ids), tab)
@@ -474,20 +514,28 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
         raise ValueError(
             f"the validation set has {len(setup.val)} pairs; validate needs at least {MIN_VALIDATION_PAIRS}"
         )
+    if vc.ensemble:
+        seeds = [setup.train_config.seed, *vc.ensemble]
+        if setup.reseed is None:
+            raise ValueError("ensemble: this setup cannot build models for other seeds (no reseed given)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"ensemble seeds must differ from each other and from the reference's: {seeds}")
     ids = list(setup.train.ids)
     left_outs, loo_ids = _draws(vc, ids)
     out = Path(vc.output)
     out.mkdir(parents=True, exist_ok=True)
     steps = StepStore(out)
-    n_retrains = 1 + len(left_outs) + len(loo_ids)
+    n_retrains = 1 + len(left_outs) + len(loo_ids) + len(vc.ensemble)
     logger.info(
-        "validate: %d retrains (1 reference + %d subsets at α=%g + %d leave-one-out) on %d pairs, "
-        "plus 1 score pass (%d damping values)",
+        "validate: %d retrains (1 reference + %d subsets at α=%g + %d leave-one-out + %d ensemble members) "
+        "on %d pairs, plus %d score passes (each: all %d damping values)",
         n_retrains,
         len(left_outs),
         vc.fraction,
         len(loo_ids),
+        len(vc.ensemble),
         len(ids),
+        1 + len(vc.ensemble),
         len(vc.dampings),
     )
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from prefprune.bootstrap import spearman
 from prefprune.data import PreferenceDataset, collate_pairs, plant_label_noise
 from prefprune.grads import pair_margins
 from prefprune.model import ModelConfig, build_model
-from prefprune.score import ScoreConfig
+from prefprune.score import ScoreConfig, score_pairs
 from prefprune.train import TrainConfig, encode_for_training, evaluate, train_reward_model
 from prefprune.validate import ValidateConfig, ValidationSetup, run_validation
 
@@ -235,3 +236,40 @@ def test_validate_cli_from_a_trained_folder_resumes(tmp_path, capsys):
     assert again["columns"] == res["columns"] and calls == []
     assert main(["validate", "--model", str(tmp_path / "rm"), "--fraction", "1.5"]) == 2
     assert "fraction (α) must be in the open interval (0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_validate_ensemble_is_the_mean_over_independently_trained_seeds(tmp_path):
+    """`ensemble=[s]`: a seed-s model trained on the whole set from its own initial weights and scored like
+    the reference; ensemble:<column> is the mean of the two, pinned against a model trained here."""
+    torch.set_num_threads(1)
+    base = tiny_setup(n_train=8, n_val=10, epochs=4)
+
+    def for_seed(seed):
+        return ValidationSetup(
+            base.train, base.val, build=lambda: build_model(MODEL, seed=seed),
+            train_config=dataclasses.replace(base.train_config, seed=seed), score_config=base.score_config,
+            source={"test": "tiny", "seed": seed}, reseed=for_seed,
+        )
+
+    vc = ValidateConfig(output=str(tmp_path / "v"), subsets=5, dampings=[1.0, 0.1], curvature="ggn",
+                        ensemble=[7], progress=False, bootstrap_samples=100)
+    res = run_validation(vc, setup=for_seed(0))
+    # The member, trained and scored here without validate's code path.
+    model, tok = build_model(MODEL, seed=7)
+    train_reward_model(model, tok, base.train, config=dataclasses.replace(base.train_config, seed=7))
+    sc = dataclasses.replace(base.score_config, curvature="ggn", damping=[1.0, 0.1], seed=7)
+    member = score_pairs(model, tok, base.train, base.val, config=sc)
+    ref = json.loads((tmp_path / "v" / "scores" / "damping_1_0.1.json").read_text())
+    ids = [str(i) for i in ref["ids"]]
+    m_pos = {str(i): k for k, i in enumerate(member.ids)}
+    n = len(ids)
+    names = [("grad_dot", "grad_dot"), ("influence@1.0", "influence@1"), ("influence@0.1", "influence@0.1")]
+    for col, name in names:
+        other = np.asarray(member.columns[col])[[m_pos[i] for i in ids]]
+        mean = (np.asarray(ref["columns"][col]) + other) / 2
+        got = np.asarray(res["columns"][f"ensemble:{name}"]["subset_predicted"])
+        want = [mean[[ids.index(i) for i in s["left_out"]]].sum() / n for s in res["subsets"]]
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert {"ensemble:grad_cos", "influence@1", "grad_cos"} <= set(res["columns"])
+    with pytest.raises(ValueError, match="ensemble seeds must differ"):
+        run_validation(dataclasses.replace(vc, ensemble=[0]), setup=for_seed(0))
