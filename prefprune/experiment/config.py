@@ -23,15 +23,22 @@ __all__ = [
     "BASE_METHODS",
     "DEMO_CONFIG",
     "ExperimentConfig",
+    "damping_tag",
+    "damping_tags",
     "demo_config",
     "expand_methods",
     "load_config",
 ]
 
-#: Methods a config may name; "influence" expands to one method per requested curvature.
+#: Methods a config may name; "influence" expands to one method per requested curvature (and damping value).
 BASE_METHODS = ("influence", "ensemble", "grad_dot", "grad_cos", "train_loss", "margin", "random")
 #: Keys of the experiment config that may differ when a run is resumed (they change no result).
 RESUME_FREE = ("output", "num_threads", "progress", "device", "bootstrap_samples", "interval_level")
+#: Keys that may change on resume because they change neither the baselines nor a finished step: new damping
+#: values only add score columns (and a score pass for the values no score step holds yet).
+RESUME_CHANGEABLE = ("score.damping",)
+#: List keys that may grow on resume (the old entries kept): new arms or score passes; baselines unchanged.
+RESUME_GROWS = ("methods", "fractions", "helpful_methods", "helpful_fractions", "curvatures")
 #: Fields of the train / score sections that the experiment sets itself (from the top-level fields).
 MANAGED = {
     "train": {"seed": "seeds", "max_length": "max_length", "device": "device", "progress": "progress"},
@@ -111,8 +118,9 @@ class ExperimentConfig:
     )
     curvatures: list[Curvature] = _help("curvatures for influence scores", default_factory=lambda: ["ggn"])
     methods: list[str] = _help(
-        "pruning methods: influence (one per curvature), influence_<curvature>, "
-        "grad_dot, grad_cos, train_loss, margin, random",
+        "pruning methods: influence (one per curvature and score.damping value: influence_<curvature>, or "
+        "influence_<curvature>@<λ> for a damping list), ensemble, grad_dot, grad_cos, train_loss, margin, "
+        "random",
         default_factory=lambda: ["influence", "grad_dot", "grad_cos", "train_loss", "random"],
     )
     fractions: list[float] = _help(
@@ -151,11 +159,26 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------------------------------
     def arm_methods(self) -> list[str]:
-        """The harmful-arm methods with 'influence' expanded per curvature, in config order."""
-        return expand_methods(self.methods, self.curvatures)
+        """The harmful-arm methods, 'influence' expanded per curvature and damping value, in config order."""
+        return expand_methods(self.methods, self.curvatures, self.damping_tags())
 
     def helpful_arm_methods(self) -> list[str]:
-        return [m for m in expand_methods(self.helpful_methods, self.curvatures) if m != "random"]
+        methods = expand_methods(self.helpful_methods, self.curvatures, self.damping_tags())
+        return [m for m in methods if m != "random"]
+
+    def dampings(self) -> list[float]:
+        """score.damping as a list, checked for every curvature (duplicates, > 0 for exact); ValueError."""
+        values: list[float] = []
+        for c in self.curvatures or ["identity"]:
+            try:
+                values = dataclasses.replace(self.score, curvature=c).dampings()
+            except ValueError as exc:
+                raise ValueError(f"score.damping: {exc}") from None
+        return values
+
+    def damping_tags(self) -> list[str]:
+        """The method-name suffix of each damping value ('' for one value: influence_<curvature>)."""
+        return damping_tags(self.dampings(), relative=self.score.damping_relative)
 
     def helpful_arm_fractions(self) -> list[float]:
         return list(self.fractions if self.helpful_fractions is None else self.helpful_fractions)
@@ -226,6 +249,7 @@ class ExperimentConfig:
             m.startswith("influence") for m in self.methods + self.helpful_methods
         ):
             raise ValueError("methods name influence but curvatures is empty")
+        self.damping_tags()  # the damping list checked before the methods are expanded by it
         arms = self.arm_methods() + self.helpful_arm_methods()
         if any(m.startswith("ensemble_") for m in arms) and len(self.seeds) < 2:
             raise ValueError(
@@ -245,24 +269,65 @@ class ExperimentConfig:
                     )
 
 
-def expand_methods(methods: Sequence[str], curvatures: Sequence[str]) -> list[str]:
-    """Method names with "influence" expanded to influence_<curvature>; ValueError on unknown names."""
+def damping_tag(value: float, *, relative: bool = False) -> str:
+    """The method-name suffix of one damping value of a list: ``@<λ:g>`` (``@r<factor:g>`` if relative)."""
+    return f"@{'r' if relative else ''}{float(value):g}"
+
+
+def damping_tags(dampings: Sequence[float], *, relative: bool = False) -> list[str]:
+    """Method-name suffix per damping value: none for a single value (``influence_ggn``), else ``@<λ:g>``
+    (``@r<factor:g>`` for relative damping), e.g. ``influence_ggn@0.1``; ValueError when two values print
+    alike."""
+    if len(dampings) <= 1:
+        return [""]
+    tags = [damping_tag(v, relative=relative) for v in dampings]
+    if len(set(tags)) != len(tags):
+        same = sorted({t for t in tags if tags.count(t) > 1})
+        raise ValueError(
+            f"score.damping: values {list(dampings)!r} give the same method names {same} (6 significant "
+            "digits); use values that differ within 6 digits"
+        )
+    return tags
+
+
+def expand_methods(
+    methods: Sequence[str], curvatures: Sequence[str], tags: Sequence[str] = ("",)
+) -> list[str]:
+    """Method names with "influence" / "ensemble" expanded to <method>_<curvature><tag> per curvature and
+    damping tag (`damping_tags`); ValueError on unknown names.
+
+    ``influence_<curvature>`` names every damping value of that curvature; ``influence_<curvature>@<λ>`` one.
+    """
     out: list[str] = []
     for m in methods:
-        if m in ("influence", "ensemble"):
+        base, at, tag = m.partition("@")
+        if base in ("influence", "ensemble") and not at:
             # ensemble_<curvature>: the mean over the seeds' baselines of their influence_<curvature>.
-            names = [f"{m}_{c}" for c in curvatures]
-        elif m.startswith(("influence_", "ensemble_")):
-            c = m.split("_", 1)[1]
+            names = [f"{base}_{c}{t}" for c in curvatures for t in tags]
+        elif base.startswith(("influence_", "ensemble_")):
+            c = base.split("_", 1)[1]
             if c not in curvatures:
                 raise ValueError(
                     f"method {m!r} needs curvature {c!r} in curvatures (have {list(curvatures)})"
                 )
-            names = [m]
+            if not at:
+                names = [f"{base}{t}" for t in tags]
+            elif f"@{tag}" in tags:
+                names = [m]
+            elif list(tags) == [""]:
+                raise ValueError(f"method {m!r}: with one score.damping value the method is named {base!r}")
+            else:
+                raise ValueError(
+                    f"method {m!r} names a damping value not in score.damping (the methods are "
+                    f"{[base + t for t in tags]})"
+                )
         elif m in BASE_METHODS:
             names = [m]
         else:
-            raise ValueError(f"unknown method {m!r}; expected one of {BASE_METHODS} or influence_<curvature>")
+            raise ValueError(
+                f"unknown method {m!r}; expected one of {BASE_METHODS}, influence_<curvature> or "
+                "influence_<curvature>@<damping>"
+            )
         out.extend(n for n in names if n not in out)
     return out
 

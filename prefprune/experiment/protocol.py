@@ -19,6 +19,13 @@
 Every finished step is one small JSON file under the output folder (`steps.StepStore`); a rerun with
 the same folder skips them. `results.json`, `report.md` and PNG plots are rebuilt at the end.
 
+With a list of `score.damping` values, one score pass per curvature gives every value's influence
+column, and each value is its own method (``influence_<curvature>@<λ>``). A resume may change the damping
+values and add methods, fractions and curvatures (`_check_resume`): the baselines are kept, a score step
+is reused for exactly the values it was computed with (its settings and its baseline's SHA-256 are
+checked; values no step holds get one score pass of their own), and a retrain step is reused when it
+removed exactly the pairs that the current scores select (so a step is never reused for other scores).
+
 `lora_layers` adapts only the top N transformer layers. The layers below are then frozen and carry no
 trainable adapter, so their outputs do not change during training: with `cache_prefix` they are
 computed once per distinct input sequence and reused (`PrefixCache`), and training, scoring and
@@ -28,6 +35,7 @@ switched off, because a memoised computation must be deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -46,11 +54,20 @@ from prefprune import train as train_mod
 from prefprune._io import output_lock
 from prefprune.data.config import load_data
 from prefprune.data.noise import restore_labels
-from prefprune.experiment.config import RESUME_FREE, ExperimentConfig
+from prefprune.experiment.config import (
+    RESUME_CHANGEABLE,
+    RESUME_FREE,
+    RESUME_GROWS,
+    ExperimentConfig,
+    damping_tag,
+)
 from prefprune.experiment.report import write_report
 from prefprune.experiment.results import (
     collect_results,
+    file_digest,
+    find_score_steps,
     merge_tables,
+    needs_influence,
     score_result_table,
     with_ensemble_columns,
 )
@@ -226,19 +243,56 @@ class _Plan:
     arms: list[tuple[str, str, float]] = field(default_factory=list)
 
 
+def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    if out.get("helpful_fractions") is None:
+        out["helpful_fractions"] = out.get("fractions")  # None means "the same as fractions"
+    return out
+
+
+def _config_changes(prev: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(refused, allowed) differences of two configs as (name, old, new); sections' fields by dotted name."""
+    prev, now = _effective(prev), _effective(now)
+    refused: list[tuple] = []
+    allowed: list[tuple] = []
+    for key in sorted(set(prev) | set(now)):
+        a, b = prev.get(key), now.get(key)
+        if key in RESUME_FREE or a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    name = f"{key}.{sub}"
+                    (allowed if name in RESUME_CHANGEABLE else refused).append((name, a.get(sub), b.get(sub)))
+        elif key in RESUME_GROWS and isinstance(a, list) and isinstance(b, list) and all(x in b for x in a):
+            allowed.append((key, a, b))
+        else:
+            refused.append((key, a, b))
+    return refused, allowed
+
+
 def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to resume `out` with settings that change its baselines or finished steps, naming them.
+
+    `score.damping` may change and `RESUME_GROWS` lists may gain entries: they add score columns and arms
+    but change no baseline (config.json then holds the new settings)."""
     prev = read_json(out / "config.json")
     now = cfg.to_dict()
     if prev is None:
         write_json(out / "config.json", now)
         return
-    diff = sorted(k for k in set(prev) | set(now) if k not in RESUME_FREE and prev.get(k) != now.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: {prev.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
+    refused, allowed = _config_changes(prev, now)
+    if refused:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:5])
         raise ValueError(
             f"{out} holds an experiment with a different config ({shown}); use a new output folder "
-            "or restore the old settings to resume"
+            "or restore the old settings to resume (a resume may change score.damping and add entries to "
+            f"{', '.join(RESUME_GROWS)}: the baselines stay)"
         )
+    if allowed:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed)
+        logger.info("resuming %s with changed %s (baselines kept)", out, shown)
+        write_json(out / "config.json", now)
 
 
 def _split(cfg: ExperimentConfig, dataset, steps: StepStore):
@@ -264,11 +318,12 @@ def _split(cfg: ExperimentConfig, dataset, steps: StepStore):
 
 
 def _score_curvatures(cfg: ExperimentConfig) -> list[str]:
-    """The score passes the methods need: one per curvature, or one cheap pass for gradient scores only."""
+    """The score passes the methods need: one per curvature (every damping value in it), or one cheap pass
+    for gradient scores only."""
     score_methods = [m for m in dict.fromkeys(cfg.arm_methods() + cfg.helpful_arm_methods()) if m != "random"]
     if not score_methods:
         return []
-    if any(m.startswith(("influence_", "ensemble_")) for m in score_methods):
+    if needs_influence(cfg):
         return list(cfg.curvatures)
     return ["identity"]  # grad_dot / grad_cos / train_loss only: no curvature solve needed
 
@@ -383,25 +438,37 @@ def _check_validation_fits(plan: _Plan, tokenizer: Any) -> None:
 
 
 def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
-    """The seed's merged score table (one pass per curvature, each a step), or None without scores."""
+    """The seed's merged score table (one pass per curvature, each a step), or None without scores.
+
+    A pass gives every damping value's column; on a resume, values that no usable step holds are scored in
+    a pass of their own (the baseline is loaded, never retrained)."""
     seed, tables = run.seed, {}
+    state_path = plan.out / f"seed{seed}" / "baseline_state.pt"
+    digest = file_digest(state_path)
+    need = needs_influence(plan.cfg)
     for curv in plan.curvatures:
-        rel = f"seed{seed}/scores_{curv}.json"
-        rec = plan.steps.get(rel)
-        if rec is None:
+        want = plan.cfg.score_config(seed, curv)
+        found = find_score_steps(plan.steps, seed, curv, want, baseline_digest=digest, need_dampings=need)
+        if found.missing:
+            if found.stale:
+                logger.info("seed %d: not reusing %s (other score settings or baseline)", seed, found.stale)
+            missing = found.missing
+            config = want
+            if need:  # only the values no step holds yet
+                config = dataclasses.replace(want, damping=missing if len(missing) > 1 else missing[0])
             model, tok = run.ensure_model()
             _check_validation_fits(plan, tok)
-            _load_trainable(model, load_state(plan.out / f"seed{seed}" / "baseline_state.pt"))
+            _load_trainable(model, load_state(state_path))
             with _Timer() as tm:
-                res = score_mod.score_pairs(
-                    model, tok, plan.train, plan.val_scoring, config=plan.cfg.score_config(seed, curv)
-                )
+                res = score_mod.score_pairs(model, tok, plan.train, plan.val_scoring, config=config)
             table = score_result_table(res, source=f"seed {seed} scores ({curv})")
             check_ids_match(plan.train.ids, table)
-            rec = plan.steps.put(
-                rel,
+            plan.steps.put(
+                found.next_name,
                 {
                     "curvature": curv,
+                    "dampings": config.dampings(),
+                    "baseline_sha256": digest,
                     "seconds": tm.seconds,
                     "cpu_seconds": tm.cpu_seconds,
                     "n_validation": len(plan.val_scoring),
@@ -409,31 +476,79 @@ def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
                 },
             )
             logger.info(
-                "seed %d: scored %d pairs, %s curvature (%.1fs)", seed, len(plan.train), curv, tm.seconds
+                "seed %d: scored %d pairs, %s curvature, damping %s (%.1fs)",
+                seed,
+                len(plan.train),
+                curv,
+                config.damping,
+                tm.seconds,
             )
-        tables[curv] = ScoreTable.from_json(rec, source=str(plan.out / rel))
+            found = find_score_steps(plan.steps, seed, curv, want, baseline_digest=digest, need_dampings=need)
+            if found.table is None:
+                raise AssertionError(f"seed {seed}: {curv} score steps still lack damping {found.missing}")
+        tables[curv] = found.table
     return merge_tables(tables, plan.train.ids) if tables else None
 
 
+def _arm_aliases(cfg: ExperimentConfig, method: str) -> list[str]:
+    """Other names the same pruning had in a run with one damping value more or less: influence_ggn@1 was
+    influence_ggn when 1 was the only value, and the other way round."""
+    base, at, _ = method.partition("@")
+    if at:
+        return [base]
+    values = cfg.dampings()
+    if method.startswith(("influence_", "ensemble_")) and len(values) == 1:
+        return [method + damping_tag(values[0], relative=cfg.score.damping_relative)]
+    return []
+
+
+def _finished_arm(plan: _Plan, seed: int, method: str, mode: str, fraction: float, removed) -> bool:
+    """Whether the arm has a step that removed exactly `removed` (None: a skipped arm); a step found under an
+    alias (`_arm_aliases`) is copied to the arm's own name."""
+    rel = arm_step_name(seed, method, mode, fraction)
+    for name in [method, *_arm_aliases(plan.cfg, method)]:
+        where = arm_step_name(seed, name, mode, fraction)
+        rec = plan.steps.get(where)
+        if rec is None:
+            continue
+        if removed is None:
+            same = "skipped" in rec
+        elif "skipped" in rec:
+            same = False
+        elif "removed_ids" not in rec:
+            same = name == method  # an old step without its removed ids: trusted under its own name only
+        else:
+            same = set(rec["removed_ids"]) == set(removed)
+        if same:
+            if where != rel:
+                plan.steps.put(rel, {**rec, "method": method, "reused_from": where})
+            return True
+        if name == method:
+            logger.warning("seed %d: %s was pruned by other scores than the current ones: redone", seed, rel)
+    return False
+
+
 def _arms(plan: _Plan, run: _SeedRun, merged: ScoreTable | None) -> None:
-    """Every prune-and-retrain arm of the seed that has no step file yet."""
+    """Every prune-and-retrain arm of the seed that has no finished step for the pairs it removes now."""
     seed, flipped = run.seed, set(plan.flipped_train)
     for method, mode, fraction in plan.arms:
         rel = arm_step_name(seed, method, mode, fraction)
-        if plan.steps.get(rel) is not None:
-            continue
+        reason = None
         if method == "random":
             sel = select_pairs(plan.train.ids, None, method="random", fraction=fraction, mode=mode, seed=seed)
         elif not np.all(np.isfinite(merged.column(method))):
             # e.g. influence_exact after CG met non-positive curvature with score.on_nonpositive: nan.
             reason = f"non-finite {method} scores ({merged.metadata})"[:500]
+        else:
+            sel = select_pairs(merged.ids, merged.column(method), method=method, fraction=fraction, mode=mode)
+        if _finished_arm(plan, seed, method, mode, fraction, None if reason else sel.ids):
+            continue
+        if reason is not None:
             logger.warning("seed %d: skipping %s %s %g: %s", seed, method, mode, fraction, reason)
             plan.steps.put(
                 rel, {"seed": seed, "method": method, "mode": mode, "fraction": fraction, "skipped": reason}
             )
             continue
-        else:
-            sel = select_pairs(merged.ids, merged.column(method), method=method, fraction=fraction, mode=mode)
         pruned = plan.train.exclude(sel.ids)
         stats, result, margins, tm = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
         plan.steps.put(

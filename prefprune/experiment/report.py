@@ -247,6 +247,26 @@ def _pruning_sections(results: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _damping_cell(meta: Any) -> str:
+    """The damping value(s) of one score run (its sidecar's config), `:g` as in the method names."""
+    damping = (meta.get("config") or {}).get("damping") if isinstance(meta, Mapping) else None
+    if damping is None:
+        return "n/a"
+    values = damping if isinstance(damping, list) else [damping]
+    return ", ".join(f"{float(v):g}" for v in values)
+
+
+def _status_cell(meta: Any) -> str:
+    """The solve status; for a damping sweep, one status per value when they differ."""
+    if not isinstance(meta, Mapping):
+        return "n/a"
+    cols = meta.get("damping_columns") or []
+    statuses = [c.get("status", "n/a") for c in cols]
+    if len(set(statuses)) > 1:
+        return ", ".join(statuses)
+    return str((meta.get("solve") or {}).get("status", "n/a"))
+
+
 def _detection_and_solves(results: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     det = detection_table(results)
@@ -268,16 +288,17 @@ def _detection_and_solves(results: Mapping[str, Any]) -> list[str]:
             "",
             "## Scoring runs",
             "",
-            "| seed/curvature | solve status | CG iterations | residual | seconds |",
-            "|---|---|---|---|---|",
+            "| seed/curvature | solve status | CG iterations | residual | seconds | damping |",
+            "|---|---|---|---|---|---|",
         ]
         secs = results["scores"].get("seconds", {})
         for key, meta in solves.items():
             s = meta.get("solve", {}) if isinstance(meta, Mapping) else {}
             res = s.get("residual")
             out.append(
-                f"| {key} | {s.get('status', 'n/a')} | {s.get('iterations', 'n/a')} | "
-                f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} |"
+                f"| {key} | {_status_cell(meta)} | {s.get('iterations', 'n/a')} | "
+                f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} | "
+                f"{_damping_cell(meta)} |"
             )
     return out
 
