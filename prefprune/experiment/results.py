@@ -29,9 +29,11 @@ __all__ = [
     "file_digest",
     "find_score_steps",
     "merge_tables",
+    "needs_influence",
     "score_fingerprint",
     "score_result_table",
     "score_step_name",
+    "step_dampings",
     "with_ensemble_columns",
 ]
 
