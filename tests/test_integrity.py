@@ -3,9 +3,11 @@ bad inputs named by file, line and field. One test per item of the issue."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -43,7 +45,45 @@ class _Result:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int):
+    """Writes past byte `nbytes` of any file fail (EFBIG) whatever writes them: a full disk for any writer."""
+    import resource
+    import signal
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def test_full_disk_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    # Random text, so that even the gzip and parquet forms of the big set pass the limit.
+    big = PreferenceDataset([PreferencePair(f"r{i:03d}", rng.bytes(20).hex(), rng.bytes(20).hex(),
+                                            rng.bytes(20).hex()) for i in range(500)],
+                            schema="prompt_chosen_rejected", source="test")
+    first, scratch = tmp_path / "first", tmp_path / "scratch"
+    first.mkdir()
+    scratch.mkdir()
+    exts = (".jsonl", ".parquet", ".csv", ".json", ".jsonl.gz")
+    for ext in exts:
+        target = first / f"d{ext}"
+        _dataset(5).save(target)
+        previous = target.read_bytes()
+        big.save(scratch / f"d{ext}")
+        assert len(previous) < 8192 < (scratch / f"d{ext}").stat().st_size, ext
+        with _file_size_limit(8192), pytest.raises(OSError):
+            big.save(target)
+        assert target.read_bytes() == previous, f"{ext}: the previous file was lost or half-overwritten"
+    assert sorted(p.name for p in first.iterdir()) == sorted(f"d{e}" for e in exts)  # no temporary left
+    shutil.rmtree(first)
+    shutil.rmtree(scratch)
+
     path = tmp_path / "out.jsonl"
     _dataset(5).save(path)
     before = path.read_bytes()
@@ -286,13 +326,38 @@ def test_experiment_weights_load_with_weights_only(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _change_one_value(raw: bytes, value: float, ext: str) -> bytes:
+    """`raw` with the stored `value` changed in place so that the file still decodes (no parse error)."""
+    import struct
+
+    if ext == ".parquet":  # the little-endian double in its data (or dictionary) page, exponent byte flipped
+        stored = struct.pack("<d", value)
+        assert raw.count(stored) == 1, "the test needs the value stored once, uncompressed"
+        pos = raw.index(stored) + 7
+        return raw[:pos] + bytes([raw[pos] ^ 0x5A]) + raw[pos + 1:]
+    text = repr(value).encode()
+    assert raw.count(text) == 1, text
+    pos = raw.index(text) + len(text) - 1  # the last digit: still a valid, finite number
+    return raw[:pos] + (b"1" if raw[pos:pos + 1] != b"1" else b"2") + raw[pos + 1:]
+
+
 @pytest.mark.parametrize("ext", [".parquet", ".jsonl", ".csv"])
 def test_flipped_bytes_in_score_file_are_detected(tmp_path, ext):
     ids = [f"p{i:03d}" for i in range(50)]
     path = tmp_path / f"s{ext}"
-    write_scores(_Result(ids), path)
+    result = _Result(ids)
+    write_scores(result, path)
     good = read_score_table(path)
     assert good.ids == ids
+    clean = path.read_bytes()
+    # A change that leaves the file decodable (the issue's grad_cos read as 1.2e182): only a checksum sees it.
+    infl = result.columns["influence"]
+    k = int(np.argsort(infl)[len(infl) // 2])  # neither the min nor the max (parquet also stores those)
+    path.write_bytes(_change_one_value(clean, float(infl[k]), ext))
+    with pytest.raises(ValueError, match=rf"{path}: the file does not match its sidecar"):
+        read_score_table(path)
+    path.write_bytes(clean)
+    assert read_score_table(path).ids == ids
     raw = bytearray(path.read_bytes())
     rng = np.random.default_rng(0)
     for pos in rng.choice(len(raw) // 2, 8, replace=False) + len(raw) // 4:
@@ -329,7 +394,8 @@ def test_sidecar_from_another_run_is_detected(tmp_path):
         read_score_table(path)
 
 
-def test_interrupted_commit_is_rolled_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("die_at", [1, 2])
+def test_interrupted_commit_is_rolled_forward(tmp_path, monkeypatch, die_at):
     ids = [f"p{i:03d}" for i in range(30)]
     path = tmp_path / "s.jsonl"
     write_scores(_Result(ids, seed=1, damping=0.5), path)
@@ -337,9 +403,12 @@ def test_interrupted_commit_is_rolled_forward(tmp_path, monkeypatch):
     calls = []
 
     def die_after_journal(src, dst):
-        calls.append(dst)
-        if str(dst) == str(path):  # the score file's rename: the sidecar is already in place
-            raise KeyboardInterrupt
+        # die_at=1: before either file of the pair is in place; 2: between the two renames into place
+        # (item 5: one file of the pair new, the other old).
+        if str(dst) in (str(path), str(path) + ".json"):
+            calls.append(dst)
+            if len(calls) == die_at:
+                raise KeyboardInterrupt
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", die_after_journal)
@@ -449,9 +518,16 @@ def test_id_with_line_break_rejected(tmp_path):
 
 @pytest.mark.parametrize("bs", [-1, 0])
 def test_eval_batch_size_is_checked_and_named(bs):
+    from prefprune.model import build_reward_model
+    from prefprune.testing import tiny_config, tiny_tokenizer
     from prefprune.train import evaluate
 
-    with pytest.raises(ValueError, match=rf"batch_size \(--batch-size\) must be an integer >= 1, got {bs}"):
+    tok = tiny_tokenizer()
+    model, _ = build_reward_model(tiny_config("gpt_neox"), tokenizer=tok)
+    msg = rf"batch_size \(--batch-size\) must be an integer >= 1, got {bs}"
+    with pytest.raises(ValueError, match=msg):  # a real model: -1 once gave accuracy from unfilled margins
+        evaluate(model, tok, _dataset(4), batch_size=bs)
+    with pytest.raises(ValueError, match=msg):  # checked before the model or tokenizer is used
         evaluate(None, None, _dataset(4), batch_size=bs)
 
 
