@@ -344,21 +344,28 @@ def pair_sequence_grad_dot_reference(X: Tensor, dY: Tensor, Q: Tensor | None) ->
     A padding row adds x·0: its output gradient is exactly zero wherever nothing reads it, and where
     something does it belongs to the gradient. So no gather of the kept rows is needed: each chunk of
     pairs is two batched matmuls over the padded sequences (the FLOPs of a training step's weight
-    gradient), then one GEMM with the queries.
+    gradient), then one GEMM with the queries. bf16 inputs are multiplied in bf16 with fp32 accumulation
+    (as a bf16 training step forms its weight gradients: tensor cores / AMX), each sequence's G rounded
+    to bf16 once and summed and reduced in fp32; other dtypes are multiplied in fp32 (fp64 for fp64).
     """
     ct = _compute_dtype(X.dtype)
+    bf16 = X.dtype == dY.dtype == torch.bfloat16
     two_n, _, d_in = X.shape
     n, d_out = two_n // 2, dY.shape[2]
     m = 0 if Q is None else Q.shape[0]
     q = None if Q is None else Q.to(ct).reshape(m, d_out * d_in)
     S = torch.zeros((n, m), dtype=ct, device=X.device)
     sq = torch.zeros((n,), dtype=ct, device=X.device)
-    cast = 0 if X.dtype == ct and dY.dtype == ct else 2 * X.shape[1] * (d_in + d_out)
-    step = max(1, SEGMENT_CHUNK_ELEMENTS // (2 * d_out * d_in + cast))
+    cast = 0 if bf16 or (X.dtype == ct and dY.dtype == ct) else 2 * X.shape[1] * (d_in + d_out)
+    step = max(1, SEGMENT_CHUNK_ELEMENTS // (3 * d_out * d_in + cast))
     for s0 in range(0, n, step):
         s1 = min(n, s0 + step)
-        G = torch.bmm(dY[s0:s1].to(ct).transpose(1, 2), X[s0:s1].to(ct))
-        G.baddbmm_(dY[n + s0 : n + s1].to(ct).transpose(1, 2), X[n + s0 : n + s1].to(ct))
+        if bf16:
+            G = torch.bmm(dY[s0:s1].transpose(1, 2), X[s0:s1]).to(ct)
+            G += torch.bmm(dY[n + s0 : n + s1].transpose(1, 2), X[n + s0 : n + s1])
+        else:
+            G = torch.bmm(dY[s0:s1].to(ct).transpose(1, 2), X[s0:s1].to(ct))
+            G.baddbmm_(dY[n + s0 : n + s1].to(ct).transpose(1, 2), X[n + s0 : n + s1].to(ct))
         flat = G.reshape(s1 - s0, -1)
         sq[s0:s1] = torch.linalg.vector_norm(flat, dim=1).square()
         if q is not None:
