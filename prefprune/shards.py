@@ -396,10 +396,46 @@ def sharded_pass(
     """
     if work is None and not distributed.is_distributed():
         return dict(score_batch(batches))
-    bs, n = batches.batch_size, batches.n_pairs
     ranges = distributed.balanced_ranges(distributed.batch_costs(batches), distributed.world_size())
     mine = ranges[distributed.rank()]
     done: dict[int, Mapping[str, np.ndarray]] = {}
+    error: Exception | None = None
+    try:
+        _score_range(batches, order, ids, score_batch, mine, done, work=work, progress=progress)
+    except Exception as e:  # e.g. a non-finite gradient: every rank must learn of it, or the others hang
+        if not distributed.is_distributed():
+            raise
+        error = e
+    failure = None if error is None else f"rank {distributed.rank()}: {type(error).__name__}: {error}"
+    parts = distributed.all_gather_objects({"done": done, "failure": failure})
+    if error is not None:
+        raise error
+    failed = [p["failure"] for p in parts if p["failure"] is not None]
+    if failed:
+        raise RuntimeError(f"pass 2 failed on {failed[0]}; no scores are written")
+    merged: dict[int, Mapping[str, np.ndarray]] = {}
+    for part in parts:
+        merged.update(part["done"])
+    missing = sorted(set(range(len(batches))) - set(merged))
+    if missing:
+        raise RuntimeError(f"pass 2: no rank scored batches {missing[:10]}; the shards do not cover the set")
+    names = list(merged[0])
+    return {name: np.concatenate([merged[k][name] for k in range(len(batches))]) for name in names}
+
+
+def _score_range(
+    batches: PairBatches,
+    order: Sequence[int],
+    ids: Sequence[str],
+    score_batch: Callable[[PairBatches], Mapping[str, np.ndarray]],
+    mine: Sequence[int],
+    done: dict[int, Mapping[str, np.ndarray]],
+    *,
+    work: WorkFolder | None,
+    progress: bool,
+) -> None:
+    """Score (or read back from intact chunks) this rank's batches `mine` into `done`."""
+    bs, n = batches.batch_size, batches.n_pairs
     for k in tqdm(mine, desc="pass 2: training scores", disable=not progress, leave=False):
         a, b = k * bs, min(n, (k + 1) * bs)
         pos = [int(i) for i in order[a:b]]
@@ -412,11 +448,3 @@ def sharded_pass(
             if work is not None:
                 work.write_chunk(k, pos, pair_ids, cols)
         done[k] = cols
-    merged: dict[int, Mapping[str, np.ndarray]] = {}
-    for part in distributed.all_gather_objects(done):
-        merged.update(part)
-    missing = sorted(set(range(len(batches))) - set(merged))
-    if missing:
-        raise RuntimeError(f"pass 2: no rank scored batches {missing[:10]}; the shards do not cover the set")
-    names = list(merged[0])
-    return {name: np.concatenate([merged[k][name] for k in range(len(batches))]) for name in names}

@@ -99,6 +99,10 @@ def test_ranks_equal_single_process(inputs, world):
         jobs.insert(0, {**jobs[-1], "output": str(locked), "config_rank": {},
                         "status": str(locked) + ".status"})
         held = output_lock(work_dir_for(locked), what="prefprune score", is_folder=True)
+        # and a pass 2 that fails on rank 1 only: both ranks stop with the error (none hangs in the gather)
+        failing = folder / "failing.parquet"
+        jobs.append({**jobs[0], "output": str(failing), "fail_rank": 1,
+                     "status": str(failing) + ".status"})
     with held:
         if world == 2:
             (work_dir_for(locked) / "chunks").mkdir()
@@ -125,6 +129,11 @@ def test_ranks_equal_single_process(inputs, world):
             assert not st["ok"] and "DisagreementError" in st["error"], st
             assert "settings differs on rank(s) [1]" in st["error"], st
         assert not bad.exists() and not (folder / "mismatch.parquet.shards").exists()
+        fails = [status(str(failing) + ".status", r) for r in range(2)]
+        assert fails[1]["error"].startswith("FloatingPointError: injected"), fails
+        assert fails[0]["error"].startswith("RuntimeError: pass 2 failed on rank 1: FloatingPointError"), \
+            fails
+        assert not failing.exists()
         refusals = [status(str(locked) + ".status", r) for r in range(2)]
         for st in refusals:
             assert not st["ok"] and st["error"].startswith("OutputLocked: "), refusals
