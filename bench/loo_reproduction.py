@@ -1,10 +1,10 @@
 """Leave-one-out on a tiny float64 reward model trained to its optimum: `prefprune validate` against an
 independent brute force (issue 13; DESIGN §2's damping figures).
 
-The task has a finite optimum: every training content appears k ∈ {2, 3, 4} times, once with its label
-flipped, so the Bradley–Terry optimum of that content is the margin log(k − 1) and full-batch training
-reaches it (gradient norm ~1e-7; the script prints it and the Hessian's extreme eigenvalues). Leaving out
-one copy moves that optimum, so every leave-one-out change is finite and well defined.
+The task has a finite optimum: every training content appears k ∈ {4, 5} times, twice with its label
+flipped, so the Bradley–Terry optimum of that content is the margin log((k − 2) / 2) and full-batch
+training reaches it (the script prints the gradient norm and the Hessian's extreme eigenvalues there).
+Leaving out any one copy leaves both labels present, so every leave-one-out optimum is finite too.
 
 Two computations of the leave-one-out correlation of `exact` influence at each damping:
 
@@ -16,7 +16,7 @@ Two computations of the leave-one-out correlation of `exact` influence at each d
 
 Run (about 2 × (n + 6) retrains of a 288-parameter model; minutes on one CPU core)::
 
-    python bench/loo_reproduction.py            # --contents 6 --epochs 600 --json out.json
+    python bench/loo_reproduction.py            # --contents 4 --epochs 600 --json out.json
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ def _pairs(n: int, seed: int, prefix: str) -> list[PreferencePair]:
 
 
 def contradictory_copies(n_contents: int, *, seed: int = 3) -> PreferenceDataset:
-    """Each content k ∈ (2, 3, 4) times, copy 0 with chosen and rejected swapped: a finite optimum."""
+    """Each content k ∈ (4, 5) times, copies 0 and 1 with chosen and rejected swapped: a finite optimum."""
     out = []
     for c, p in enumerate(_pairs(n_contents, seed, "c")):
-        for j in range((2, 3, 4)[c % 3]):
+        for j in range((4, 5)[c % 2]):
             q = dataclasses.replace(p, id=f"t{c}_{j}")
-            out.append(dataclasses.replace(q, chosen=p.rejected, rejected=p.chosen) if j == 0 else q)
+            out.append(dataclasses.replace(q, chosen=p.rejected, rejected=p.chosen) if j < 2 else q)
     return PreferenceDataset(out, schema="prompt_chosen_rejected", source="contradictory copies")
 
 
@@ -131,7 +131,7 @@ def brute_force(setup: ValidationSetup, dampings: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contents", type=int, default=6, help="distinct training contents (pairs: ~3x)")
+    p.add_argument("--contents", type=int, default=4, help="distinct training contents (pairs: 4.5x)")
     p.add_argument("--val", type=int, default=10, help="validation pairs")
     p.add_argument("--epochs", type=int, default=600, help="full-batch AdamW epochs (linear decay to 0)")
     p.add_argument("--lr", type=float, default=0.01)
