@@ -301,27 +301,26 @@ def _scores_step(vc: ValidateConfig, prefix: str = "") -> str:
     return f"scores/{prefix}damping_" + "_".join(f"{d:g}" for d in vc.dampings) + ".json"
 
 
-def _score_tables(
-    vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, steps: StepStore
-) -> dict[str, tuple[ScoreTable, str]]:
-    """One score pass of the reference model for every damping value (a sweep: one influence column per
-    value from one curvature solve), as one step; keyed by damping tag → (table, its influence column)."""
+def _score_tables(vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, steps: StepStore) -> ScoreTable:
+    """The reference model's scores (every damping value from one pass and one solve), one step; with an
+    ensemble, also each member's (trained and scored only when its step is missing) and their mean as
+    ``ensemble:<column>`` columns."""
     table = _scored(vc, setup, rt, steps, _scores_step(vc))
-    if vc.ensemble:
-        members = [table]
-        for seed in vc.ensemble:
-            rel = _scores_step(vc, f"ensemble_seed{seed}_")
-            other = setup.reseed(seed)
-            member = None
-            if steps.get(rel) is None:  # trained (then scored) only when its step is missing
-                member = _Retrainer(other)
-                member.retrain(setup.train)
-            members.append(_scored(vc, other, member, steps, rel))
-        mean = average_tables(members, sources=[f"seed {s}" for s in [setup.train_config.seed, *vc.ensemble]])
-        table = ScoreTable(ids=mean.ids, columns={**table.columns, **{f"ensemble:{c}": v for c, v in
-                           mean.columns.items()}}, metadata=table.metadata, source=table.source)
-    names = damping_column_names(vc.dampings, relative=False)
-    return {f"{d:g}": (table, name) for d, name in zip(vc.dampings, names, strict=True)}
+    if not vc.ensemble:
+        return table
+    members = [table]
+    for seed in vc.ensemble:
+        rel = _scores_step(vc, f"ensemble_seed{seed}_")
+        other = setup.reseed(seed)
+        member = None
+        if steps.get(rel) is None:
+            member = _Retrainer(other)
+            member.retrain(setup.train)
+        members.append(_scored(vc, other, member, steps, rel))
+    mean = average_tables(members, sources=[f"seed {s}" for s in [setup.train_config.seed, *vc.ensemble]])
+    ens = {f"ensemble:{c}": v for c, v in mean.columns.items()}  # mean.ids are in table's row order
+    return ScoreTable(ids=table.ids, columns={**table.columns, **ens}, metadata=table.metadata,
+                      source=table.source)
 
 
 def _scored(
@@ -341,19 +340,19 @@ def _scored(
     return ScoreTable.from_json(rec, source=str(steps.root / rel))
 
 
-def _columns(
-    vc: ValidateConfig, tables: dict[str, tuple[ScoreTable, str]], ids: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Every validated column, aligned with `ids`: influence@λ, grad_dot, grad_cos, extra files' columns."""
+def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every validated column, aligned with `ids`: influence@λ, grad_dot, grad_cos (and their ensemble:
+    means), then the extra files' columns."""
     cols: dict[str, np.ndarray] = {}
-    for tag, (tab, name) in tables.items():
-        pos = {i: k for k, i in enumerate(tab.ids)}
-        order = np.asarray([pos[i] for i in ids])
-        for prefix in ("", "ensemble:") if vc.ensemble else ("",):
-            cols[f"{prefix}influence@{tag}"] = tab.column(prefix + name)[order]
-            for c in PREDICTIVE:
-                if prefix + c in tab.columns and prefix + c not in cols:
-                    cols[prefix + c] = tab.columns[prefix + c][order]
+    pos = {i: k for k, i in enumerate(table.ids)}
+    order = np.asarray([pos[i] for i in ids])
+    names = damping_column_names(vc.dampings, relative=False)
+    for prefix in ("", "ensemble:") if vc.ensemble else ("",):
+        for d, name in zip(vc.dampings, names, strict=True):
+            cols[f"{prefix}influence@{d:g}"] = table.column(prefix + name)[order]
+        for c in PREDICTIVE:
+            if prefix + c in table.columns:
+                cols[prefix + c] = table.columns[prefix + c][order]
     for path in vc.scores:
         tab = read_score_table(path)
         check_ids_match(list(ids), tab)
@@ -552,8 +551,8 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
         n_retrains - 1,
         (n_retrains - 1) * ref["seconds"] * (1 + vc.fraction) / 2 / 60,
     )
-    tables = _score_tables(vc, setup, rt, steps)
-    cols = _columns(vc, tables, ids)
+    table = _score_tables(vc, setup, rt, steps)
+    cols = _columns(vc, table, ids)
     jobs = [(f"subsets/{k:03d}.json", lo) for k, lo in enumerate(left_outs)]
     jobs += [(f"loo/{k:03d}.json", [i]) for k, i in enumerate(loo_ids)]
     done = _retrain_all(rt, setup, steps, jobs, vc.progress)
