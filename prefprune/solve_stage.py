@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefprune._io import atomic_write_bytes
-from prefprune.grads import LinearSite, SegmentCapture, capture_pairs, pair_dots, split_flat
+from prefprune.grads import LinearSite, stream_pair_dots
 from prefprune.gram import GaussNewtonEigen, pair_gradient_rows
 from prefprune.model import eager_attention
 from prefprune.solve import SolvePlan, exact_hvp_batched, plan_solve, solve_curvature
@@ -186,7 +186,8 @@ def solve_stage(
 def pair_query_dots(
     model: nn.Module, sites: Sequence[LinearSite], batches, Q: Tensor, *, impl: str | None = None
 ) -> Tensor:
-    """∇ℓ_iᵀ Q for every pair of `batches`: one forward+backward per batch, one fused dot call.
+    """∇ℓ_iᵀ Q for every pair of `batches`: one forward+backward per batch, each layer reduced as soon as
+    its Δ exists (`prefprune.grads.stream_pair_dots`).
 
     Args:
         Q: (p, m) query vectors in the flat layout.
@@ -194,14 +195,7 @@ def pair_query_dots(
     Returns:
         (n, m) float64 on the CPU, in batch order.
     """
-    queries = split_flat(Q, sites)
-    out = []
-    with SegmentCapture(sites) as cap:
-        for batch in batches:
-            _, packed = capture_pairs(model, cap, batch, _loss)
-            S, _ = pair_dots(packed, queries, impl=impl)
-            out.append(S.double().cpu())
-    return torch.cat(out)
+    return stream_pair_dots(model, sites, batches, list(Q.T), impl=impl, desc="per-query dots")[0]
 
 
 def per_query_influence(
@@ -512,13 +506,7 @@ def self_norms(
     model: nn.Module, sites: Sequence[LinearSite], batches, *, impl: str | None = None
 ) -> np.ndarray:
     """‖∇ℓ_i‖² of every pair (self-influence with the identity curvature)."""
-    out = []
-    with SegmentCapture(sites) as cap:
-        for batch in batches:
-            _, packed = capture_pairs(model, cap, batch, _loss)
-            _, sq = pair_dots(packed, None, impl=impl)
-            out.append(sq.double().cpu())
-    return torch.cat(out).numpy()
+    return stream_pair_dots(model, sites, batches, [], impl=impl, desc="squared gradient norms")[1].numpy()
 
 
 def write_per_query_of(result, output: str | os.PathLike) -> None:
