@@ -43,6 +43,7 @@ __all__ = [
     "recover_commit",
     "remove_stale_temps",
     "sha256_bytes",
+    "sha256_file",
 ]
 
 _STAMPED = ("prefprune", "torch", "transformers", "peft", "datasets", "numpy")
@@ -53,6 +54,17 @@ _TMP_TAG = ".tmp-"
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of `data` (the content hash score sidecars carry)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str | None:
+    """Hex SHA-256 of a file's bytes, read in blocks; None when it does not exist."""
+    if not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

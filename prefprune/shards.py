@@ -36,7 +36,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefprune import distributed
-from prefprune._io import OutputLocked, atomic_write_bytes, atomic_write_text, jsonable, output_lock
+from prefprune._io import (
+    OutputLocked,
+    atomic_write_bytes,
+    atomic_write_text,
+    jsonable,
+    output_lock,
+    sha256_bytes,
+)
 from prefprune.data.batching import PairBatches
 
 logger = logging.getLogger(__name__)
@@ -139,10 +146,6 @@ def encoded_digest(encoded: Sequence) -> str:
         h.update(json.dumps([e.id, e.chosen_ids, e.rejected_ids, bool(e.truncated)]).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -318,7 +321,7 @@ class WorkFolder:
             return f"{path.name}: {err.strerror or err}"
         if len(data) != entry.get("bytes"):
             return f"{path.name}: {len(data)} bytes, the manifest says {entry.get('bytes')} (truncated)"
-        if _sha256_bytes(data) != entry.get("sha256"):
+        if sha256_bytes(data) != entry.get("sha256"):
             return f"{path.name}: checksum mismatch (corrupt)"
         try:
             tensors = st_load(data)
@@ -341,7 +344,7 @@ class WorkFolder:
         name = f"b{batch:07d}.safetensors"
         atomic_write_bytes(self.path / "chunks" / name, data)
         entry = {"batch": batch, "file": name, "rows": len(positions), "bytes": len(data),
-                 "sha256": _sha256_bytes(data), "ids": list(ids), "run_id": self.run_id,
+                 "sha256": sha256_bytes(data), "ids": list(ids), "run_id": self.run_id,
                  "solve_id": self.solve_id}
         line = (json.dumps(entry) + "\n").encode()
         # One write of the whole line with O_APPEND: a crash leaves at most a torn last line, skipped on read.

@@ -13,10 +13,10 @@ from test_experiment import _tiny_config, _write_short_data
 
 import prefprune.score as score_mod
 import prefprune.train as train_mod
+from prefprune._io import sha256_file
 from prefprune.cli import main
 from prefprune.experiment import arm_step_name, run_experiment
 from prefprune.experiment.protocol import _build_model, _load_trainable
-from prefprune.experiment.results import file_digest
 from prefprune.experiment.steps import load_state
 from prefprune.prune import ScoreTable, select_pairs
 
@@ -137,7 +137,7 @@ def test_resume_with_more_damping_values_trains_no_baseline(tmp_path, calls, no_
         assert (out / k).read_bytes() == data, k
     new = json.loads((out / "seed0" / "scores_ggn__1.json").read_text())
     assert new["dampings"] == [0.1]
-    assert new["baseline_sha256"] == file_digest(out / "seed0" / "baseline_state.pt")
+    assert new["baseline_sha256"] == sha256_file(out / "seed0" / "baseline_state.pt")
     reused = _arm(out, "influence_ggn@1")
     assert reused["reused_from"] == arm_step_name(0, "influence_ggn", "harmful", 0.2)
     assert reused["removed_ids"] == old["removed_ids"] and reused["test"] == old["test"]
@@ -175,7 +175,7 @@ def test_resume_with_more_damping_values_trains_no_baseline(tmp_path, calls, no_
     calls["score"].clear()
     run_experiment(_cfg(tmp_path, [1.0, 0.1]))
     assert [c["config"].damping for c in calls["score"]] == [1.0] and calls["train"] == []
-    assert json.loads(path.read_text())["baseline_sha256"] == file_digest(out / "seed0" / "baseline_state.pt")
+    assert json.loads(path.read_text())["baseline_sha256"] == sha256_file(out / "seed0" / "baseline_state.pt")
 
 
 def test_resume_refuses_changes_of_the_baselines_by_name(tmp_path, calls, no_plots):

@@ -51,7 +51,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from prefprune import score as score_mod
 from prefprune import train as train_mod
-from prefprune._io import output_lock
+from prefprune._io import output_lock, sha256_file
 from prefprune.data.config import load_data
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import (
@@ -64,7 +64,6 @@ from prefprune.experiment.config import (
 from prefprune.experiment.report import write_report
 from prefprune.experiment.results import (
     collect_results,
-    file_digest,
     find_score_steps,
     merge_tables,
     needs_influence,
@@ -444,7 +443,7 @@ def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
     a pass of their own (the baseline is loaded, never retrained)."""
     seed, tables = run.seed, {}
     state_path = plan.out / f"seed{seed}" / "baseline_state.pt"
-    digest = file_digest(state_path)
+    digest = sha256_file(state_path)
     need = needs_influence(plan.cfg)
     for curv in plan.curvatures:
         want = plan.cfg.score_config(seed, curv)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefprune._io import jsonable, package_versions
+from prefprune._io import jsonable, package_versions, sha256_file
 from prefprune.bootstrap import paired_delta
 from prefprune.experiment.config import ExperimentConfig, damping_tags
 from prefprune.experiment.steps import StepStore, arm_step_name
@@ -26,7 +25,6 @@ __all__ = [
     "ScoreSteps",
     "collect_results",
     "ensemble_table",
-    "file_digest",
     "find_score_steps",
     "merge_tables",
     "needs_influence",
@@ -130,17 +128,6 @@ def score_fingerprint(config: ScoreConfig | Mapping[str, Any]) -> dict[str, Any]
     for key in ("damping", "progress"):
         d.pop(key, None)
     return d
-
-
-def file_digest(path: Path) -> str | None:
-    """SHA-256 of a file's bytes, or None when it does not exist."""
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def step_dampings(rec: Mapping[str, Any]) -> dict[float, str]:
@@ -496,7 +483,7 @@ class _Collector:
 
     def _scores(self, seed: int, curvatures: Sequence[str]) -> None:
         tables = {}
-        digest = file_digest(self.steps.root / f"seed{seed}" / "baseline_state.pt")
+        digest = sha256_file(self.steps.root / f"seed{seed}" / "baseline_state.pt")
         for curv in curvatures:
             found = find_score_steps(
                 self.steps,
