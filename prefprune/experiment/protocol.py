@@ -484,7 +484,7 @@ def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
             )
             found = find_score_steps(plan.steps, seed, curv, want, baseline_digest=digest, need_dampings=need)
             if found.table is None:
-                raise AssertionError(f"seed {seed}: {curv} score steps still lack damping {found.missing}")
+                raise RuntimeError(f"seed {seed}: {curv} score steps still lack damping {found.missing}")
         tables[curv] = found.table
     return merge_tables(tables, plan.train.ids) if tables else None
 
