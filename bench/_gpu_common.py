@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +25,18 @@ DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp1
 # (bandwidth B/s, {precision: flop/s}) by device-name substring.
 _RATES = {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12}
 CEILINGS = {"H200": (4.8e12, _RATES), "H100": (3.35e12, _RATES)}
+
+
+def device_name(device: str = "cpu") -> str:
+    """The GPU's name, or the CPU's model name with its core count and torch's thread count."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()})"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ import capture_memory as cm
 import pytest
 import torch
 import torch.nn.functional as F
+from _gpu_common import device_name
 
 from prefprune.grads import pair_margins
 from prefprune.model import trainable_linears
@@ -47,7 +48,7 @@ def setup():
 def _record(benchmark, prec: str, case: str, args: argparse.Namespace) -> None:
     _MEDIANS.setdefault(prec, {})[case] = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        device=cm.machine_name("cpu"), torch=torch.__version__, case=case, precision=prec,
+        device=device_name("cpu"), torch=torch.__version__, case=case, precision=prec,
         hidden=args.hidden, layers=args.layers, pairs=args.pairs, tokens=args.tokens, lora_r=args.rank,
         targets=cm.TARGETS[args.targets],
     )

@@ -9,11 +9,9 @@ iteration) and the vector updates (~12·k·m per iteration).
 
 from __future__ import annotations
 
-import os
-import platform
-
 import pytest
 import torch
+from _gpu_common import device_name
 
 from prefprune import _ext
 from prefprune.cg import FactoredOperator, solve
@@ -28,18 +26,6 @@ ITERS = 10
 # (k, n): k unknowns, n rows of G.
 SIZES = [(256, 512), (1024, 1024), (4096, 2048), (16384, 4096)]
 MULTI_M = 32
-
-
-def _device_name() -> str:
-    if DEVICE == "cuda":
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()})"
 
 
 def _system(k: int, n: int, m: int, seed: int = 0):
@@ -66,7 +52,7 @@ def _run(benchmark, fn, *, k, n, m, impl, label):
     rounds = max(3, min(30, int(2e9 / max(flops, 1))))
     res = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
-        device=_device_name(),
+        device=device_name(DEVICE),
         torch=torch.__version__,
         impl=impl,
         case=label,

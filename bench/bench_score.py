@@ -18,13 +18,12 @@ and records them in its `extra_info`. Targets (issue 3): pass2 <= 1.3x an epoch,
 
 from __future__ import annotations
 
-import os
-import platform
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _gpu_common import device_name
 
 from prefprune.data import PairBatches, PreferencePair, encode_pairs, length_order
 from prefprune.grads import oracle_pair_gradients
@@ -40,15 +39,6 @@ RANK = 8
 ROUNDS = 7
 _MEDIANS: dict[int, dict[str, float]] = {}
 _MINS: dict[int, dict[str, float]] = {}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name} ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()})"
 
 
 def _pairs(n: int, seed: int = 0) -> list[PreferencePair]:
@@ -91,7 +81,7 @@ def _record(benchmark, name: str, setup) -> None:
     _MEDIANS.setdefault(hidden, {})[name] = benchmark.stats.stats.median
     _MINS.setdefault(hidden, {})[name] = benchmark.stats.stats.min
     benchmark.extra_info.update(
-        device=_cpu_name(), torch=torch.__version__, case=name, n_pairs=N_PAIRS, batch_size=BATCH,
+        device=device_name(), torch=torch.__version__, case=name, n_pairs=N_PAIRS, batch_size=BATCH,
         hidden=hidden, lora_r=RANK, n_params=sum(s.numel for s in sites), tokens=tokens,
         pairs_per_s=N_PAIRS / benchmark.stats.stats.median,
     )
@@ -164,5 +154,5 @@ def test_single_pair_loop(benchmark, setup):
             f"({mins['loop']:.4f}) | pass2/epoch = {ratios['pass2_over_train_epoch']:.3f} "
             f"({ratios['pass2_over_train_epoch_min']:.3f}) target <= 1.3 | loop/pass2 = "
             f"{ratios['loop_over_pass2']:.2f} ({ratios['loop_over_pass2_min']:.2f}) target >= 3 | "
-            f"{_cpu_name()}"
+            f"{device_name()}"
         )

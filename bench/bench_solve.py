@@ -20,13 +20,13 @@ a user waits for.
 from __future__ import annotations
 
 import os
-import platform
 import random
 import time
 
 import numpy as np
 import pytest
 import torch
+from _gpu_common import device_name
 
 from prefprune.data import PreferencePair
 from prefprune.model import LoRASettings, build_reward_model
@@ -39,13 +39,7 @@ _TIMES: dict[str, float] = {}
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    threads = torch.get_num_threads()
-    return f"{name} ({os.cpu_count()} cpus, torch threads {threads}, torch {torch.__version__})"
+    return f"{device_name()}, torch {torch.__version__}"
 
 
 def _pairs(n: int, seed: int, prefix: str) -> list[PreferencePair]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -61,20 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--mode", choices=["base", "train", "pass2", "time"], default=None, help=argparse.SUPPRESS)
     return p
-
-
-def machine_name(device: str) -> str:
-    """The GPU's name, or the CPU's model name and core count."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def _setup(args: argparse.Namespace):
@@ -204,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     base = 0 if cuda else rows["base"]["peak_bytes"]
     train_mb = (rows["train"]["peak_bytes"] - base) / 2**20
     pass2_mb = (rows["pass2"]["peak_bytes"] - base) / 2**20
-    machine = machine_name(args.device)
+    from _gpu_common import device_name  # beside this script; imports torch
+
+    machine = device_name(args.device)
     print(f"# {machine}, torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, "
           f"LoRA r {args.rank} on {','.join(TARGETS[args.targets])}, {args.pairs} pairs x {args.tokens} "
           f"tokens, batch {args.batch}, precision {args.precision}")
