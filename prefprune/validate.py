@@ -27,6 +27,7 @@ reference retrain has been timed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -378,6 +379,9 @@ def _metrics(
 ) -> dict[str, Any]:
     n, pos = len(ids), {i: k for k, i in enumerate(ids)}
     actual = np.asarray([s["val_loss"] - l_full for s in subsets])
+    interval = functools.partial(
+        correlation_interval, n_boot=vc.bootstrap_samples, level=vc.interval_level, seed=vc.seed
+    )
     out: dict[str, Any] = {}
     for name, values in cols.items():
         if not np.all(np.isfinite(values)):
@@ -385,14 +389,7 @@ def _metrics(
             continue
         pred = np.asarray([values[[pos[i] for i in s["left_out"]]].sum() / n for s in subsets])
         entry: dict[str, Any] = {
-            "lds": correlation_interval(
-                pred,
-                actual,
-                method="spearman",
-                n_boot=vc.bootstrap_samples,
-                level=vc.interval_level,
-                seed=vc.seed,
-            ).to_dict(),
+            "lds": interval(pred, actual, method="spearman").to_dict(),
             "subset_predicted": pred.tolist(),
         }
         if len(loo) >= 3:
@@ -401,14 +398,7 @@ def _metrics(
             entry["loo"] = {
                 "pearson": pearson(lp, la),
                 "spearman": spearman(lp, la),
-                "pearson_interval": correlation_interval(
-                    lp,
-                    la,
-                    method="pearson",
-                    n_boot=vc.bootstrap_samples,
-                    level=vc.interval_level,
-                    seed=vc.seed,
-                ).to_dict(),
+                "pearson_interval": interval(lp, la, method="pearson").to_dict(),
                 "predicted": lp.tolist(),
             }
         out[name] = entry
