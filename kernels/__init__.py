@@ -1,1 +1,0 @@
-"""Triton kernels of prefprune (installed as `prefprune.kernels`); import only when Triton exists."""
