@@ -4,18 +4,23 @@ Build against the torch you run with: `pip install -e . --no-build-isolation`.
 
 Env switches:
   PREFPRUNE_SKIP_EXT=1      build nothing native (prefprune still imports and uses references)
-  PREFPRUNE_FORCE_CUDA=1    compile the CUDA sources even when no GPU is visible (needs a CUDA
-                            torch and a CUDA toolkit; without TORCH_CUDA_ARCH_LIST: "8.0;9.0+PTX")
+  PREFPRUNE_FORCE_CUDA=1    require the CUDA build: fail (saying why) unless torch has CUDA and a toolkit
+                            is found, instead of falling back to the CPU build
   PREFPRUNE_DEBUG=1         -O0 -g build (and -lineinfo for CUDA)
-  TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured by torch.utils.cpp_extension.
+  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (default below); MAX_JOBS: parallel compiles.
+  CUDA_HOME                 the toolkit (else torch looks for nvcc on PATH and in /usr/local/cuda).
 
-The CUDA build (CUDAExtension, -DWITH_CUDA, csrc/*.cu and csrc/*_cuda.cpp) is chosen when torch
-has CUDA, a toolkit is found (CUDA_HOME) and a GPU is visible, or when forced; otherwise a
-CPU-only CppExtension. Nothing is downloaded and no dependency depends on the hardware.
+The CUDA build (CUDAExtension, -DWITH_CUDA, csrc/*.cu and csrc/*_cuda.cpp) is chosen from the *build
+environment*, as flash-attention and torchao do: torch built with CUDA and a CUDA toolkit found. No GPU is
+probed, so a wheel built on a GPU-less host or in a container build has the same CUDA code as one built on
+a GPU node. Without TORCH_CUDA_ARCH_LIST the architectures are DEFAULT_CUDA_ARCHS, never the build host's
+GPUs. Which build was chosen, and why, is printed. Nothing is downloaded and no dependency depends on the
+hardware.
 """
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -24,20 +29,30 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+# Turing (T4) to Hopper as machine code, plus PTX that later GPUs compile at load time. CUDA 13 has no
+# Volta or older. Set TORCH_CUDA_ARCH_LIST for fewer (a faster build) or others.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
 def _want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if _flag("PREFPRUNE_FORCE_CUDA"):
-        if torch.version.cuda is None:
-            raise RuntimeError(f"PREFPRUNE_FORCE_CUDA=1 but torch {torch.__version__} was built without CUDA")
-        if CUDA_HOME is None:
-            raise RuntimeError("PREFPRUNE_FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # torch picks the archs of visible GPUs; with none it has nothing to pick.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+    why_not = []
+    if torch.version.cuda is None:
+        why_not.append(f"torch {torch.__version__} was built without CUDA")
+    elif CUDA_HOME is None:  # torch leaves CUDA_HOME unset when it has no CUDA itself
+        why_not.append("no CUDA toolkit was found (set CUDA_HOME, or put nvcc on PATH)")
+    if why_not:
+        if _flag("PREFPRUNE_FORCE_CUDA"):
+            raise RuntimeError("PREFPRUNE_FORCE_CUDA=1 but " + "; ".join(why_not))
+        print("prefprune: building the CPU-only extension: " + "; ".join(why_not), file=sys.stderr)
+        return False
+    # torch would otherwise compile for the GPUs it sees on the build host (or fail to choose with none).
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    print(f"prefprune: building the CUDA extension (torch CUDA {torch.version.cuda}, toolkit {CUDA_HOME}, "
+          f"TORCH_CUDA_ARCH_LIST={archs})", file=sys.stderr)
+    return True
 
 
 def _ext_modules():

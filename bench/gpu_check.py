@@ -10,7 +10,7 @@ Sections, each in its own try block and time box (one failure never hides the ot
            private prefix: `pip install --no-deps --no-build-isolation --no-index --prefix P -e <repo>`
            (on CUDA with PREFPRUNE_FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST = the GPU's capability, so the
            CUDA CG kernels are built; in the dry run PREFPRUNE_SKIP_EXT=1). The prefix's site directory is
-           then added (its .pth maps `prefprune.kernels` to `kernels/`), here and in every child process.
+           then added (`prefprune.kernels` is `kernels/`, through the link `prefprune/kernels`), here and in every child process.
            If the CUDA build fails it retries without the extension, so the Triton sections still run.
   pytest   the kernel and CG test files under pytest on the GPU (dry run: collected only).
   triton   `_gpu_triton.checks`: every kernel × dtype against float64 with an fp32-level tolerance,
@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import os
 import platform
@@ -168,16 +170,17 @@ def install(*, dry_run: bool, timeout_s: float) -> dict:
                 info.update(ok=True, how=f"installed into {prefix} {label}", sitedir=sitedir, after=why)
                 return info
             attempts_rec["probe"] = why
-    # Last resort: this tree on sys.path and kernels/ aliased as prefprune.kernels (what the install maps).
+    # Last resort: this tree on sys.path; prefprune.kernels is the link prefprune/kernels -> ../kernels, or,
+    # where a copy lost the link, kernels/ registered as that namespace package by hand.
     sys.path.insert(0, str(ROOT))
     import prefprune
 
-    spec = importlib.util.spec_from_file_location("prefprune.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prefprune.kernels"] = mod
-    spec.loader.exec_module(mod)
-    prefprune.kernels = mod
+    if not (ROOT / "prefprune" / "kernels").is_dir():
+        spec = importlib.machinery.ModuleSpec("prefprune.kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(ROOT / "kernels")]
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["prefprune.kernels"] = mod
+        prefprune.kernels = mod
     info.update(ok=False, how="pip install failed: this tree on sys.path with kernels/ aliased (fallback)")
     return info
 

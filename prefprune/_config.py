@@ -7,7 +7,11 @@ libraries this module only adds what they cannot know: the YAML line of an unkno
 of sections that the command line shows without a prefix, and messages in the project's words
 (``seeds must be a list, got 'three'``).
 
-A field annotated ``Annotated[SomeConfig, tyro.conf.arg(name="")]`` is *flattened*: its sub-fields are
+The library never imports `tyro` (nor pydantic, until a mapping is converted): a field's command-line
+options are written ``Annotated[T, cli_arg(...)]``, evaluated lazily (the modules use postponed
+annotations), and `cli_arg` gives tyro's own marker once the CLI has imported tyro.
+
+A field annotated ``Annotated[SomeConfig, cli_arg(name="")]`` is *flattened*: its sub-fields are
 flags without a prefix (``--model``, ``--dtype``) and, to keep the YAML file and the flags the same
 shape, YAML keys of the parent mapping as well (``model: minilm`` next to ``seeds: [0]``).
 """
@@ -16,15 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
 
-__all__ = ["flattened_fields", "from_mapping", "read_yaml", "section_fields"]
+__all__ = ["cli_arg", "flattened_fields", "from_mapping", "read_yaml", "section_fields"]
 
 T = TypeVar("T")
 
@@ -46,12 +50,34 @@ _KINDS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class CliArg:
+    """A field's command-line options (tyro's ``conf.arg`` fields) while tyro is not loaded."""
+
+    name: str | None = None
+    aliases: tuple[str, ...] | None = None
+
+
+def cli_arg(*, name: str | None = None, aliases: tuple[str, ...] | None = None) -> Any:
+    """Command-line options of a settings field, for ``Annotated[T, cli_arg(...)]``.
+
+    Only the CLI reads these, through tyro, which evaluates the postponed annotations after `prefprune.cli`
+    has imported it: then this returns ``tyro.conf.arg(...)``. Anywhere else (the library, YAML reading,
+    an environment without tyro) it returns a `CliArg` with the same fields, which nothing but
+    `flattened_fields` reads.
+    """
+    tyro = sys.modules.get("tyro")
+    if tyro is None:
+        return CliArg(name=name, aliases=aliases)
+    return tyro.conf.arg(name=name, aliases=aliases)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
 def _is_flattened(hint: Any) -> bool:
-    """Whether a field hint is ``Annotated[..., tyro.conf.arg(name="")]`` (a section shown unprefixed)."""
+    """Whether a field hint is ``Annotated[..., cli_arg(name="")]`` (a section shown unprefixed)."""
     if typing.get_origin(hint) is not typing.Annotated:
         return False
     return any(getattr(m, "name", None) == "" for m in hint.__metadata__)
@@ -154,6 +180,8 @@ def from_mapping(
         raise ValueError(f"{where + ': ' if where else ''}settings must be a mapping, got {values!r}")
     path = (section,) if section else ()
     nested = _nest(cls, values, where, lines or {}, path)
+    from pydantic import TypeAdapter, ValidationError  # lazy: only settings from mappings need it
+
     try:
         return TypeAdapter(cls).validate_python(nested)
     except ValidationError as exc:

@@ -1,21 +1,24 @@
 """`bench/gpu_check.py --dry-run` from a fresh copy of the tree, in an environment shaped like the GPU image.
 
-The GPU machine gets the working tree (tracked and untracked-not-ignored files) and a Python with torch,
-triton, transformers, peft, safetensors, pyarrow, pytest — but no `datasets` and no prefprune installed. So
-that the check's install and import path is exercised as it will run there, this test:
+The GPU machine gets the working tree (tracked and untracked-not-ignored files, links as links) and the
+image's Python (`bench/gpu_image_packages.txt`): torch, triton, transformers, peft, safetensors, pyarrow,
+pytest — but no `tyro`, `pydantic`, `datasets` and no prefprune installed. So that the check's install and
+import path is exercised as it will run there, this test:
 - copies those files (`git ls-files -co --exclude-standard`) to a temporary directory, plus the already
   built native extension (a build output the GPU run compiles itself; the dry run never compiles C++);
 - runs the check in a child interpreter whose `sitecustomize` (on PYTHONPATH, so every grandchild —
   pip, the import probes, pytest — gets it too) removes this virtual environment's editable install of the
-  original tree from the import system and makes `import datasets` fail;
+  original tree from the import system and makes every import of a distribution that the image lacks fail
+  (`bench/gpu_image.py` says which, and why a few newer dependencies of the image's own packages stay);
 - asserts that the check found prefprune not importable, installed the copy into a private prefix with
   `pip install -e` (offline, no build isolation, no dependencies), ran every section's CPU part and printed
-  the table, and that nothing imported `datasets` successfully.
+  the table, and that nothing tried to import a hidden package.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -29,17 +32,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _SITECUSTOMIZE = r'''
 import importlib.abc
+import os
 import sys
 
+_HIDDEN = set(os.environ["PREFPRUNE_HIDDEN_MODULES"].split(","))
 
-class _NoDatasets(importlib.abc.MetaPathFinder):
-    """The GPU image has no `datasets`: importing it fails (and is recorded)."""
+
+class _NotOnTheImage(importlib.abc.MetaPathFinder):
+    """The GPU image lacks these packages: importing one fails (and is recorded)."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "datasets" or name.startswith("datasets."):
-            import os
+        if name.split(".")[0] in _HIDDEN:
+            # The importing file: optional imports inside other packages (torch tries `dill`) are theirs.
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith("<frozen"):
+                frame = frame.f_back
+            where = frame.f_code.co_filename if frame is not None else "?"
             with open(os.environ["PREFPRUNE_BLOCKED_LOG"], "a") as f:
-                f.write(name + "\n")
+                f.write(f"{name}\t{where}\n")
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: not on the GPU image)", name=name)
         return None
 
@@ -47,7 +57,7 @@ class _NoDatasets(importlib.abc.MetaPathFinder):
 # Not installed there: drop the editable install of the original tree (its finder and path hook entry).
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path[:] = [p for p in sys.path if "__editable__" not in p]
-sys.meta_path.insert(0, _NoDatasets())
+sys.meta_path.insert(0, _NotOnTheImage())
 '''
 
 
@@ -60,18 +70,27 @@ def _installed_prefprune() -> list[str]:
 def _tree_files() -> list[str]:
     cmd = ["git", "ls-files", "-co", "--exclude-standard", "-z"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True).stdout
-    return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
+    return [p for p in out.decode().split("\0") if p and ((ROOT / p).is_file() or (ROOT / p).is_symlink())]
+
+
+def _hidden_modules() -> list[str]:
+    spec = importlib.util.spec_from_file_location("_gpu_image", ROOT / "bench" / "gpu_image.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.hidden_modules(mod.hidden_distributions())
 
 
 @pytest.mark.skipif(
     shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout"
 )
-def test_dry_run_from_a_fresh_copy_without_datasets(tmp_path):
+def test_dry_run_from_a_fresh_copy_with_the_gpu_images_packages(tmp_path):
+    hidden = _hidden_modules()
+    assert {"tyro", "pydantic", "datasets"} <= set(hidden), hidden
     src = tmp_path / "src"
     for rel in _tree_files():
         dest = src / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest)
+        shutil.copy2(ROOT / rel, dest, follow_symlinks=False)
     built = list((ROOT / "prefprune").glob("_C*.so"))  # none in a fresh clone that was never built
     for so in built:
         shutil.copy2(so, src / "prefprune" / so.name)
@@ -82,6 +101,7 @@ def test_dry_run_from_a_fresh_copy_without_datasets(tmp_path):
     report = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFPRUNE_", "PYTHON"))}
     env.update(PYTHONPATH=str(boot), PREFPRUNE_BLOCKED_LOG=str(blocked), TMPDIR=str(tmp_path),
+               PREFPRUNE_HIDDEN_MODULES=",".join(hidden),
                HF_HUB_OFFLINE="1")
     env.pop("OUT", None)
     installed = _installed_prefprune()
@@ -116,5 +136,7 @@ def test_dry_run_from_a_fresh_copy_without_datasets(tmp_path):
     # The table came out, with the roofline and target columns.
     table = proc.stdout
     assert "prefprune GPU check (dry-run)" in table and " roof " in table and " target " in table
-    # Nothing on the check's import path needed `datasets` (a lazy import that was tried is logged).
-    assert not blocked.exists(), blocked.read_text()
+    # Nothing of this tree tried to import a hidden package (a lazy import that was tried is logged).
+    tried = blocked.read_text().splitlines() if blocked.exists() else []
+    ours = [line for line in tried if str(src) in line.split("\t")[1]]
+    assert not ours, "\n".join(ours)

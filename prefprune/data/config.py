@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-import tyro
-
+from prefprune._config import cli_arg
 from prefprune.data.loading import PreferenceDataset
 from prefprune.data.noise import plant_label_noise, plant_length_bias
 from prefprune.data.synthetic import load_or_generate
@@ -23,7 +22,7 @@ SchemaChoice = Literal["auto", "tldr", "prompt_chosen_rejected", "hh"]
 class DataConfig:
     """Where the preference pairs come from and how they are read (flags and YAML keys = field names)."""
 
-    source: Annotated[str, tyro.conf.arg(aliases=("--data",))] = field(
+    source: Annotated[str, cli_arg(aliases=("--data",))] = field(
         default=SYNTHETIC,
         metadata={
             "help": "preference data: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a hub dataset id, or "
@@ -40,7 +39,7 @@ class DataConfig:
     split: str = field(
         default="train", metadata={"help": "dataset split (hub datasets and split-keyed JSON)"}
     )
-    config_name: Annotated[str | None, tyro.conf.arg(aliases=("--data-config",))] = field(
+    config_name: Annotated[str | None, cli_arg(aliases=("--data-config",))] = field(
         default=None, metadata={"help": "hub dataset config, e.g. comparisons"}
     )
     skip_bad: bool = field(

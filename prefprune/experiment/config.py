@@ -8,9 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import tyro
-
-from prefprune._config import flattened_fields, from_mapping, read_yaml
+from prefprune._config import cli_arg, flattened_fields, from_mapping, read_yaml
 from prefprune._io import jsonable
 from prefprune.curvature import CURVATURES, Curvature
 from prefprune.data.config import DataConfig
@@ -94,7 +92,7 @@ class ExperimentConfig:
         "train / validation / test fractions of the data (disjoint)", default_factory=lambda: [0.7, 0.1, 0.2]
     )
     split_seed: int = _help("seed of the split; the split is the same for every training seed", default=0)
-    model: Annotated[ModelConfig, tyro.conf.arg(name="")] = _help(
+    model: Annotated[ModelConfig, cli_arg(name="")] = _help(
         "the reward model", default_factory=ModelConfig
     )
     lora_layers: int | None = _help(
