@@ -5,22 +5,44 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch by default; on a GPU node pass e.g. TORCH_SPEC="torch==2.13.0" with your index.
 TORCH_SPEC ?= torch==2.13.0
+# The known-good set (every dependency but torch, pinned; `make lock` writes it). CONSTRAINTS= installs the
+# newest releases instead.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP := $(VENV)/.prefprune-installed
-NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py pyproject.toml
+NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py pyproject.toml $(CONSTRAINTS)
 
-.PHONY: install test lint demo train bench gpu-check gpu-check-dry-run nvcc-check clean
+.PHONY: install test test-newest lock lint demo train bench gpu-check gpu-check-dry-run nvcc-check cuda-wheel \
+	clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install --quiet --upgrade $(PIP_C) pip setuptools wheel ninja
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --quiet $(PIP_C) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The same tests against whatever was released most recently (own venv; run at the start of a session).
+test-newest:
+	$(MAKE) test VENV=.venv-newest CONSTRAINTS=
+
+# Rewrites constraints.txt from a fresh venv with the newest releases. Triton is held at the version the
+# CUDA build of torch requires (a CPU torch requires none), so the one lock serves CPU and GPU nodes.
+LOCK_TRITON ?= triton==3.7.1
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip setuptools wheel ninja "$(TORCH_SPEC)" "$(LOCK_TRITON)"
+	PREFPRUNE_SKIP_EXT=1 .venv-lock/bin/python -m pip install --quiet --no-build-isolation "$(LOCK_TRITON)" -e ".[dev]"
+	{ echo "# Known-good dependency set of prefprune (every package but torch, which TORCH_SPEC picks)."; \
+	  echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) with $$(.venv-lock/bin/python -V); installed by"; \
+	  echo "# \`make test\`/\`make demo\`, or: pip install -c constraints.txt -e '.[dev]' --no-build-isolation"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(pip|torch)=='; } > constraints.txt
+	rm -rf .venv-lock
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -50,6 +72,19 @@ nvcc-check:
 	    nvcc -std=c++17 -arch=sm_90 -Werror all-warnings -Xcompiler -Wall,-Wextra \
 	      -c $$f -o /tmp/prefprune-$$(basename $$f).o || exit 1; done; \
 	else echo "nvcc not found: skipping CUDA compile check"; fi
+
+# A wheel with the CUDA CG kernels, built on this host whether or not it has a GPU: a CUDA build of torch
+# in its own venv (installs and imports without a GPU) and nvcc. Installed into a fresh venv, imported, and
+# its sm_90 code listed with cuobjdump. `--isolated`: ignore pip settings that point at a local CPU torch.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.13.0
+CUDA_ARCHS ?= 8.0;9.0+PTX
+cuda-wheel:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --isolated --quiet --upgrade pip setuptools wheel ninja "$(CUDA_TORCH_SPEC)"
+	PREFPRUNE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$${MAX_JOBS:-2} \
+	  $(CUDA_VENV)/bin/python -m pip wheel --isolated --no-build-isolation --no-deps -w dist/cuda .
+	$(CUDA_VENV)/bin/python bench/check_cuda_wheel.py dist/cuda
 
 clean:
 	rm -rf build dist *.egg-info prefprune/_C*.so
