@@ -79,6 +79,9 @@ nvcc-check:
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.13.0
 CUDA_ARCHS ?= 8.0;9.0+PTX
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+cuda-wheel: export CUDA_HOME := $(CUDA_HOME)
+cuda-wheel: export PATH := $(if $(CUDA_HOME),$(CUDA_HOME)/bin:)$(PATH)
 cuda-wheel:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install --isolated --quiet --upgrade pip setuptools wheel ninja "$(CUDA_TORCH_SPEC)"

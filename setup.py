@@ -43,6 +43,9 @@ def _want_cuda() -> bool:
         why_not.append(f"torch {torch.__version__} was built without CUDA")
     elif CUDA_HOME is None:  # torch leaves CUDA_HOME unset when it has no CUDA itself
         why_not.append("no CUDA toolkit was found (set CUDA_HOME, or put nvcc on PATH)")
+    elif not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit.
+        why_not.append(f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit)")
     if why_not:
         if _flag("PREFPRUNE_FORCE_CUDA"):
             raise RuntimeError("PREFPRUNE_FORCE_CUDA=1 but " + "; ".join(why_not))

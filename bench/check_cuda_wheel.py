@@ -7,12 +7,15 @@ Usage: python bench/check_cuda_wheel.py DIST_DIR   (run with the Python whose CU
 2. that venv imports `prefprune._C`, which must say it was built with CUDA, and solves a 3×3 system with
    the native CPU CG (no GPU is needed for that);
 3. `cuobjdump --list-elf` on the installed `prefprune/_C*.so` must list sm_90 code, and the fused CG kernels
-   must be among its functions (`cuobjdump --dump-elf-symbols`).
+   must be among its functions (`cuobjdump --dump-elf-symbols`). cuobjdump comes from PATH, $CUDA_HOME/bin
+   or Triton's NVIDIA backend, which ships one.
 Prints the wheel's name and size, the import line and the cuobjdump lines; exits non-zero on any failure.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +37,17 @@ def _run(cmd: list[str], **kw) -> str:
     return proc.stdout
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, the toolkit, or the copy Triton's NVIDIA backend ships (a toolkit may lack it)."""
+    toolkit = os.environ.get("CUDA_HOME", "")
+    candidates = [shutil.which("cuobjdump"), os.path.join(toolkit, "bin", "cuobjdump") if toolkit else None]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        triton_dir = os.path.dirname(spec.origin)
+        candidates.append(os.path.join(triton_dir, "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
 def main(dist: Path) -> None:
     import torch
 
@@ -44,9 +58,9 @@ def main(dist: Path) -> None:
         sys.exit(f"{dist}: expected one prefprune wheel, found {[w.name for w in wheels]}")
     wheel = wheels[0]
     print(f"wheel: {wheel.name}  {wheel.stat().st_size:,} bytes")
-    cuobjdump = shutil.which("cuobjdump")
+    cuobjdump = _cuobjdump()
     if cuobjdump is None:
-        sys.exit("cuobjdump not found (it ships with the CUDA toolkit)")
+        sys.exit("cuobjdump not found: not on PATH, in $CUDA_HOME/bin, or in Triton's NVIDIA backend")
     with tempfile.TemporaryDirectory(prefix="prefprune-wheel-") as tmp:
         venv = Path(tmp) / "venv"
         _run([sys.executable, "-m", "venv", str(venv)])

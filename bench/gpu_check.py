@@ -10,7 +10,8 @@ Sections, each in its own try block and time box (one failure never hides the ot
            private prefix: `pip install --no-deps --no-build-isolation --no-index --prefix P -e <repo>`
            (on CUDA with PREFPRUNE_FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST = the GPU's capability, so the
            CUDA CG kernels are built; in the dry run PREFPRUNE_SKIP_EXT=1). The prefix's site directory is
-           then added (`prefprune.kernels` is `kernels/`, through the link `prefprune/kernels`), here and in every child process.
+           then added (`prefprune.kernels` is `kernels/`, through the link `prefprune/kernels`), here and
+           in every child process.
            If the CUDA build fails it retries without the extension, so the Triton sections still run.
   pytest   the kernel and CG test files under pytest on the GPU (dry run: collected only).
   triton   `_gpu_triton.checks`: every kernel × dtype against float64 with an fp32-level tolerance,
