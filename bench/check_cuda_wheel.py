@@ -79,10 +79,10 @@ def main(dist: Path) -> None:
         print(elf.rstrip())
         if "sm_90" not in elf:
             sys.exit("no sm_90 ELF in the extension")
-        symbols = _run([cuobjdump, "--dump-elf-symbols", str(so)])
+        symbols = _run([cuobjdump, "--dump-elf-symbols", "--gpu-architecture", "sm_90", str(so)])
         kernels = sorted({line.split()[-1] for line in symbols.splitlines() if "cg" in line.lower()
                           and "FUNC" in line})
-        print(f"CG kernel functions: {len(kernels)}")
+        print(f"CG kernel functions in the sm_90 code: {len(kernels)}")
         for name in kernels:
             print(f"  {name}")
         if not kernels:
