@@ -32,7 +32,7 @@ def _gen(seed: int) -> torch.Generator:
 
 @functools.cache
 def _gauss_newton(p: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows J (n, p), weights w = σ(m)σ(−m) and H_GN = Jᵀ diag(w) J / n, eigenvalues log-spaced on [1e-3, 1e2].
+    """Rows J (n, p), weights w = σ(m)σ(−m) and H_GN = Jᵀ diag(w) J / n (eigenvalues log-spaced, 1e-3..1e2).
 
     J = diag(√(n e / w)) Qᵀ with orthonormal columns Q (p, n) makes the spectrum of H_GN known by construction
     (ill-conditioned, as a trained model's curvature is), so plain CG needs many iterations. With n > p the
@@ -73,7 +73,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _assert_same_run(got: CGResult, ref: CGResult, *, tol: float = 1e-12, what: str = "") -> None:
-    assert torch.equal(got.status, ref.status), f"{what} status {got.status.tolist()} != {ref.status.tolist()}"
+    assert torch.equal(got.status, ref.status), (
+        f"{what} status {got.status.tolist()} != {ref.status.tolist()}"
+    )
     assert torch.equal(got.iterations, ref.iterations), (
         f"{what} iterations {got.iterations.tolist()} != {ref.iterations.tolist()}"
     )
@@ -213,7 +215,8 @@ def test_reference_equals_native_one_column_noncontiguous():
     H_T = H.T.contiguous().T  # the same matrix through a transposed view
     ref = cg_reference(lambda X: H_T @ X + 0.1 * X, b, tol=1e-12, max_iter=200,
                        precond=lambda R: pre.apply(R, 0.1))
-    got = _native(lambda X: H_T @ X + 0.1 * X, b, tol=1e-12, max_iter=200, precond=lambda R: pre.apply(R, 0.1))
+    got = _native(lambda X: H_T @ X + 0.1 * X, b, tol=1e-12, max_iter=200,
+                  precond=lambda R: pre.apply(R, 0.1))
     _assert_same_run(got, ref, what="one column")
     assert int(ref.status[0]) == CG_CONVERGED
 
@@ -252,7 +255,7 @@ def _iterations(H, J, w, B, *, preconditioned, run=cg_reference):
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("native", marks=needs_native)])
 def test_gauss_newton_preconditioner_cuts_iterations(impl):
-    """H = H_GN + a residual of norm 1e-3: per damping value, PCG needs a fraction of plain CG's iterations."""
+    """H = H_GN + a residual of norm 1e-3: per damping value PCG needs a fraction of plain CG's iterations."""
     J, w, _, H = _hessian(1e-3)
     B = _rhs(P, 2)
     run = cg_reference if impl == "reference" else _native
@@ -293,7 +296,8 @@ def test_indefinite_reports_nonpositive_curvature(impl):
         recorded = float(seen[it - 1][c])
         assert recorded <= 0, f"column {c}: pᵀAp at the stop was {recorded}"
         assert float(res.curvature[c]) == pytest.approx(recorded, rel=1e-12, abs=0), (
-            f"column {c}: reported curvature {float(res.curvature[c])} is not pᵀAp = {recorded} of iteration {it}"
+            f"column {c}: reported curvature {float(res.curvature[c])} is not pᵀAp = {recorded} "
+            f"of iteration {it}"
         )
 
 
@@ -304,10 +308,31 @@ def test_indefinite_reference_equals_native(fused):
     v = torch.randn(P, generator=_gen(9), dtype=torch.float64)
     H = H - 0.1 * torch.outer(v, v) / float(v @ v)
     sys_ = _systems(H, J, w, _rhs(P, 2), dampings=(1.0, 0.01))
-    ref = cg_reference(sys_.apply_A, sys_.B, tol=1e-12, max_iter=500, precond=sys_.precond, record_history=True)
+    ref = cg_reference(sys_.apply_A, sys_.B, tol=1e-12, max_iter=500, precond=sys_.precond,
+                       record_history=True)
     got = _native(sys_.apply_A, sys_.B, tol=1e-12, max_iter=500, precond=sys_.precond, record_history=True,
                   fused=fused)
     _assert_same_run(got, ref, what="indefinite")
+
+
+needs_cuda = pytest.mark.skipif(
+    C is None or not getattr(C, "WITH_CUDA", False) or not torch.cuda.is_available(),
+    reason="needs a CUDA build and a GPU",
+)
+
+
+@needs_cuda
+def test_cuda_pcg_equals_reference():
+    """On CUDA the preconditioned iteration runs as ATen ops around M r; with host checks every few
+    iterations (stopped columns idle) it still iterates like the reference."""
+    J, w, _, H = _hessian(1e-3)
+    J, w, H = J.cuda(), w.cuda(), H.cuda()
+    B = _rhs(P, 3).cuda()
+    sys_ = _systems(H, J, w, B)
+    ref = cg_reference(sys_.apply_A, sys_.B, tol=1e-12, max_iter=300, precond=sys_.precond,
+                       record_history=True)
+    got = _native(sys_.apply_A, sys_.B, tol=1e-12, max_iter=300, precond=sys_.precond, record_history=True)
+    _assert_same_run(got, ref, tol=1e-10, what="CUDA")
 
 
 @needs_native
@@ -338,7 +363,8 @@ def test_reference_bad_arguments():
     diag = torch.ones(P, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"give one preconditioner, diag .* shape \(97,\)"):
         cg_reference(lambda X: A @ X, B, diag=diag, precond=lambda R: R)
-    with pytest.raises(ValueError, match=r"returned shape \(97, 1\), dtype torch.float64 on cpu for a \(97, 2\)"):
+    msg = r"returned shape \(97, 1\), dtype torch.float64 on cpu for a \(97, 2\)"
+    with pytest.raises(ValueError, match=msg):
         cg_reference(lambda X: A @ X, B, precond=lambda R: R[:, :1])
     with pytest.raises(TypeError, match="must return a Tensor, got list"):
         cg_reference(lambda X: A @ X, B, precond=lambda R: [R])
@@ -351,7 +377,8 @@ def test_native_bad_arguments():
     diag = torch.ones(P, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"give one preconditioner, diag .* shape \[97\]"):
         _native(lambda X: A @ X, B, tol=1e-6, max_iter=5, diag=diag, precond=lambda R: R)
-    with pytest.raises(RuntimeError, match=r"the preconditioner returned shape \[97, 1\] for a \[97, 2\] block"):
+    msg = r"the preconditioner returned shape \[97, 1\] for a \[97, 2\] block"
+    with pytest.raises(RuntimeError, match=msg):
         _native(lambda X: A @ X, B, tol=1e-6, max_iter=5, precond=lambda R: R[:, :1])
     with pytest.raises(RuntimeError, match="the preconditioner returned dtype Float; expected Double"):
         _native(lambda X: A @ X, B, tol=1e-6, max_iter=5, precond=lambda R: R.float())
@@ -369,7 +396,8 @@ def test_native_bad_arguments():
 
 def test_woodbury_bad_arguments():
     J, w, _ = _gauss_newton(P, N_H)
-    with pytest.raises(ValueError, match=r"weights must have shape \(40,\) to match rows \(40, 97\), got \(39,\)"):
+    msg = r"weights must have shape \(40,\) to match rows \(40, 97\), got \(39,\)"
+    with pytest.raises(ValueError, match=msg):
         GaussNewtonWoodbury.from_rows(J, w[:-1])
     with pytest.raises(ValueError, match=r"weights must be finite and >= 0, got min -1.0"):
         GaussNewtonWoodbury.from_rows(J, torch.cat([w[:-1], torch.tensor([-1.0], dtype=torch.float64)]))
@@ -381,11 +409,13 @@ def test_woodbury_bad_arguments():
     R = _rhs(P, 3)
     with pytest.raises(ValueError, match=r"shifts must be finite and > 0 .* got \[0.0, -1.0\]"):
         M.apply(R, [0.1, 0.0, -1.0])
-    with pytest.raises(ValueError, match=r"shifts must be one value or \(3,\) for R \(97, 3\), got shape \(2,\)"):
+    msg = r"shifts must be one value or \(3,\) for R \(97, 3\), got shape \(2,\)"
+    with pytest.raises(ValueError, match=msg):
         M.apply(R, [0.1, 0.2])
     with pytest.raises(ValueError, match=r"R must be \(97, m\), got shape \(96, 3\)"):
         M.apply(R[:-1], 0.1)
-    with pytest.raises(ValueError, match=r"dampings must be finite and > 0 .* got \[0.0, nan\] in \[1.0, 0.0, nan\]"):
+    msg = r"dampings must be finite and > 0 .* got \[0.0, nan\] in \[1.0, 0.0, nan\]"
+    with pytest.raises(ValueError, match=msg):
         damped_systems(lambda X: X, R, [1.0, 0.0, float("nan")], preconditioner=M)
     with pytest.raises(ValueError, match="dampings must hold at least one value"):
         damped_systems(lambda X: X, R, [], preconditioner=M)

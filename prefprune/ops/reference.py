@@ -100,8 +100,8 @@ def cg_reference(
         raise ValueError(f"diag must have shape ({B.shape[0]},), got {tuple(diag.shape)}")
     if diag is not None and precond is not None:
         raise ValueError(
-            f"give one preconditioner, diag (a Jacobi diagonal, here of shape {tuple(diag.shape)}) or precond "
-            f"(an operator, here {precond!r}), not both"
+            f"give one preconditioner, diag (a Jacobi diagonal, here of shape {tuple(diag.shape)}) or "
+            f"precond (an operator, here {precond!r}), not both"
         )
     k, m = B.shape
     dev, dt = B.device, B.dtype

@@ -61,8 +61,8 @@ class GaussNewtonWoodbury:
         if basis.dim() != 2:
             raise ValueError(f"basis must be (r, p), got shape {tuple(basis.shape)}")
         if tuple(evals.shape) != (basis.shape[0],):
-            raise ValueError(f"evals must have shape ({basis.shape[0]},) to match basis {tuple(basis.shape)}, "
-                             f"got {tuple(evals.shape)}")
+            raise ValueError(f"evals must have shape ({basis.shape[0]},) to match basis "
+                             f"{tuple(basis.shape)}, got {tuple(evals.shape)}")
         evals = evals.to(torch.float64)
         if evals.numel() and not (bool(torch.isfinite(evals).all()) and float(evals.min()) >= 0):
             raise ValueError(f"evals must be finite and >= 0 (H_GN is positive semidefinite), got min "
@@ -107,7 +107,8 @@ class GaussNewtonWoodbury:
     def _factors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (dtype, device)
         if key not in self._cast:
-            self._cast[key] = (self.basis.to(dtype=dtype, device=device), self.evals.to(dtype=dtype, device=device))
+            self._cast[key] = (self.basis.to(dtype=dtype, device=device),
+                               self.evals.to(dtype=dtype, device=device))
         return self._cast[key]
 
     def _apply(self, R: Tensor, shifts: Tensor) -> Tensor:
