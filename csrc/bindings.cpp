@@ -14,37 +14,52 @@ namespace {
 
 using prefprune::CGOutput;
 
-// Runs the C++ loop without the GIL and takes it back only around each call of `fn`, so other
-// Python threads run while the vector updates do.
-CGOutput cg_callable(const py::function& fn, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
-                     int64_t max_iter, bool record_history, bool fused, int64_t check_every) {
-  prefprune::check_solve_args("cg_callable", B, diag, tol, max_iter);
-  // The loop runs under NoGradGuard; the operator (autograd HVPs) gets the caller's mode back.
-  const bool grad_enabled = c10::GradMode::is_enabled();
+// A Python callable on (k, m) blocks as an ApplyFn on the loop's (m, k) state. It is called with the GIL
+// taken back and the caller's grad mode (the loop itself runs under NoGradGuard), and its result is checked
+// against B. `fn` must outlive the returned function (it is held by reference: copying a py::object would
+// touch its reference count without the GIL).
+prefprune::ApplyFn python_operator(const py::function& fn, const char* role, const at::Tensor& B,
+                                   bool grad_enabled) {
   const int64_t k = B.size(0), m = B.size(1);
-  prefprune::ApplyFn apply = [&](const at::Tensor& P, at::Tensor& out) {
+  const auto dtype = B.scalar_type();
+  const auto device = B.device();
+  return [&fn, role, k, m, dtype, device, grad_enabled](const at::Tensor& P, at::Tensor& out) {
     py::gil_scoped_acquire gil;
     at::Tensor Q;
     {
       c10::AutoGradMode mode(grad_enabled);
       const at::Tensor block = P.t().contiguous();
       py::object res = fn(block);
-      TORCH_CHECK(THPVariable_Check(res.ptr()), "cg_callable: the operator must return a Tensor, got ",
+      TORCH_CHECK(THPVariable_Check(res.ptr()), "cg_callable: the ", role, " must return a Tensor, got ",
                   std::string(py::str(py::type::handle_of(res).attr("__name__"))));
       Q = THPVariable_Unpack(res.ptr()).detach();
     }
-    TORCH_CHECK(Q.dim() == 2 && Q.size(0) == k && Q.size(1) == m, "cg_callable: the operator returned shape ",
-                Q.sizes(), " for a [", k, ", ", m, "] block; expected [", k, ", ", m, "]");
-    TORCH_CHECK(Q.scalar_type() == B.scalar_type(), "cg_callable: the operator returned dtype ", Q.scalar_type(),
-                "; expected ", B.scalar_type());
-    TORCH_CHECK(Q.device() == B.device(), "cg_callable: the operator returned a tensor on ", Q.device(),
-                "; expected ", B.device());
+    TORCH_CHECK(Q.dim() == 2 && Q.size(0) == k && Q.size(1) == m, "cg_callable: the ", role,
+                " returned shape ", Q.sizes(), " for a [", k, ", ", m, "] block; expected [", k, ", ", m, "]");
+    TORCH_CHECK(Q.scalar_type() == dtype, "cg_callable: the ", role, " returned dtype ", Q.scalar_type(),
+                "; expected ", dtype);
+    TORCH_CHECK(Q.device() == device, "cg_callable: the ", role, " returned a tensor on ", Q.device(),
+                "; expected ", device);
     out.copy_(Q.t());
   };
+}
+
+// Runs the C++ loop without the GIL and takes it back only around each call of `fn` (and of `precond`),
+// so other Python threads run while the vector updates do.
+CGOutput cg_callable(const py::function& fn, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
+                     int64_t max_iter, bool record_history, bool fused, int64_t check_every,
+                     const std::optional<py::function>& precond) {
+  prefprune::check_solve_args("cg_callable", B, diag, tol, max_iter);
+  TORCH_CHECK(!(diag && precond), "cg_callable: give one preconditioner, diag (a Jacobi diagonal, here of shape ",
+              diag ? diag->sizes() : at::IntArrayRef{}, ") or precond (an operator), not both");
+  const bool grad_enabled = c10::GradMode::is_enabled();
+  const prefprune::ApplyFn apply = python_operator(fn, "operator", B, grad_enabled);
+  const prefprune::ApplyFn apply_m =
+      precond ? python_operator(*precond, "preconditioner", B, grad_enabled) : prefprune::ApplyFn();
   CGOutput result;
   {
     py::gil_scoped_release nogil;
-    result = prefprune::cg_solve(apply, B, diag, tol, max_iter, record_history, fused, check_every);
+    result = prefprune::cg_solve(apply, B, diag, tol, max_iter, record_history, fused, check_every, apply_m);
   }
   return result;
 }
@@ -89,11 +104,18 @@ Returns:
   m.def("cg_callable", &cg_callable,
         R"doc(Solve A X = B by conjugate gradient with A given as a Python callable on (k, m) blocks.
 
-The loop runs in C++ without the GIL; `fn` is called with the GIL held and the caller's grad
-mode (so it may compute autograd Hessian-vector products). It must return a (k, m) tensor of
-B's dtype and device. Other arguments and the result as for cg_factored.)doc",
+The loop runs in C++ without the GIL; `fn` (and `precond`) is called with the GIL held and the
+caller's grad mode (so it may compute autograd Hessian-vector products). It must return a (k, m)
+tensor of B's dtype and device. Other arguments and the result as for cg_factored, and:
+
+    precond: None, or a callable mapping a (k, m) residual block R to M R, M symmetric positive
+        definite (column j may use its own M_j, e.g. (H_GN + λ_j I)⁻¹). It is called once before the
+        first iteration and once after every iteration, on the whole block (stopped columns too).
+        Excludes diag. Non-positive curvature is still tested on pᵀAp with the unpreconditioned A.
+        Same algorithm as cg_reference(..., precond=...).)doc",
         py::arg("fn"), py::arg("B"), py::arg("diag"), py::arg("tol"), py::arg("max_iter"),
-        py::arg("record_history"), py::kw_only(), py::arg("fused") = true, py::arg("check_every") = -1);
+        py::arg("record_history"), py::kw_only(), py::arg("fused") = true, py::arg("check_every") = -1,
+        py::arg("precond") = py::none());
   m.def(
       "cg_launch_config",
       [](int64_t m_cols, int64_t k, int64_t sm_count) {

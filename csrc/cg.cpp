@@ -19,11 +19,13 @@ namespace {
 // One column of one iteration, exactly the reference's order of decisions:
 //   pq = pᵀq; pq <= 0 → stop (non-positive curvature); α = rz / pq; x += αp; r -= αq;
 //   rel = ||r|| / ||b||; rel <= tol → stop (converged); z = M⁻¹r; β = rᵀz / rz; p = z + βp.
+// With `split` (a preconditioner operator) the column stops after the convergence test: z comes from
+// the operator, and direction_column finishes the iteration.
 // Dot products accumulate in double: float32 columns then lose nothing to long sums.
 template <typename scalar_t>
 void step_column(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* q, const scalar_t* inv, int64_t k,
                  scalar_t& rz, scalar_t& rel, scalar_t safe_b, int64_t& status, int64_t& iterations,
-                 scalar_t& curvature, scalar_t tol) {
+                 scalar_t& curvature, scalar_t tol, bool split) {
   double pq_acc = 0.0;
   for (int64_t i = 0; i < k; ++i) pq_acc += static_cast<double>(p[i]) * static_cast<double>(q[i]);
   const scalar_t pq = static_cast<scalar_t>(pq_acc);
@@ -49,6 +51,7 @@ void step_column(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* q, const
     status = kConverged;
     return;
   }
+  if (split) return;
   const scalar_t rz_new = static_cast<scalar_t>(rz_acc);
   const scalar_t beta = rz_new / rz;
   rz = rz_new;
@@ -58,8 +61,23 @@ void step_column(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* q, const
   }
 }
 
+// The rest of a split iteration for a running column, z = M r given: β = rᵀz / rz; p = z + βp.
+template <typename scalar_t>
+void direction_column(const scalar_t* r, const scalar_t* z, scalar_t* p, int64_t k, scalar_t& rz) {
+  double rz_acc = 0.0;
+  for (int64_t i = 0; i < k; ++i) rz_acc += static_cast<double>(r[i]) * static_cast<double>(z[i]);
+  const scalar_t rz_new = static_cast<scalar_t>(rz_acc);
+  const scalar_t beta = rz_new / rz;
+  rz = rz_new;
+  for (int64_t i = 0; i < k; ++i) p[i] = z[i] + beta * p[i];
+}
+
+// Threads pay off only with ~32k elements per task; below that one thread is faster.
+int64_t column_grain(int64_t k) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1)); }
+
 // Fused CPU update: one pass structure per column, columns in parallel when there is enough work.
-void cg_step_cpu(CGState& s, double tol, const at::Tensor& hist_row) {
+// `split`: stop each running column before its new direction (cg_direction_cpu follows).
+void cg_step_cpu(CGState& s, double tol, const at::Tensor& hist_row, bool split) {
   const int64_t m = s.x.size(0), k = s.x.size(1);
   AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "cg_step_cpu", [&] {
     scalar_t* x = s.x.data_ptr<scalar_t>();
@@ -76,13 +94,11 @@ void cg_step_cpu(CGState& s, double tol, const at::Tensor& hist_row) {
     scalar_t* hist = hist_row.defined() ? hist_row.data_ptr<scalar_t>() : nullptr;
     // The reference compares rel <= tol in the solve dtype; do the same.
     const scalar_t tol_s = static_cast<scalar_t>(tol);
-    // Threads pay off only with ~32k elements per task; below that one thread is faster.
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1));
-    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m, column_grain(k), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         if (status[j] == kRunning) {
           step_column<scalar_t>(x + j * k, r + j * k, p + j * k, q + j * k, inv, k, rz[j], rel[j], safe_b[j],
-                                status[j], iterations[j], curvature[j], tol_s);
+                                status[j], iterations[j], curvature[j], tol_s, split);
         }
         if (hist) hist[j] = rel[j];
       }
@@ -90,8 +106,26 @@ void cg_step_cpu(CGState& s, double tol, const at::Tensor& hist_row) {
   });
 }
 
-// The same update as a chain of ATen ops (the reference's, transposed): runs on any device.
-void cg_step_aten(CGState& s, double tol, const at::Tensor& hist_row) {
+// Second half of a split CPU iteration: the new direction of every running column from z = M r (s.z).
+void cg_direction_cpu(CGState& s) {
+  const int64_t m = s.x.size(0), k = s.x.size(1);
+  AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "cg_direction_cpu", [&] {
+    const scalar_t* r = s.r.data_ptr<scalar_t>();
+    const scalar_t* z = s.z.data_ptr<scalar_t>();
+    scalar_t* p = s.p.data_ptr<scalar_t>();
+    scalar_t* rz = s.rz.data_ptr<scalar_t>();
+    const int64_t* status = s.status.data_ptr<int64_t>();
+    at::parallel_for(0, m, column_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        if (status[j] == kRunning) direction_column<scalar_t>(r + j * k, z + j * k, p + j * k, k, rz[j]);
+      }
+    });
+  });
+}
+
+// The same update as a chain of ATen ops (the reference's, transposed): runs on any device. First half:
+// curvature test, x, r and the convergence test.
+void cg_update_aten(CGState& s, double tol, const at::Tensor& hist_row) {
   at::Tensor active = s.status.eq(kRunning);
   at::Tensor pq = (s.p * s.q).sum(1);
   at::Tensor bad = active.logical_and(pq <= 0);
@@ -108,13 +142,21 @@ void cg_step_aten(CGState& s, double tol, const at::Tensor& hist_row) {
   s.rel.copy_(at::where(active, norm / s.safe_b, s.rel));
   at::Tensor done = active.logical_and(s.rel <= tol);
   s.status.masked_fill_(done, kConverged);
-  active = active.logical_and(done.logical_not());
-  at::Tensor z = s.inv_diag.defined() ? s.r * s.inv_diag : s.r;
+  if (hist_row.defined()) hist_row.copy_(s.rel);
+}
+
+// Second half: β = rᵀz / rz and p = z + βp for the columns still running, z = M⁻¹r given.
+void cg_direction_aten(CGState& s, const at::Tensor& z) {
+  at::Tensor active = s.status.eq(kRunning);
   at::Tensor rz_new = (s.r * z).sum(1);
-  at::Tensor beta = at::where(active, rz_new / at::where(active, s.rz, one), at::zeros_like(rz_new));
+  at::Tensor beta = at::where(active, rz_new / at::where(active, s.rz, at::ones_like(s.rz)), at::zeros_like(rz_new));
   s.p.copy_(at::where(active.unsqueeze(1), z + beta.unsqueeze(1) * s.p, s.p));
   s.rz.copy_(at::where(active, rz_new, s.rz));
-  if (hist_row.defined()) hist_row.copy_(s.rel);
+}
+
+void cg_step_aten(CGState& s, double tol, const at::Tensor& hist_row) {
+  cg_update_aten(s, tol, hist_row);
+  cg_direction_aten(s, s.inv_diag.defined() ? s.r * s.inv_diag : s.r);
 }
 
 bool any_active(const CGState& s) {
@@ -145,8 +187,11 @@ void check_solve_args(const char* op, const at::Tensor& B, const std::optional<a
 }
 
 CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
-                  int64_t max_iter, bool record_history, bool fused, int64_t check_every) {
+                  int64_t max_iter, bool record_history, bool fused, int64_t check_every, const ApplyFn& precond) {
   check_solve_args("cg_solve", B, diag, tol, max_iter);
+  const bool has_precond = static_cast<bool>(precond);
+  TORCH_CHECK(!(diag && has_precond), "cg_solve: give one preconditioner, a Jacobi diagonal or an operator, not ",
+              "both (diag of shape ", diag ? diag->sizes() : at::IntArrayRef{}, " and precond)");
   c10::DeviceGuard guard(B.device());
   c10::NoGradGuard no_grad;
   const int64_t k = B.size(0), m = B.size(1);
@@ -163,7 +208,14 @@ CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional
   at::Tensor active = bnorm > 0;
   s.safe_b = at::where(active, bnorm, at::ones_like(bnorm));
   if (diag) s.inv_diag = at::reciprocal(*diag).contiguous();
-  at::Tensor z = s.inv_diag.defined() ? s.r * s.inv_diag : s.r;
+  at::Tensor z;
+  if (has_precond) {
+    s.z = at::empty({m, k}, opts);
+    precond(s.r, s.z);
+    z = s.z;
+  } else {
+    z = s.inv_diag.defined() ? s.r * s.inv_diag : s.r;
+  }
   s.p = z.clone(at::MemoryFormat::Contiguous);
   s.rz = (s.r * z).sum(1);
   s.status = at::full({m}, kConverged, iopts).masked_fill_(active, kRunning);
@@ -180,7 +232,10 @@ CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional
 
   const bool cpu_fused = fused && B.is_cpu();
 #ifdef WITH_CUDA
-  const bool cuda_fused = fused && B.is_cuda();
+  // With a preconditioner operator the CUDA update runs as ATen ops around it: each iteration already
+  // pays two operator calls (an HVP pass and the preconditioner's GEMMs), next to which the ~25 small
+  // update launches are noise, and a split fused kernel could not be run here without a GPU.
+  const bool cuda_fused = fused && B.is_cuda() && !has_precond;
 #endif
   const int64_t every = check_every >= 0 ? check_every : (B.is_cuda() ? kCudaCheckEvery : 1);
   for (int64_t it = 0; it < max_iter; ++it) {
@@ -191,8 +246,22 @@ CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional
       if (rows >= hist.size(0)) hist = at::cat({hist, at::empty_like(hist)}, 0);
       hist_row = hist.select(0, rows);
     }
-    if (cpu_fused) {
-      cg_step_cpu(s, tol, hist_row);
+    if (has_precond) {
+      // Like the reference, M is applied to the whole block (stopped columns too): the operator sees
+      // the same (k, m) shape, and so the same per-column shifts, on every call.
+      if (cpu_fused) {
+        cg_step_cpu(s, tol, hist_row, /*split=*/true);
+      } else {
+        cg_update_aten(s, tol, hist_row);
+      }
+      precond(s.r, s.z);
+      if (cpu_fused) {
+        cg_direction_cpu(s);
+      } else {
+        cg_direction_aten(s, s.z);
+      }
+    } else if (cpu_fused) {
+      cg_step_cpu(s, tol, hist_row, /*split=*/false);
 #ifdef WITH_CUDA
     } else if (cuda_fused) {
       cg_step_cuda(s, tol, hist_row);

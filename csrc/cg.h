@@ -4,6 +4,11 @@
 // three implementations: a fused CPU loop, a fused CUDA kernel (cg_kernels.cu, CUDA builds
 // only) and a composite of ATen ops that runs on any device. All follow cg_reference in
 // prefprune/ops/reference.py step for step.
+//
+// Preconditioning is either Jacobi (a (k,) diagonal, applied inside the fused updates) or an
+// operator z = M r on the whole block (e.g. a Gauss–Newton inverse): then each iteration is
+// split in two around the operator call (update x, r and the stopping tests; z = M r; new
+// direction p), since the direction needs z before it can be formed.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,7 +31,8 @@ using ApplyFn = std::function<void(const at::Tensor& P, at::Tensor& out)>;
 // Per-column solver state; vectors are (m, k), scalars per column are (m,).
 struct CGState {
   at::Tensor x, r, p, q;
-  at::Tensor inv_diag;  // (k,) 1 / diag(A), undefined without a preconditioner
+  at::Tensor z;         // (m, k) M r, only with a preconditioner operator
+  at::Tensor inv_diag;  // (k,) 1 / diag(A), undefined without a Jacobi preconditioner
   at::Tensor rz;        // rᵀz of the current residual, B's dtype
   at::Tensor rel;       // ||r|| / ||b||, B's dtype
   at::Tensor safe_b;    // ||b||, 1 where b = 0
@@ -45,8 +51,11 @@ constexpr int64_t kCudaCheckEvery = 4;
 // Generic loop; `fused` = false forces the composite-ATen update on every device (tests use it
 // to check that path on CPU).
 // check_every < 0 picks the default above.
+// `precond` (empty: none) maps a residual block R to M R in the layout of ApplyFn, M symmetric positive
+// definite; it excludes `diag`. Non-positive curvature is still tested on pᵀAp with the unpreconditioned A.
 CGOutput cg_solve(const ApplyFn& apply, const at::Tensor& B, const std::optional<at::Tensor>& diag, double tol,
-                  int64_t max_iter, bool record_history, bool fused, int64_t check_every = -1);
+                  int64_t max_iter, bool record_history, bool fused, int64_t check_every = -1,
+                  const ApplyFn& precond = ApplyFn());
 
 // A = Gᵀ diag(w) G / n + λI applied natively (two GEMMs per iteration).
 CGOutput cg_factored(const at::Tensor& G, const at::Tensor& w, double damping, const at::Tensor& B,

@@ -66,6 +66,7 @@ def cg_reference(
     tol: float = 1e-6,
     max_iter: int = 100,
     diag: Tensor | None = None,
+    precond: Callable[[Tensor], Tensor] | None = None,
     record_history: bool = False,
 ) -> CGResult:
     """Preconditioned conjugate gradient on m columns at once, each with its own α, β and stop.
@@ -73,16 +74,21 @@ def cg_reference(
     Args:
         apply_A: maps a (k, m) block P to A P; A must be symmetric.
         B: (k, m) right-hand sides (a (k,) vector is treated as one column).
-        tol: stop a column when ||r|| <= tol * ||b||.
+        tol: stop a column when ||r|| <= tol * ||b|| (the residual of A, not of the preconditioned system).
         max_iter: at most this many A-products per column.
-        diag: (k,) diagonal of A for the Jacobi preconditioner (None: no preconditioner).
+        diag: (k,) diagonal of A for the Jacobi preconditioner M = diag⁻¹ (None: none).
+        precond: maps a (k, m) residual block R to M R, M symmetric positive definite; column j may use
+            its own M_j (e.g. (H_GN + λ_j I)⁻¹, see `prefprune.ops.woodbury`). Called once before the first
+            iteration and once after every iteration, on the whole block (stopped columns too). Excludes diag.
         record_history: keep the relative residual of every iteration.
 
     Iteration (per column; frozen columns keep their values):
-        r = b, z = M⁻¹r, p = z
+        r = b, z = M r, p = z
         repeat: q = A p; if pᵀq <= 0 stop (non-positive curvature); α = rᵀz / pᵀq;
                 x += α p; r -= α q; if ||r|| <= tol ||b|| stop (converged);
-                z = M⁻¹ r; β = rᵀz_new / rᵀz_old; p = z + β p
+                z = M r; β = rᵀz_new / rᵀz_old; p = z + β p
+    The curvature test is on A itself (q = A p), whatever M is: a preconditioner changes the directions p,
+    never what counts as non-positive curvature of A.
     """
     if B.dim() == 1:
         B = B.unsqueeze(1)
@@ -92,18 +98,33 @@ def cg_reference(
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     if diag is not None and (diag.shape != (B.shape[0],)):
         raise ValueError(f"diag must have shape ({B.shape[0]},), got {tuple(diag.shape)}")
+    if diag is not None and precond is not None:
+        raise ValueError(
+            f"give one preconditioner, diag (a Jacobi diagonal, here of shape {tuple(diag.shape)}) or "
+            f"precond (an operator, here {precond!r}), not both"
+        )
     k, m = B.shape
     dev, dt = B.device, B.dtype
     inv_diag = None if diag is None else (1.0 / diag.to(dt)).unsqueeze(1)
 
-    def precond(r: Tensor) -> Tensor:
-        return r if inv_diag is None else inv_diag * r
+    def apply_M(r: Tensor) -> Tensor:
+        if precond is None:
+            return r if inv_diag is None else inv_diag * r
+        z = precond(r)
+        if not isinstance(z, Tensor):
+            raise TypeError(f"the preconditioner must return a Tensor, got {type(z).__name__}")
+        if z.shape != r.shape or z.dtype != r.dtype or z.device != r.device:
+            raise ValueError(
+                f"the preconditioner returned shape {tuple(z.shape)}, dtype {z.dtype} on {z.device} for a "
+                f"{tuple(r.shape)} block of dtype {r.dtype} on {r.device}"
+            )
+        return z
 
     x = torch.zeros_like(B)
     r = B.clone()
     b_norm = torch.linalg.vector_norm(B, dim=0)
     safe_b = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-    z = precond(r)
+    z = apply_M(r)
     p = z.clone()
     rz = (r * z).sum(0)
     status = torch.full((m,), CG_MAX_ITER, dtype=torch.int64, device=dev)
@@ -134,7 +155,7 @@ def cg_reference(
         done = active & (rel <= tol)
         status[done] = CG_CONVERGED
         active = active & ~done
-        z = precond(r)
+        z = apply_M(r)
         rz_new = (r * z).sum(0)
         safe_rz = torch.where(active, rz, torch.ones_like(rz))
         beta = torch.where(active, rz_new / safe_rz, torch.zeros_like(rz))
