@@ -162,9 +162,19 @@ def dot_launch_config(small: int, dtype: torch.dtype, *, interpret: bool) -> dic
     Chosen per bucket of layers (see `dot_buckets`): BLOCK_A covers the small side (r ≤ 64 in one tile row),
     so a model's r = 16 LoRA layers get 16-row tiles even when another layer (a pooler, 384 wide) needs 64.
     Register use is checked for sm_90 by tests/test_kernels_aot.py (no spills for every bucket and dtype).
+
+    num_warps: 8, except 4 for fp32 16×128 tiles. 16-bit 16×128 tiles ran on 4 warps until the pin to
+    Triton 3.7.1 (its ptxas is CUDA 12.8): there, with the query transposed and aligned, the masks of the
+    Q tile's 128-bit loads stay live across the loop over queries, each thread on 4 warps carries twice as
+    many of them, and ptxas moved two out of the predicate registers (7 on sm_90) and spilled them to
+    local memory (8 bytes, at only 64 registers; Triton 3.9.0 with CUDA 13.4's ptxas did not). On 8 warps
+    each thread loads half the Q tile and holds half the accumulator: 48-56 registers aligned (128-156
+    unaligned), no spills under 3.7.1 or 3.9.0. fp32 16×128 tiles (32-token blocks) are spill-free on
+    4 warps under both (95-128 registers) and keep them.
     """
     block_a = pow2_clamp(small, 16, 64)
     block_b = 128 if block_a <= 32 else 64
+    small_fp32_tile = dtype == torch.float32 and block_a * block_b < 64 * 64
     return {
         "VEC": 16 // _ELEMENT_SIZE[dtype],
         "PRECISION": dot_precision(dtype),
@@ -172,7 +182,7 @@ def dot_launch_config(small: int, dtype: torch.dtype, *, interpret: bool) -> dic
         "BLOCK_T": 16 if interpret else (32 if dtype == torch.float32 else 64),
         "BLOCK_A": block_a,
         "BLOCK_B": block_b,
-        "num_warps": 8 if block_a * block_b >= 64 * 64 else 4,
+        "num_warps": 4 if small_fp32_tile else 8,
     }
 
 

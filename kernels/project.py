@@ -146,12 +146,23 @@ def _segment_project_kernel(
     tl.store(out, acc, mask=mask_ko[:, None] & mask_ki[None, :])
 
 
-def project_launch_config(k_out: int, k_in: int, dtype: torch.dtype, *, interpret: bool) -> dict:
+def project_launch_config(
+    k_out: int, k_in: int, dtype: torch.dtype, *, has_pin: bool, has_pout: bool, interpret: bool
+) -> dict:
     """Constexprs (except HAS_PIN, HAS_POUT) and num_warps of _segment_project_kernel.
 
-    8 warps, BLOCK_D = 32; BLOCK_T = 64 for 16-bit inputs, 32 for fp32 (16 under the interpreter): larger
-    token blocks re-read the projection matrices (from L2) less often per token. Register use is checked for
-    sm_90 by tests/test_kernels_aot.py (no spills for every dtype, projected side and block size).
+    8 warps, BLOCK_D = 32 (16 for fp32 with both sides projected, below); BLOCK_T = 64 for 16-bit inputs,
+    32 for fp32 (16 under the interpreter): larger token blocks re-read the projection matrices (from L2)
+    less often per token. Register use is checked for sm_90 by tests/test_kernels_aot.py (no spills for
+    every dtype, projected side and block size).
+
+    fp32 with P_in and P_out both given is the kernel's largest register set: the 64×64 accumulator, both
+    projected token blocks (32×64 and 64×32 fp32) and, per BLOCK_D step, the tf32x3 high/low splits of the
+    X, dY and both projection-matrix slices. With BLOCK_D = 32 the unaligned variant (per-element
+    addresses and masks of 4-byte `cp.async`) used all 255 registers under Triton 3.7.1 (the pinned
+    version) and 3.9.0, and spilled 56 bytes under 3.7.1. BLOCK_D = 16 halves the per-step slices: 199
+    registers unaligned and 148 aligned under 3.7.1 (191 and 148 under 3.9.0), no spills. It costs twice
+    as many (half as long) steps over d_in and d_out for that case only; the other cases keep BLOCK_D = 32.
     """
     return {
         "PRECISION": dot_precision(dtype),
@@ -159,7 +170,7 @@ def project_launch_config(k_out: int, k_in: int, dtype: torch.dtype, *, interpre
         "BLOCK_T": 16 if interpret else (32 if dtype == torch.float32 else 64),
         "BLOCK_KO": pow2_clamp(k_out, 16, 64),
         "BLOCK_KI": pow2_clamp(k_in, 16, 64),
-        "BLOCK_D": 32,
+        "BLOCK_D": 16 if dtype == torch.float32 and has_pin and has_pout else 32,
         "num_warps": 8,
     }
 
@@ -188,7 +199,9 @@ def aot_variants() -> list[dict]:
         for has_pin in (True, False):
             for has_pout in (True, False):
                 for aligned in (True, False):
-                    cfg = project_launch_config(64, 64, dtype, interpret=False)
+                    cfg = project_launch_config(
+                        64, 64, dtype, has_pin=has_pin, has_pout=has_pout, interpret=False
+                    )
                     warps = cfg.pop("num_warps")
                     label = f"project {name} P_in={int(has_pin)} P_out={int(has_pout)} al={int(aligned)}"
                     out.append(dict(name=label, kernel=_segment_project_kernel, signature=sig,
@@ -249,7 +262,9 @@ def plan_project(
     pin = None if P_in is None else _unit_inner(P_in.to(torch.float32))
     pout = None if P_out is None else _unit_inner(P_out.to(torch.float32))
     interp = interpreting()
-    cfg = project_launch_config(k_out, k_in, X.dtype, interpret=interp)
+    cfg = project_launch_config(
+        k_out, k_in, X.dtype, has_pin=pin is not None, has_pout=pout is not None, interpret=interp
+    )
     block_t, block_ko, block_ki = cfg["BLOCK_T"], cfg["BLOCK_KO"], cfg["BLOCK_KI"]
     n_tiles_in = triton.cdiv(k_in, block_ki)
     n_tiles = triton.cdiv(k_out, block_ko) * n_tiles_in
