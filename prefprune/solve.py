@@ -45,7 +45,6 @@ from prefprune.grads import (
 from prefprune.gram import GaussNewtonEigen, pair_gradient_rows
 from prefprune.model import eager_attention
 from prefprune.multishift import multishift_cg
-from prefprune.ops import dispatch
 from prefprune.ops.reference import CG_STATUS_NAMES
 
 logger = logging.getLogger(__name__)
@@ -471,9 +470,8 @@ def _iterative(model, sites, B, batches, *, plan, lam, tol, max_iter, impl, prog
         Qs, cols, name = [], [], "reference"
         for lv in lam:
             op = cg.FactoredOperator(G=G, w=w, damping=float(lv))
-            usable = not cg.native_reasons(op, Bp) and dispatch.requested_impl(impl) != "reference"
-            name = "native" if usable else "reference"
             res = cg.solve(op, Bp, tol=tol, max_iter=max_iter, impl=impl)
+            name = res.impl
             Qs.append(flatten_site_matrices(projector.lift(res.x.T.to(B.dtype))))
             cols.append(_record_from(res.status_names(), res.iterations, res.residual, res.curvature))
         return torch.stack(Qs), cols, name, 1
@@ -506,10 +504,8 @@ def _iterative(model, sites, B, batches, *, plan, lam, tol, max_iter, impl, prog
                 return product(V) + V * lam_t
 
             Bb = B.repeat(1, L)  # (p, L·m): damping-major blocks of the m queries
-            want = dispatch.requested_impl(impl)
-            usable = want in ("auto", "native") and not cg.native_reasons(operator, Bb)
-            name = "native" if usable else "reference"
             res = cg.solve(operator, Bb, tol=tol, max_iter=max_iter, impl=impl)
+            name = res.impl
     finally:
         bar.close()
     X = res.x.reshape(p, L, m).permute(1, 0, 2)
