@@ -46,17 +46,17 @@ from prefprune import train as train_mod
 from prefprune._config import from_mapping
 from prefprune._io import atomic_write
 from prefprune.bootstrap import correlation_interval, pearson, spearman
-from prefprune.curvature import Curvature
 from prefprune.data.config import DataConfig, load_data
 from prefprune.ensemble import average_tables
 from prefprune.experiment import protocol as proto
 from prefprune.experiment.config import load_config
 from prefprune.experiment.results import score_result_table
 from prefprune.experiment.steps import StepStore, write_json
+from prefprune.influence.curvature import CurvatureName
+from prefprune.influence.plan import damping_column_names
 from prefprune.model import ModelConfig, build_model, training_metadata
 from prefprune.prune import ScoreTable, check_ids_match, read_score_table
 from prefprune.score import ScoreConfig
-from prefprune.solve import damping_column_names
 from prefprune.train import TrainConfig, split_for_eval
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class ValidateConfig:
         default_factory=lambda: [1.0, 0.1, 0.01],
         metadata={"help": "damping values λ of the influence columns (one score pass and solve for all)"},
     )
-    curvature: Curvature = field(default="ggn", metadata={"help": "Hessian of the influence columns"})
+    curvature: CurvatureName = field(default="ggn", metadata={"help": "Hessian of the influence columns"})
     scores: list[str] = field(
         default_factory=list,
         metadata={

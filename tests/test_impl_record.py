@@ -1,4 +1,4 @@
-"""The sidecar's implementation record equals what ran: every CG implementation forced, spied and read back."""
+"""The sidecar's implementation record equals what ran: each CG implementation forced, spied, read back."""
 
 from __future__ import annotations
 

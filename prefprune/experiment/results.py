@@ -16,10 +16,10 @@ from prefprune._io import jsonable, package_versions, sha256_file
 from prefprune.bootstrap import paired_delta
 from prefprune.experiment.config import ExperimentConfig, damping_tags
 from prefprune.experiment.steps import StepStore, arm_step_name
+from prefprune.influence.plan import damping_column_names
 from prefprune.metrics import detection_auc, mean_std, precision_at_k
 from prefprune.prune import MODES, ScoreTable, higher_is_suspect
 from prefprune.score import ScoreConfig
-from prefprune.solve import damping_column_names
 
 __all__ = [
     "ScoreSteps",
