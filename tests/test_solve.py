@@ -22,8 +22,8 @@ from prefprune.influence.plan import damping_column_names, plan_solve
 from prefprune.influence.reducers import pair_gradient_rows
 from prefprune.influence.solvers import solve
 from prefprune.model import eager_attention, trainable_linears
+from prefprune.ops.projection import KroneckerProjector
 from prefprune.ops.reference import cg_reference
-from prefprune.ops.segment import KroneckerProjector
 
 _CACHE: dict = {}
 

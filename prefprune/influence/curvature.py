@@ -32,7 +32,7 @@ from prefprune.influence.capture import pair_margins
 from prefprune.influence.layout import ParameterLayout, flatten_site_matrices
 from prefprune.influence.reducers import pair_gradient_rows, stream_pair_dots
 from prefprune.model import eager_attention
-from prefprune.ops.segment import KroneckerProjector
+from prefprune.ops.projection import KroneckerProjector
 
 __all__ = [
     "CURVATURES",

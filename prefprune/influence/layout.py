@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from prefprune.model import LinearSite, trainable_linears
-from prefprune.ops.segment import KroneckerProjector
+from prefprune.ops.projection import KroneckerProjector
 
 __all__ = ["ParameterLayout", "flatten_site_matrices"]
 

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from prefprune.data import PairBatches
 from prefprune.influence.capture import StreamingCapture, iter_layouts
 from prefprune.influence.layout import ParameterLayout
+from prefprune.ops.projection import KroneckerProjector
 from prefprune.ops.reference import pair_sequence_grad_dot_reference
-from prefprune.ops.segment import KroneckerProjector, segment_grad_dot, segment_project, select_segment_impl
+from prefprune.ops.segment import segment_grad_dot, segment_project, select_segment_impl
 from prefprune.precision import autocast_context
 
 __all__ = ["check_finite_capture", "pair_gradient_rows", "stream_pair_dots"]
