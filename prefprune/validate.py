@@ -48,9 +48,9 @@ from prefprune._io import atomic_write
 from prefprune.bootstrap import correlation_interval, pearson, spearman
 from prefprune.data.config import DataConfig, load_data
 from prefprune.ensemble import average_tables
-from prefprune.experiment import protocol as proto
 from prefprune.experiment.config import load_config
 from prefprune.experiment.results import score_result_table
+from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
 from prefprune.experiment.steps import StepStore, write_json
 from prefprune.influence.curvature import CurvatureName
 from prefprune.influence.plan import damping_column_names
@@ -221,21 +221,21 @@ def _setup_from_folder(vc: ValidateConfig) -> ValidationSetup:
 
 
 def _setup_from_experiment(vc: ValidateConfig) -> ValidationSetup:
-    # The experiment's own helpers: the same split, fit filter, model build and prefix cache as its seeds.
+    # The experiment's shared setup: the same split, fit filter, model build and prefix cache as its seeds.
     cfg = load_config(vc.config)
     dataset = load_data(cfg.data, plant_noise=True)
     train, val, _ = dataset.split(cfg.split, seed=cfg.split_seed)
-    fit_ids, _ = proto._fits(train, proto._load_tokenizer(cfg), cfg.max_length, truncation="prompt")
+    fit_ids, _ = fitting_pairs(train, load_tokenizer(cfg), cfg.max_length, truncation="prompt")
     train = train.select(fit_ids)
     if vc.val is not None:
         val = load_data(cfg.data, source=vc.val)
     elif cfg.trusted_validation:
         val = val.exclude(dataset.flipped_ids & set(val.ids))
-    cache = proto._prefix_cache(cfg)
+    cache = prefix_cache(cfg)
 
     def for_seed(seed: int) -> ValidationSetup:
         def build() -> tuple[nn.Module, Any]:
-            model, tok = proto._build_model(cfg, seed)
+            model, tok = build_seed_model(cfg, seed)
             model.to(train_mod.resolve_device(None if cfg.device == "auto" else cfg.device))
             if cache is not None:
                 cache.install(model)
