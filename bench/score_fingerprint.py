@@ -5,6 +5,11 @@ with one configuration of the engine (curvature × solver × sweep × extras) an
 SHA-256 of the score file, of the per-query file (when written) and of the sidecar with its timings
 dropped. Two checkouts that print the same lines wrote byte-identical score files.
 
+`score_fingerprint.before.txt` holds the digests of the engine before issue 20's refactor, and
+`score_fingerprint.after.txt` after it: equal for every run but ``ggn_cg_fp64`` and
+``ggn_multishift_relative_fp64``, the two that take Gauss–Newton products by CG, whose product now sums each
+batch's gradient rows instead of an all-layer capture (columns equal to ≤ 2.4e-11 relative).
+
     PYTHONPATH=. python bench/score_fingerprint.py [--out DIR] [--only NAME ...]
 """
 
