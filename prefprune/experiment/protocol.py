@@ -21,10 +21,11 @@ the same folder skips them. `results.json`, `report.md` and PNG plots are rebuil
 
 With a list of `score.damping` values, one score pass per curvature gives every value's influence
 column, and each value is its own method (``influence_<curvature>@<λ>``). A resume may change the damping
-values and add methods, fractions and curvatures (`_check_resume`): the baselines are kept, a score step
-is reused for exactly the values it was computed with (its settings and its baseline's SHA-256 are
-checked; values no step holds get one score pass of their own), and a retrain step is reused when it
-removed exactly the pairs that the current scores select (so a step is never reused for other scores).
+values and add methods, fractions and curvatures (`experiment.resume.check_resume`): the baselines are
+kept, a score step is reused for exactly the values it was computed with (its settings and its baseline's
+SHA-256 are checked; values no step holds get one score pass of their own), and a retrain step is reused
+when it removed exactly the pairs that the current scores select (so a step is never reused for other
+scores).
 
 `lora_layers` adapts only the top N transformer layers. The layers below are then frozen and carry no
 trainable adapter, so their outputs do not change during training: with `cache_prefix` they are
@@ -54,9 +55,6 @@ from prefprune._io import output_lock, sha256_file
 from prefprune.data.config import load_data
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import (
-    RESUME_CHANGEABLE,
-    RESUME_FREE,
-    RESUME_GROWS,
     ExperimentConfig,
     damping_tag,
 )
@@ -69,8 +67,9 @@ from prefprune.experiment.results import (
     score_result_table,
     with_ensemble_columns,
 )
+from prefprune.experiment.resume import check_resume
 from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
-from prefprune.experiment.steps import StepStore, arm_step_name, load_state, read_json, save_state, write_json
+from prefprune.experiment.steps import StepStore, arm_step_name, load_state, save_state, write_json
 from prefprune.prefix_cache import InstalledCache, PrefixCache
 from prefprune.prune import ScoreTable, check_ids_match, n_to_select, select_pairs
 
@@ -209,58 +208,6 @@ class _Plan:
     arms: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(config)
-    if out.get("helpful_fractions") is None:
-        out["helpful_fractions"] = out.get("fractions")  # None means "the same as fractions"
-    return out
-
-
-def _config_changes(prev: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
-    """(refused, allowed) differences of two configs as (name, old, new); sections' fields by dotted name."""
-    prev, now = _effective(prev), _effective(now)
-    refused: list[tuple] = []
-    allowed: list[tuple] = []
-    for key in sorted(set(prev) | set(now)):
-        a, b = prev.get(key), now.get(key)
-        if key in RESUME_FREE or a == b:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for sub in sorted(set(a) | set(b)):
-                if a.get(sub) != b.get(sub):
-                    name = f"{key}.{sub}"
-                    (allowed if name in RESUME_CHANGEABLE else refused).append((name, a.get(sub), b.get(sub)))
-        elif key in RESUME_GROWS and isinstance(a, list) and isinstance(b, list) and all(x in b for x in a):
-            allowed.append((key, a, b))
-        else:
-            refused.append((key, a, b))
-    return refused, allowed
-
-
-def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
-    """Refuse to resume `out` with settings that change its baselines or finished steps, naming them.
-
-    `score.damping` may change and `RESUME_GROWS` lists may gain entries: they add score columns and arms
-    but change no baseline (config.json then holds the new settings)."""
-    prev = read_json(out / "config.json")
-    now = cfg.to_dict()
-    if prev is None:
-        write_json(out / "config.json", now)
-        return
-    refused, allowed = _config_changes(prev, now)
-    if refused:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:5])
-        raise ValueError(
-            f"{out} holds an experiment with a different config ({shown}); use a new output folder "
-            "or restore the old settings to resume (a resume may change score.damping and add entries to "
-            f"{', '.join(RESUME_GROWS)}: the baselines stay)"
-        )
-    if allowed:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed)
-        logger.info("resuming %s with changed %s (baselines kept)", out, shown)
-        write_json(out / "config.json", now)
-
-
 def _split(cfg: ExperimentConfig, dataset, steps: StepStore):
     train, val, test = dataset.split(cfg.split, seed=cfg.split_seed)
     parts = {"train": train.ids, "validation": val.ids, "test": test.ids}
@@ -322,7 +269,7 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     for c in cfg.curvatures:
         cfg.score_config(0, c)
     cfg.train_config(0)
-    _check_resume(out, cfg)
+    check_resume(out, cfg)
     flipped = dataset.flipped_ids
     val_scoring = val
     if cfg.trusted_validation:
