@@ -68,7 +68,7 @@ def _eye(H):
     return torch.eye(H.shape[0], dtype=H.dtype)
 
 
-def solve_curvature(model, B, batches, *, plan, dampings, impl=None, projection_k=16, projection_seed=0,
+def _solve(model, B, batches, *, plan, dampings, impl=None, projection_k=16, projection_seed=0,
                     **kw):
     """The live path: the planned curvature over `batches`, solved by `prefprune.influence.solvers.solve`."""
     curvature = make_curvature(plan.curvature, model, ParameterLayout.of(model), batches, impl=impl,
@@ -108,7 +108,7 @@ def test_direct_ggn_every_damping_and_query_matches_linalg_solve(family, n, form
     assert plan.method == "direct" and plan.form == "gram", plan  # n_h < p on these tiny models
     plan = dataclasses.replace(plan, form=form)  # the d×d form (auto picks it when p < n_h)
     side = "right" if family == "bert" else "left"  # BERT pools the first position: right padding only
-    Q, rec, _ = solve_curvature(model, B, _batches(enc, side, bs=3), plan=plan, dampings=dampings,
+    Q, rec, _ = _solve(model, B, _batches(enc, side, bs=3), plan=plan, dampings=dampings,
                                 impl="reference")
     assert rec.curvature_passes == 1 and rec.impl == "eigh"
     assert rec.column_names == [f"influence@{d!r}" for d in dampings]
@@ -132,10 +132,10 @@ def test_projected_ggn_direct_matches_projected_brute_force_and_factored_cg():
     dampings = [0.05, 0.5]
     plan = _plan("projected_ggn", B.shape[0], len(enc), dampings, projection_dim=proj.dim)
     assert plan.method == "direct" and plan.space == "projected"
-    Q, rec, fac = solve_curvature(model, B, _batches(enc), plan=plan, dampings=dampings,
+    Q, rec, fac = _solve(model, B, _batches(enc), plan=plan, dampings=dampings,
                                   projection_k=3, projection_seed=5, impl="reference")
     plan_cg = _plan("projected_ggn", B.shape[0], len(enc), dampings, projection_dim=proj.dim, solver="cg")
-    Qcg, rec_cg, _ = solve_curvature(model, B, _batches(enc), plan=plan_cg, dampings=dampings,
+    Qcg, rec_cg, _ = _solve(model, B, _batches(enc), plan=plan_cg, dampings=dampings,
                                      projection_k=3, projection_seed=5, impl="reference", tol=1e-13,
                                      max_iter=500)
     assert rec.curvature_passes == 1 and rec_cg.curvature_passes == 1
@@ -171,7 +171,7 @@ def test_exact_sweep_multishift_and_multicolumn_cg_match_linalg_solve_and_flag_i
     dampings = [1e-3, -lo + 0.3, -lo + 3.0]
     for solver in ("multishift", "cg"):
         plan = _plan("exact", H.shape[0], len(enc), dampings, solver=solver)
-        Q, rec, _ = solve_curvature(model, B, _batches(enc, "left"), plan=plan, dampings=dampings,
+        Q, rec, _ = _solve(model, B, _batches(enc, "left"), plan=plan, dampings=dampings,
                                     tol=1e-10, max_iter=400, impl="reference")
         assert rec.columns[0]["status"] == "nonpositive_curvature", rec.columns[0]
         assert rec.columns[0]["nonpositive_value"] <= 0 and rec.columns[0]["nonpositive_queries"] >= 1
@@ -214,7 +214,7 @@ def test_relative_damping_uses_the_mean_eigenvalue():
     factors = [0.1, 1.0]
     for solver in ("direct", "multishift"):
         plan = _plan("ggn", H.shape[0], len(enc), factors, relative=True, solver=solver)
-        Q, rec, _ = solve_curvature(model, B, _batches(enc), plan=plan, dampings=factors,
+        Q, rec, _ = _solve(model, B, _batches(enc), plan=plan, dampings=factors,
                                     relative=True, tol=1e-12, max_iter=500, impl="reference")
         assert abs(rec.damping_scale - scale) <= 1e-10 * scale, (solver, rec.damping_scale, scale)
         assert rec.damping_factors == factors and rec.column_names == ["influence@r0.1", "influence@r1.0"]
