@@ -34,6 +34,7 @@ from _gpu_common import bench_ms, result_row, skipped_row
 from _gpu_common import format_table as format_table  # re-exported for the tests
 from _gpu_common import rel_err as _rel
 
+from prefprune.ops import projection as pj
 from prefprune.ops import reference
 from prefprune.ops import segment as sg
 
@@ -238,9 +239,9 @@ def _check_project(shape, dtype, device, *, timed):
     from prefprune.kernels.project import plan_project, segment_project_triton
 
     X, dY, offsets, _ = make_inputs(shape, dtype, device)
-    P_in = None if shape.k_in is None else sg.projection_matrix(shape.k_in, shape.d_in, seed=1, device=device)
+    P_in = None if shape.k_in is None else pj.projection_matrix(shape.k_in, shape.d_in, seed=1, device=device)
     P_out = (
-        None if shape.k_out is None else sg.projection_matrix(shape.k_out, shape.d_out, seed=2, device=device)
+        None if shape.k_out is None else pj.projection_matrix(shape.k_out, shape.d_out, seed=2, device=device)
     )
     out = segment_project_triton(X, dY, offsets, P_in, P_out)
     p64 = [None if p is None else p.double() for p in (P_in, P_out)]

@@ -4,7 +4,7 @@ Run: `pytest bench/bench_capture.py --benchmark-only -s` (a few minutes on a 2-c
 workload as `bench/capture_memory.py` (which a user runs as a plain script, and which measures peak
 memory in separate processes): a random-init GPT-NeoX, hidden 1024, 6 layers, LoRA r 16 on
 query_key_value and dense, 8 pairs × 512 tokens per batch. Groups: `capture_<precision>` with
-`pass2` (`prefprune.score.stream_scores`) and `train_step` (forward + backward + AdamW on the same
+`pass2` (`prefprune.influence.scores.stream_scores`) and `train_step` (forward + backward + AdamW on the same
 batch, in the same precision through autocast). `test_memory` runs `capture_memory.py` and records
 both peaks and their ratio in its `extra_info`.
 """
@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from _gpu_common import device_name
 
-from prefprune.grads import pair_margins
+from prefprune.influence.capture import pair_margins
+from prefprune.influence.layout import ParameterLayout
+from prefprune.influence.scores import stream_scores
 from prefprune.model import trainable_linears
 from prefprune.precision import autocast_context
-from prefprune.score import stream_scores
 
 ARGS = ["--hidden", "1024", "--layers", "6", "--heads", "8", "--pairs", "8", "--tokens", "512",
         "--batch", "8", "--targets", "attn"]
@@ -93,7 +94,7 @@ def test_pass2(benchmark, setup, prec):
     model, batches, sites, q, g_val, args = setup
     model.eval()
     out = benchmark.pedantic(
-        lambda: stream_scores(model, sites, batches, q, g_val, impl=None, progress=False,
+        lambda: stream_scores(model, ParameterLayout(sites), batches, q, g_val, impl=None, progress=False,
                               precision=DTYPES[prec]),
         rounds=ROUNDS, iterations=1, warmup_rounds=1,
     )

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gpu_triton as gt  # noqa: E402  (sibling helper module; bench/ is not a package)
 from _gpu_common import roofline_ms  # noqa: E402
 
+from prefprune.ops import projection as pj  # noqa: E402
 from prefprune.ops import reference  # noqa: E402
 from prefprune.ops import segment as sg  # noqa: E402
 
@@ -112,9 +113,9 @@ def test_segment_grad_dot(benchmark, impl, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
 def test_segment_project(benchmark, impl, shape):
     X, dY, offsets, _ = gt.make_inputs(shape, DTYPE, DEVICE)
-    P_in = None if shape.k_in is None else sg.projection_matrix(shape.k_in, shape.d_in, seed=1, device=DEVICE)
+    P_in = None if shape.k_in is None else pj.projection_matrix(shape.k_in, shape.d_in, seed=1, device=DEVICE)
     P_out = (
-        None if shape.k_out is None else sg.projection_matrix(shape.k_out, shape.d_out, seed=2, device=DEVICE)
+        None if shape.k_out is None else pj.projection_matrix(shape.k_out, shape.d_out, seed=2, device=DEVICE)
     )
     nbytes, flops = gt.count_project(X, dY, offsets, P_in, P_out)
     precision = "fp32" if DTYPE == torch.float32 else "tf32"

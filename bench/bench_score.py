@@ -5,7 +5,7 @@ Run: `OMP_NUM_THREADS=1 pytest bench/bench_score.py --benchmark-only -s` (or `ma
 Workload: a GPT-NeoX-family reward model from `tiny_config` (hidden 64 and 128, 2 layers, LoRA r 8 on the
 family defaults, float32), N = 64 training pairs of ~64 tokens per sequence, batch size 16:
 
-- `pass2`: `prefprune.score.stream_scores` (one forward + backward per batch, fused dots with the
+- `pass2`: `prefprune.influence.scores.stream_scores` (one forward + backward per batch, fused dots with the
   two queries and the norms, every score column);
 - `train_epoch`: one epoch of the same batches (grouped by length, as the scorer batches them) with
   forward + backward + AdamW step (the cost a user pays anyway, and DESIGN §3's lower bound);
@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from _gpu_common import device_name
 
 from prefprune.data import PairBatches, PreferencePair, encode_pairs, length_order
-from prefprune.grads import oracle_pair_gradients
+from prefprune.influence.layout import ParameterLayout
+from prefprune.influence.oracle import oracle_pair_gradients
+from prefprune.influence.scores import stream_scores
 from prefprune.model import LoRASettings, build_reward_model, trainable_linears
-from prefprune.score import stream_scores
 from prefprune.testing import tiny_config, tiny_tokenizer
 from prefprune.train import bradley_terry_loss
 
@@ -91,7 +92,8 @@ def _record(benchmark, name: str, setup) -> None:
 def test_pass2(benchmark, setup):
     model, _, _, batches, sites, q, g_val, _, _ = setup
     out = benchmark.pedantic(
-        lambda: stream_scores(model, sites, batches, q, g_val, impl="reference", progress=False),
+        lambda: stream_scores(model, ParameterLayout(sites), batches, q, g_val, impl="reference",
+                              progress=False),
         rounds=ROUNDS, iterations=1, warmup_rounds=1,
     )
     assert out["influence"].shape == (N_PAIRS,)

@@ -4,7 +4,8 @@ Each measurement runs in its own process, so that peaks do not mix:
 
 - ``base``: imports, the random-init reward model, the encoded pairs; no step (the batch-independent base);
 - ``train``: that, plus training steps (forward + backward + AdamW) over every batch;
-- ``pass2``: that, plus `prefprune.score.stream_scores` (pass 2 of scoring: one forward + backward per
+- ``pass2``: that, plus `prefprune.influence.scores.stream_scores` (pass 2 of scoring: one forward +
+  backward per
   batch, every score column) over the same batches.
 
 CPU: the peak is the process's max RSS (``ru_maxrss``) minus the ``base`` process's; CUDA:
@@ -107,10 +108,11 @@ def _rounds(args: argparse.Namespace, model, batches) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from prefprune.grads import pair_margins
+    from prefprune.influence.capture import pair_margins
+    from prefprune.influence.layout import ParameterLayout
+    from prefprune.influence.scores import stream_scores
     from prefprune.model import trainable_linears
     from prefprune.precision import autocast_context
-    from prefprune.score import stream_scores
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     device = torch.device(args.device)
@@ -132,7 +134,8 @@ def _rounds(args: argparse.Namespace, model, batches) -> dict:
 
     def pass2() -> None:
         model.eval()
-        stream_scores(model, sites, batches, q, g_val, impl=None, progress=False, precision=dtype)
+        stream_scores(model, ParameterLayout(sites), batches, q, g_val, impl=None, progress=False,
+                      precision=dtype)
 
     return {"train": train, "pass2": pass2}
 

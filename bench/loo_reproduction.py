@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from prefprune.data import PreferenceDataset, PreferencePair, collate_pairs, plant_label_noise
-from prefprune.grads import pair_margins
+from prefprune.influence.capture import pair_margins
 from prefprune.model import ModelConfig, build_model, eager_attention
 from prefprune.score import ScoreConfig
 from prefprune.train import TrainConfig, encode_for_training, evaluate, train_reward_model

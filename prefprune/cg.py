@@ -9,6 +9,7 @@ shapes, so it composes with torch.compile; `check_every=0` keeps host syncs out 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def solve(
         CGResult with x (k, m), per-column status / iterations / residual / curvature and the
         history ((iters + 1, m)) when requested. A column whose right-hand side, solution, residual or
         stopping curvature is not finite gets status CG_NONFINITE ("nonfinite") and x = NaN, whichever
-        implementation ran.
+        implementation ran. ``impl`` names the implementation the dispatcher ran.
 
     Raises:
         ValueError: malformed arguments.
@@ -189,7 +190,7 @@ def solve(
     res = sel.fn(
         operator, B_in, tol=float(tol), max_iter=int(max_iter), diag=diag, record_history=record_history
     )
-    return _mark_nonfinite(res, finite_rhs)
+    return dataclasses.replace(_mark_nonfinite(res, finite_rhs), impl=sel.name)
 
 
 def _mark_nonfinite(res: CGResult, finite_rhs: Tensor) -> CGResult:

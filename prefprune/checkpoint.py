@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefprune._io import atomic_write, jsonable
-from prefprune.shards import encoded_digest, tensors_digest
+from prefprune._io import atomic_write
+from prefprune.fingerprint import encoded_digest, settings_fingerprint, tensors_digest
 
 __all__ = [
     "CHECKPOINT_FILE", "load_checkpoint", "restore_checkpoint", "save_checkpoint", "training_fingerprint",
@@ -32,7 +32,7 @@ def training_fingerprint(model: nn.Module, config: Mapping[str, Any], encoded: S
     """What must be unchanged for a checkpoint to apply: settings, training pairs and the frozen weights."""
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     return {
-        "settings": {k: jsonable(v) for k, v in sorted(config.items()) if k not in _NOT_FINGERPRINTED},
+        "settings": settings_fingerprint(config, ignore=_NOT_FINGERPRINTED),
         "training data": encoded_digest(encoded),
         "frozen base weights": tensors_digest(frozen),
         "trainable parameters": [n for n, p in model.named_parameters() if p.requires_grad],

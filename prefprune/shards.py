@@ -19,12 +19,11 @@ another run or another solve) is logged and recomputed, never merged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from prefprune._io import (
     sha256_bytes,
 )
 from prefprune.data.batching import PairBatches
+from prefprune.fingerprint import encoded_digest, json_digest, model_digest, tensors_digest
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,13 @@ __all__ = [
     "FORMAT",
     "ResumeMismatchError",
     "WorkFolder",
-    "encoded_digest",
     "locked_work_dir",
-    "model_digest",
     "run_digests",
     "sharded_pass",
-    "tensors_digest",
     "work_dir_for",
 ]
 
 FORMAT = "prefprune.score-shards/1"
-_HASH_BLOCK = 1 << 24  # bytes of a tensor hashed at a time (bounds the host copy of a large weight)
 
 
 class ResumeMismatchError(ValueError):
@@ -120,34 +116,6 @@ def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score")
         distributed.barrier()
 
 
-def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of named tensors, in the given order."""
-    h = hashlib.sha256()
-    for name, t in named:
-        t = t.detach()
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-        flat = t.reshape(-1)
-        step = max(1, _HASH_BLOCK // max(1, t.element_size()))
-        for a in range(0, flat.numel(), step):
-            h.update(flat[a : a + step].contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_digest(model: nn.Module) -> str:
-    """Digest of every weight of `model` (trainable and frozen) and buffer, by name."""
-    state = model.state_dict()
-    return tensors_digest((k, state[k]) for k in sorted(state))
-
-
-def encoded_digest(encoded: Sequence) -> str:
-    """Digest of encoded pairs in their order: ids, token ids and the truncation flag."""
-    h = hashlib.sha256()
-    for e in encoded:
-        h.update(json.dumps([e.id, e.chosen_ids, e.rejected_ids, bool(e.truncated)]).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def _describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -170,7 +138,7 @@ class WorkFolder:
         self.path = Path(path)
         self.digests = dict(digests)
         self.settings = dict(settings)
-        self.run_id = hashlib.sha256(json.dumps(self.digests, sort_keys=True).encode()).hexdigest()
+        self.run_id = json_digest(self.digests)
         self.solve_id: str | None = None
         self.chunks_reused = 0
         self.chunks_written = 0
@@ -369,7 +337,7 @@ def run_digests(model: nn.Module, train_enc: Sequence, val_enc: Sequence,
         "model weights": model_digest(model),
         "training data": encoded_digest(train_enc),
         "validation data": encoded_digest(val_enc),
-        "settings": hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest(),
+        "settings": json_digest(settings),
     }
 
 

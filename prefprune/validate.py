@@ -31,33 +31,27 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from prefprune import score as score_mod
 from prefprune import train as train_mod
-from prefprune._config import from_mapping
 from prefprune._io import atomic_write
 from prefprune.bootstrap import correlation_interval, pearson, spearman
-from prefprune.curvature import Curvature
-from prefprune.data.config import DataConfig, load_data
 from prefprune.ensemble import average_tables
-from prefprune.experiment import protocol as proto
-from prefprune.experiment.config import load_config
 from prefprune.experiment.results import score_result_table
 from prefprune.experiment.steps import StepStore, write_json
-from prefprune.model import ModelConfig, build_model, training_metadata
+from prefprune.influence.curvature import CurvatureName
+from prefprune.influence.plan import damping_column_names
 from prefprune.prune import ScoreTable, check_ids_match, read_score_table
 from prefprune.score import ScoreConfig
-from prefprune.solve import damping_column_names
-from prefprune.train import TrainConfig, split_for_eval
+from prefprune.validation_setup import ValidationSetup, setup_from_experiment, setup_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +103,7 @@ class ValidateConfig:
         default_factory=lambda: [1.0, 0.1, 0.01],
         metadata={"help": "damping values λ of the influence columns (one score pass and solve for all)"},
     )
-    curvature: Curvature = field(default="ggn", metadata={"help": "Hessian of the influence columns"})
+    curvature: CurvatureName = field(default="ggn", metadata={"help": "Hessian of the influence columns"})
     scores: list[str] = field(
         default_factory=list,
         metadata={
@@ -159,94 +153,6 @@ class ValidateConfig:
             raise ValueError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
         if not 0 < self.interval_level < 1:
             raise ValueError(f"interval_level must be in (0, 1), got {self.interval_level}")
-
-
-@dataclass
-class ValidationSetup:
-    """What a retrain needs: the data, a model at its initial weights, the training and scoring settings.
-
-    Attributes:
-        train, val: training and validation pairs (PreferenceDatasets).
-        build: returns (model, tokenizer) at the initial weights, on its device (called once).
-        train_config: the settings every retrain uses (the reference's included).
-        score_config: scoring settings; curvature, damping and progress are set per score pass.
-        source: where the setup came from (recorded in validate.json).
-        reseed: the same setup for another training seed (its own initial weights and data order), for
-            ensembles; None if the source cannot give one.
-    """
-
-    train: Any
-    val: Any
-    build: Callable[[], tuple[nn.Module, Any]]
-    train_config: TrainConfig
-    score_config: ScoreConfig
-    source: dict[str, Any]
-    reseed: Callable[[int], ValidationSetup] | None = None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Where the model comes from
-
-
-def _setup_from_folder(vc: ValidateConfig) -> ValidationSetup:
-    meta = training_metadata(vc.model)
-    missing = [k for k in ("train_config", "data_config", "model_config") if k not in meta]
-    if missing:
-        raise ValueError(
-            f"{vc.model}: no training metadata ({', '.join(missing)} missing from prefprune.json; folders "
-            "written by prefprune train record them); give --config with the training settings instead"
-        )
-    train_cfg = from_mapping(TrainConfig, meta["train_config"], section="train_config")
-    data_cfg = from_mapping(DataConfig, meta["data_config"], section="data_config")
-    model_cfg = from_mapping(ModelConfig, meta["model_config"], section="model_config")
-    info = meta.get("data", {})
-    data = load_data(data_cfg)
-    held = load_data(data_cfg, source=info["eval_data"]) if info.get("eval_data") else None
-    train, held = split_for_eval(data, info.get("eval_fraction") or 0.0, seed=train_cfg.seed, held_out=held)
-    val = load_data(data_cfg, source=vc.val) if vc.val is not None else held
-    if val is None:
-        raise ValueError(f"{vc.model} was trained without held-out pairs: give --val")
-    train_cfg = dataclasses.replace(train_cfg, progress=False, device=vc.device)
-
-    def for_seed(seed: int) -> ValidationSetup:
-        def build() -> tuple[nn.Module, Any]:
-            model, tok = build_model(model_cfg, seed=seed)
-            return model.to(train_mod.resolve_device(vc.device)), tok
-
-        score_cfg = dataclasses.replace(vc.score, max_length=train_cfg.max_length, seed=seed)
-        return ValidationSetup(train, val, build, dataclasses.replace(train_cfg, seed=seed), score_cfg,
-                               {"model": vc.model, "seed": seed}, for_seed)
-
-    return for_seed(train_cfg.seed)
-
-
-def _setup_from_experiment(vc: ValidateConfig) -> ValidationSetup:
-    # The experiment's own helpers: the same split, fit filter, model build and prefix cache as its seeds.
-    cfg = load_config(vc.config)
-    dataset = load_data(cfg.data, plant_noise=True)
-    train, val, _ = dataset.split(cfg.split, seed=cfg.split_seed)
-    fit_ids, _ = proto._fits(train, proto._load_tokenizer(cfg), cfg.max_length, truncation="prompt")
-    train = train.select(fit_ids)
-    if vc.val is not None:
-        val = load_data(cfg.data, source=vc.val)
-    elif cfg.trusted_validation:
-        val = val.exclude(dataset.flipped_ids & set(val.ids))
-    cache = proto._prefix_cache(cfg)
-
-    def for_seed(seed: int) -> ValidationSetup:
-        def build() -> tuple[nn.Module, Any]:
-            model, tok = proto._build_model(cfg, seed)
-            model.to(train_mod.resolve_device(None if cfg.device == "auto" else cfg.device))
-            if cache is not None:
-                cache.install(model)
-            return model, tok
-
-        train_cfg = dataclasses.replace(cfg.train_config(seed), progress=False)
-        score_cfg = dataclasses.replace(cfg.score, max_length=cfg.max_length, seed=seed)
-        return ValidationSetup(train, val, build, train_cfg, score_cfg, {"config": vc.config, "seed": seed},
-                               for_seed)
-
-    return for_seed(cfg.seeds[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,7 +404,8 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     """
     vc.validate(need_source=setup is None)
     if setup is None:
-        setup = _setup_from_folder(vc) if vc.model is not None else _setup_from_experiment(vc)
+        setup = (setup_from_folder(vc.model, val_source=vc.val, device=vc.device, score=vc.score)
+                 if vc.model is not None else setup_from_experiment(vc.config, val_source=vc.val))
     if len(setup.val) < MIN_VALIDATION_PAIRS:
         raise ValueError(
             f"the validation set has {len(setup.val)} pairs; validate needs at least {MIN_VALIDATION_PAIRS}"

@@ -50,22 +50,22 @@ def _kill_after(module, name: str, calls: int) -> None:
 
 
 def run_score(job: dict, rank: int) -> None:
-    from prefprune import score
+    from prefprune.influence import scorer
     from prefprune.score import ScoreConfig, score_model
 
     if job.get("kill_rank") == rank:
-        _kill_after(score, "stream_scores", int(job["kill_after"]))
-    real = score.stream_scores
+        _kill_after(scorer, "stream_scores", int(job["kill_after"]))
+    real = scorer.stream_scores
     if job.get("fail_rank") == rank:  # pass 2 fails on this rank only (as a NaN gradient would)
         def fail(*args, **kwargs):
             raise FloatingPointError("injected: non-finite gradient for pair 'x'")
 
-        score.stream_scores = fail
+        scorer.stream_scores = fail
     cfg = ScoreConfig(**{**job["config"], **job.get("config_rank", {}).get(str(rank), {})})
     try:
         score_model(job["model"], job["train"], job["val"], job["output"], config=cfg)
     finally:
-        score.stream_scores = real
+        scorer.stream_scores = real
 
 
 def run_train(job: dict, rank: int) -> None:

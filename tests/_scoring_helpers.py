@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from prefprune.data import PreferencePair, collate_pairs, encode_pairs
-from prefprune.grads import flatten_site_matrices, oracle_pair_gradients, split_flat
+from prefprune.influence.layout import ParameterLayout
+from prefprune.influence.oracle import oracle_pair_gradients
 from prefprune.model import LoRASettings, build_reward_model, trainable_linears
 from prefprune.testing import tiny_config, tiny_tokenizer
 
@@ -66,8 +67,7 @@ def tokenizer():
 
 
 def flat_params(model) -> torch.Tensor:
-    sites = trainable_linears(model)
-    return flatten_site_matrices([s.augmented([p.detach() for p in s.parameters()]) for s in sites])
+    return ParameterLayout(trainable_linears(model)).values()
 
 
 def exact_hessian(model, encoded) -> torch.Tensor:
@@ -80,7 +80,7 @@ def exact_hessian(model, encoded) -> torch.Tensor:
 
     def loss(flat):
         params = {}
-        for s, M in zip(sites, split_flat(flat, sites), strict=True):
+        for s, M in zip(sites, ParameterLayout(sites).split(flat), strict=True):
             w_cols = s.d_in - int(s.has_bias)
             params[names[id(s.module.weight)]] = M[:, :w_cols]
             if s.has_bias:

@@ -20,7 +20,7 @@ from prefprune.experiment import (
     load_config,
     run_experiment,
 )
-from prefprune.grads import pair_margins
+from prefprune.influence.capture import pair_margins
 from prefprune.model import build_reward_model
 from prefprune.prefix_cache import PrefixCache, adapt_top_layers
 from prefprune.prune import ScoreTable, select_pairs

@@ -16,7 +16,8 @@ import prefprune.train as train_mod
 from prefprune._io import sha256_file
 from prefprune.cli import main
 from prefprune.experiment import arm_step_name, run_experiment
-from prefprune.experiment.protocol import _build_model, _load_trainable
+from prefprune.experiment.protocol import _load_trainable
+from prefprune.experiment.setup import build_seed_model
 from prefprune.experiment.steps import load_state
 from prefprune.prune import ScoreTable, select_pairs
 
@@ -83,7 +84,7 @@ def test_damping_list_gives_a_method_per_value_from_one_baseline_and_one_score_p
     # Each damping column equals a score run at that λ alone, from the same baseline and data.
     step = ScoreTable.from_json(json.loads((out / "seed0" / "scores_ggn.json").read_text()))
     args = calls["score"][0]
-    model, tok = _build_model(cfg, 0)
+    model, tok = build_seed_model(cfg, 0)
     _load_trainable(model, load_state(out / "seed0" / "baseline_state.pt"))
     for lam, method in zip([1.0, 0.1], sweep, strict=True):
         alone = calls["real_score"](

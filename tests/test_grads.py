@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,18 +13,11 @@ import torch.nn.functional as F
 from _scoring_helpers import PAD, make_pairs, rel_err, tiny_model, tokenizer
 from torch import nn
 
-from prefprune.data import collate_pairs, encode_pairs
-from prefprune.grads import (
-    BatchLayout,
-    SegmentCapture,
-    StreamingCapture,
-    capture_pairs,
-    flatten_site_matrices,
-    num_params,
-    oracle_pair_gradients,
-    pair_dots,
-    split_flat,
-)
+from prefprune.data import PairBatches, collate_pairs, encode_pairs
+from prefprune.influence.capture import BatchLayout, StreamingCapture
+from prefprune.influence.layout import ParameterLayout, flatten_site_matrices
+from prefprune.influence.oracle import oracle_pair_gradients
+from prefprune.influence.reducers import _drop_zero_rows, stream_pair_dots
 from prefprune.model import trainable_linears
 from prefprune.ops.reference import pair_sequence_grad_dot_reference
 from prefprune.ops.segment import segment_grad_dot
@@ -36,12 +30,30 @@ CASES = [
 ]
 
 
+def num_params(sites):
+    return ParameterLayout(sites).numel
+
+
+def split_flat(vec, sites):
+    return ParameterLayout(sites).split(vec)
+
+
 def _captured(model, enc, side, objective, queries, impl="reference"):
+    """Margins, the layers' packed rows as the gradient-row reducer sees them (rows whose Δ is exactly zero
+    dropped), and the streamed dots and squared norms of one batch."""
     sites = trainable_linears(model)
     batch = collate_pairs(enc, pad_token_id=PAD, padding_side=side)
-    with SegmentCapture(sites) as cap:
-        margins, packed = capture_pairs(model, cap, batch, objective)
-    S, sq = pair_dots(packed, split_flat(queries, sites), impl=impl)
+    packed = [None] * len(sites)
+
+    def keep(k, X, dY, offsets):
+        X, dY, offsets = _drop_zero_rows(X, dY, offsets)
+        packed[k] = SimpleNamespace(X=X.clone(), dY=dY.clone(), offsets=offsets.clone())
+
+    with StreamingCapture(sites) as cap:
+        cap.run(model, batch, BatchLayout.from_mask(batch["attention_mask"]), objective, keep)
+    batches = PairBatches(enc, batch_size=len(enc), pad_token_id=PAD, padding_side=side)
+    S, sq, margins = stream_pair_dots(model, ParameterLayout(sites), batches, list(queries.T),
+                                      objective=objective, impl=impl)
     return margins, packed, S, sq
 
 

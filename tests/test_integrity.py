@@ -253,15 +253,16 @@ def test_second_score_run_on_one_output_is_refused_and_the_first_run_s_shards_ke
         import sys
         import torch
         from prefprune import score
+        from prefprune.influence import scorer
         torch.set_num_threads(1)
-        real, calls = score.stream_scores, [0]
+        real, calls = scorer.stream_scores, [0]
         def pausing(*a, **k):
             calls[0] += 1
             if calls[0] == 2:
                 print("paused", flush=True)
                 sys.stdin.readline()
             return real(*a, **k)
-        score.stream_scores = pausing
+        scorer.stream_scores = pausing
         score.score_model(*{args!r}, config=score.ScoreConfig(curvature="ggn", batch_size=3,
                                                               impl="reference", progress=False))
         print("done", flush=True)
@@ -634,7 +635,8 @@ def test_nonfinite_capture_in_pass_two_names_layer_and_pair():
     from _pairs import easy_pairs
 
     from prefprune.data import PairBatches, encode_pairs
-    from prefprune.grads import stream_pair_dots
+    from prefprune.influence.layout import ParameterLayout
+    from prefprune.influence.reducers import stream_pair_dots
     from prefprune.model import trainable_linears
 
     model, tok = _eager_float64_llama()
@@ -644,11 +646,11 @@ def test_nonfinite_capture_in_pass_two_names_layer_and_pair():
     p = sum(par.numel() for s in sites for par in s.parameters())
     q = torch.ones(p, dtype=torch.float64)
     right = PairBatches(enc, batch_size=3, pad_token_id=tok.pad_token_id, padding_side="right", device="cpu")
-    dots, _, _ = stream_pair_dots(model, sites, right, [q])
+    dots, _, _ = stream_pair_dots(model, ParameterLayout(sites), right, [q])
     assert torch.isfinite(dots).all()
     left = PairBatches(enc, batch_size=3, pad_token_id=tok.pad_token_id, padding_side="left", device="cpu")
     with pytest.raises(FloatingPointError, match=r"non-finite gradient for pair 'e\d' \(layer '.*' first"):
-        stream_pair_dots(model, sites, left, [q])
+        stream_pair_dots(model, ParameterLayout(sites), left, [q])
 
 
 def test_model_save_is_atomic(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from prefprune.ops import projection as pj
 from prefprune.ops import reference
 from prefprune.ops import segment as sg
 from prefprune.ops.dispatch import ImplUnavailableError
@@ -84,8 +85,8 @@ DTYPE_IMPL = _dtype_impl_params()
 def test_project_matches_float64(dtype, impl, k_in, k_out):
     d_in, d_out = 97, 13
     X, dY, offsets = _case(LENS, d_in, d_out, dtype)
-    P_in = None if k_in is None else sg.projection_matrix(k_in, d_in, seed=1, device=DEVICE)
-    P_out = None if k_out is None else sg.projection_matrix(k_out, d_out, seed=2, device=DEVICE)
+    P_in = None if k_in is None else pj.projection_matrix(k_in, d_in, seed=1, device=DEVICE)
+    P_out = None if k_out is None else pj.projection_matrix(k_out, d_out, seed=2, device=DEVICE)
     out = sg.segment_project(X, dY, offsets, P_in, P_out, impl=impl)
     assert out.shape == (len(LENS), (k_out or d_out) * (k_in or d_in)) and out.dtype == torch.float32
 
@@ -109,7 +110,7 @@ def test_project_token_split_matches(split):
     from prefprune.kernels.project import segment_project_triton
 
     X, dY, offsets = _case(LENS, 40, 6, torch.float32, seed=3)
-    P_in = sg.projection_matrix(20, 40, seed=4, kind="rademacher", device=DEVICE)
+    P_in = pj.projection_matrix(20, 40, seed=4, kind="rademacher", device=DEVICE)
     out = segment_project_triton(X, dY, offsets, P_in, None, split=split)
     ref = reference.segment_project_reference(X, dY, offsets, P_in, None)
     assert _rel(out, ref) < 1e-5, f"split={split}: rel err {_rel(out, ref):.3g}"
@@ -198,7 +199,7 @@ def test_one_and_thousand_segments(impl):
     for lens in ([29], torch.randint(0, 5, (1000,), generator=gen).tolist()):
         X, dY, offsets = _case(lens, 6, 3, torch.float32, seed=8)
         Q = torch.randn(2, 3, 6, generator=gen).to(DEVICE)
-        P_in = sg.projection_matrix(4, 6, seed=9, device=DEVICE)
+        P_in = pj.projection_matrix(4, 6, seed=9, device=DEVICE)
         S, sq = sg.segment_grad_dot(X, dY, offsets, Q, impl=impl)
         phi = sg.segment_project(X, dY, offsets, P_in, None, impl=impl)
         grads = _grads64(X, dY, offsets)
@@ -253,7 +254,7 @@ def test_reference_chunking_matches(monkeypatch):
     """The reference's chunked, padded path equals the one-chunk result (tiny chunk budget)."""
     X, dY, offsets = _case(LENS, 11, 4, torch.float32, seed=12)
     Q = torch.randn(2, 4, 11)
-    P_in = sg.projection_matrix(6, 11, seed=0)
+    P_in = pj.projection_matrix(6, 11, seed=0)
     full = (
         reference.segment_grad_dot_reference(X, dY, offsets, Q),
         reference.segment_project_reference(X, dY, offsets, P_in, None),
@@ -275,15 +276,15 @@ def test_reference_chunking_matches(monkeypatch):
 
 
 def test_projection_matrix_deterministic_and_scaled():
-    a = sg.projection_matrix(127, 97, seed=3)
+    a = pj.projection_matrix(127, 97, seed=3)
     torch.manual_seed(123)  # the global RNG must not matter
-    b = sg.projection_matrix(127, 97, seed=3)
+    b = pj.projection_matrix(127, 97, seed=3)
     assert torch.equal(a, b)
-    assert not torch.equal(a, sg.projection_matrix(127, 97, seed=4))
-    assert torch.equal(sg.projection_matrix(127, 97, seed=3, dtype=torch.float64), a.double())
-    r = sg.projection_matrix(64, 50, seed=1, kind="rademacher")
+    assert not torch.equal(a, pj.projection_matrix(127, 97, seed=4))
+    assert torch.equal(pj.projection_matrix(127, 97, seed=3, dtype=torch.float64), a.double())
+    r = pj.projection_matrix(64, 50, seed=1, kind="rademacher")
     assert torch.equal(r.abs(), torch.full_like(r, 64**-0.5))
-    big = sg.projection_matrix(4000, 3, seed=0)
+    big = pj.projection_matrix(4000, 3, seed=0)
     gram = big.T @ big  # E[PᵀP] = I; off-diagonal ~ N(0, 1/k)
     assert torch.allclose(gram, torch.eye(3), atol=0.1), gram
 
@@ -291,23 +292,23 @@ def test_projection_matrix_deterministic_and_scaled():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare devices")
 def test_projection_matrix_device_independent():
     for kind in ("gaussian", "rademacher"):
-        cpu = sg.projection_matrix(33, 17, seed=5, kind=kind)
-        gpu = sg.projection_matrix(33, 17, seed=5, kind=kind, device="cuda")
+        cpu = pj.projection_matrix(33, 17, seed=5, kind=kind)
+        gpu = pj.projection_matrix(33, 17, seed=5, kind=kind, device="cuda")
         assert torch.equal(cpu, gpu.cpu())
 
 
 def test_projection_matrix_bad_input():
     with pytest.raises(ValueError, match="'sparse'"):
-        sg.projection_matrix(4, 4, seed=0, kind="sparse")
+        pj.projection_matrix(4, 4, seed=0, kind="sparse")
     with pytest.raises(ValueError, match="k=0"):
-        sg.projection_matrix(0, 4, seed=0)
+        pj.projection_matrix(0, 4, seed=0)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
 def test_kronecker_projector_and_lift(impl, tmp_path):
     lens = [4, 0, 9, 2]
     shapes = [(3, 20), (20, 3), (1, 21)]  # LoRA A, LoRA B, head (+bias column)
-    proj = sg.KroneckerProjector(shapes, k_out=8, k_in=8, seed=17, device=DEVICE)
+    proj = pj.KroneckerProjector(shapes, k_out=8, k_in=8, seed=17, device=DEVICE)
     # sides with k >= d stay identity: A keeps d_out=3, B keeps d_in=3, the head keeps d_out=1
     assert proj.dims == [3 * 8, 8 * 3, 1 * 8] and proj.dim == 56
     Xs, dYs = [], []
@@ -341,23 +342,23 @@ def test_kronecker_projector_and_lift(impl, tmp_path):
         manual.append((pout.double() @ Q @ pin.double().T).reshape(2, -1))
     assert torch.allclose(qp, torch.cat(manual, 1))
     # store rows in a memmap and read them back through a resumed store
-    store = sg.ProjectedGradientStore(6, proj.dim, path=tmp_path / "g.npy")
+    store = pj.ProjectedGradientStore(6, proj.dim, path=tmp_path / "g.npy")
     store.write(2, rows)
     store.flush()
-    again = sg.ProjectedGradientStore(6, proj.dim, path=tmp_path / "g.npy", resume=True)
+    again = pj.ProjectedGradientStore(6, proj.dim, path=tmp_path / "g.npy", resume=True)
     assert torch.equal(again.tensor()[2:6], rows.cpu()) and torch.all(again.tensor()[:2] == 0)
     with pytest.raises(ValueError, match="outside"):
         again.write(5, rows)
     with pytest.raises(ValueError, match=r"expected float32 \(7, 56\)"):
-        sg.ProjectedGradientStore(7, proj.dim, path=tmp_path / "g.npy", resume=True)
+        pj.ProjectedGradientStore(7, proj.dim, path=tmp_path / "g.npy", resume=True)
     with pytest.raises(ValueError, match="expected 3 layers"):
         proj.project(Xs[:2], dYs[:2], offsets)
 
 
 def test_lift_query_bad_shape():
-    P_in = sg.projection_matrix(4, 10, seed=0)
+    P_in = pj.projection_matrix(4, 10, seed=0)
     with pytest.raises(ValueError, match=r"\(m, None, 4\)"):
-        sg.lift_query(torch.zeros(2, 3, 5), P_in, None)
+        pj.lift_query(torch.zeros(2, 3, 5), P_in, None)
 
 
 # ---------------------------------------------------------------------------------------------

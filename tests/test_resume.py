@@ -18,7 +18,7 @@ import pytest
 import torch
 from _dist_worker import free_port, logs, make_inputs, score_config, spawn, status, train_setup, wait_all
 
-from prefprune import score as score_module
+from prefprune.influence import scorer as scorer_module
 from prefprune.score import ScoreConfig, score_model
 from prefprune.scorefile import read_score_table
 from prefprune.shards import ResumeMismatchError, work_dir_for
@@ -102,7 +102,7 @@ def test_one_rank_of_two_killed_then_resume(inputs):
 
 
 def _crash_after(monkeypatch, calls: int) -> None:
-    real, seen = score_module.stream_scores, [0]
+    real, seen = scorer_module.stream_scores, [0]
 
     def crashing(*args, **kwargs):
         if seen[0] >= calls:
@@ -110,7 +110,7 @@ def _crash_after(monkeypatch, calls: int) -> None:
         seen[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(score_module, "stream_scores", crashing)
+    monkeypatch.setattr(scorer_module, "stream_scores", crashing)
 
 
 def test_corrupt_truncated_and_torn_chunks_are_recomputed(inputs, monkeypatch, caplog):

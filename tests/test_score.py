@@ -12,8 +12,8 @@ import pytest
 import torch
 from _scoring_helpers import brute_force_scores, make_pairs, rel_err, tiny_model, tokenizer
 
-from prefprune.curvature import NonPositiveCurvatureError
 from prefprune.data import PreferenceDataset, PreferencePair
+from prefprune.influence import NonPositiveCurvatureError
 from prefprune.prune import read_score_table
 from prefprune.score import COLUMNS, ScoreConfig, score_model, score_pairs, write_scores
 

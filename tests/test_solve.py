@@ -12,15 +12,18 @@ import pytest
 import torch
 from _scoring_helpers import PAD, exact_hessian, make_pairs, rel_err, tiny_model, tokenizer
 
-from prefprune.curvature import exact_hvp
 from prefprune.data import PairBatches, encode_pairs
-from prefprune.grads import oracle_pair_gradients
-from prefprune.gram import GaussNewtonEigen, pair_gradient_rows
+from prefprune.influence.curvature import ExactHessian, make_curvature
+from prefprune.influence.eigen import GaussNewtonEigen
+from prefprune.influence.layout import ParameterLayout
+from prefprune.influence.multishift import multishift_cg
+from prefprune.influence.oracle import oracle_pair_gradients
+from prefprune.influence.plan import damping_column_names, plan_solve
+from prefprune.influence.reducers import pair_gradient_rows
+from prefprune.influence.solvers import solve
 from prefprune.model import eager_attention, trainable_linears
-from prefprune.multishift import multishift_cg
+from prefprune.ops.projection import KroneckerProjector
 from prefprune.ops.reference import cg_reference
-from prefprune.ops.segment import KroneckerProjector
-from prefprune.solve import damping_column_names, exact_hvp_batched, plan_solve, solve_curvature
 
 _CACHE: dict = {}
 
@@ -65,6 +68,31 @@ def _eye(H):
     return torch.eye(H.shape[0], dtype=H.dtype)
 
 
+def _solve(model, B, batches, *, plan, dampings, impl=None, projection_k=16, projection_seed=0,
+                    **kw):
+    """The live path: the planned curvature over `batches`, solved by `prefprune.influence.solvers.solve`."""
+    curvature = make_curvature(plan.curvature, model, ParameterLayout.of(model), batches, impl=impl,
+                               projection_k=projection_k, projection_seed=projection_seed)
+    sol = solve(curvature, B, dampings, plan=plan, impl=impl, **kw)
+    return sol.Q, sol.record, sol.factors
+
+
+def _hvp_per_column(model, batches, V):
+    """Test oracle: H V by one double backward per column of V (no batched autograd)."""
+    layout = ParameterLayout.of(model)
+    out = torch.zeros_like(V)
+    for batch in batches:
+        with torch.enable_grad():
+            from prefprune.influence.capture import pair_margins
+
+            loss = torch.nn.functional.softplus(-pair_margins(model, batch)).sum() / batches.n_pairs
+            gflat = layout.flatten_grads(torch.autograd.grad(loss, layout.params, create_graph=True))
+            for j in range(V.shape[1]):
+                hv = torch.autograd.grad(gflat @ V[:, j], layout.params, retain_graph=True, allow_unused=True)
+                out[:, j] += layout.flatten_grads(hv)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -73,7 +101,6 @@ def _eye(H):
 def test_direct_ggn_every_damping_and_query_matches_linalg_solve(family, n, form):
     """One pass, one eigendecomposition: every (damping, validation-pair query) column to ≤ 1e-6."""
     model, enc, val = _setup(family, n)
-    sites = trainable_linears(model)
     H, _, _ = _ggn(model, enc)
     B = _val_grads(model, val)
     dampings = [1e-3, 0.1, 1.0, 3.0, 10.0]
@@ -81,7 +108,7 @@ def test_direct_ggn_every_damping_and_query_matches_linalg_solve(family, n, form
     assert plan.method == "direct" and plan.form == "gram", plan  # n_h < p on these tiny models
     plan = dataclasses.replace(plan, form=form)  # the d×d form (auto picks it when p < n_h)
     side = "right" if family == "bert" else "left"  # BERT pools the first position: right padding only
-    Q, rec, _ = solve_curvature(model, sites, B, _batches(enc, side, bs=3), plan=plan, dampings=dampings,
+    Q, rec, _ = _solve(model, B, _batches(enc, side, bs=3), plan=plan, dampings=dampings,
                                 impl="reference")
     assert rec.curvature_passes == 1 and rec.impl == "eigh"
     assert rec.column_names == [f"influence@{d!r}" for d in dampings]
@@ -98,19 +125,17 @@ def test_projected_ggn_direct_matches_projected_brute_force_and_factored_cg():
     proj = KroneckerProjector([(s.d_out, s.d_in) for s in sites], k_out=3, k_in=3, seed=5)
     _, Gm, w = _ggn(model, enc)
     # Project the oracle's per-pair margin gradients layer by layer: Φ_i = P_out G_i P_inᵀ.
-    from prefprune.grads import split_flat
-
-    Phi = proj.project_query(split_flat(Gm.T.contiguous(), sites))  # (n, dim)
+    Phi = proj.project_query(ParameterLayout(sites).split(Gm.T.contiguous()))  # (n, dim)
     Hp = Phi.T @ (w[:, None] * Phi) / len(enc)
     B = _val_grads(model, val)
-    Bp = proj.project_query(split_flat(B, sites)).T
+    Bp = proj.project_query(ParameterLayout(sites).split(B)).T
     dampings = [0.05, 0.5]
     plan = _plan("projected_ggn", B.shape[0], len(enc), dampings, projection_dim=proj.dim)
     assert plan.method == "direct" and plan.space == "projected"
-    Q, rec, fac = solve_curvature(model, sites, B, _batches(enc), plan=plan, dampings=dampings,
-                                  projection_k=3, projection_seed=5, impl="reference", keep_factors=True)
+    Q, rec, fac = _solve(model, B, _batches(enc), plan=plan, dampings=dampings,
+                                  projection_k=3, projection_seed=5, impl="reference")
     plan_cg = _plan("projected_ggn", B.shape[0], len(enc), dampings, projection_dim=proj.dim, solver="cg")
-    Qcg, rec_cg, _ = solve_curvature(model, sites, B, _batches(enc), plan=plan_cg, dampings=dampings,
+    Qcg, rec_cg, _ = _solve(model, B, _batches(enc), plan=plan_cg, dampings=dampings,
                                      projection_k=3, projection_seed=5, impl="reference", tol=1e-13,
                                      max_iter=500)
     assert rec.curvature_passes == 1 and rec_cg.curvature_passes == 1
@@ -121,7 +146,7 @@ def test_projected_ggn_direct_matches_projected_brute_force_and_factored_cg():
         assert rel_err(Q[i], ref) <= 1e-6, (lam, rel_err(Q[i], ref))
         assert rel_err(Qcg[i], ref) <= 1e-6, (lam, rel_err(Qcg[i], ref))
     tr = float(torch.trace(Hp))
-    assert abs(fac["eigen"].mean_eigenvalue - tr / proj.dim) <= 1e-10 * tr
+    assert abs(fac.eigen.mean_eigenvalue - tr / proj.dim) <= 1e-10 * tr
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama", "bert"])
@@ -131,15 +156,14 @@ def test_batched_hvp_equals_one_double_backward_per_column(family):
     p = sum(s.numel for s in sites)
     V = torch.randn(p, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with eager_attention(model):
-        ref = exact_hvp(model, sites, _batches(enc, bs=4))(V)
-        out = exact_hvp_batched(model, sites, _batches(enc, bs=4))(V)
+        ref = _hvp_per_column(model, _batches(enc, bs=4), V)
+        out = ExactHessian(model, ParameterLayout(sites), _batches(enc, bs=4)).matvec(V)
     assert rel_err(out, ref) <= 1e-12, f"{family}: {rel_err(out, ref):.3g}"
 
 
 def test_exact_sweep_multishift_and_multicolumn_cg_match_linalg_solve_and_flag_indefinite_columns():
     """exact: one Krylov space for every damping; the indefinite small-damping column says so."""
     model, enc, val = _setup("gpt_neox")
-    sites = trainable_linears(model)
     H = _hessian("gpt_neox")
     lo = float(torch.linalg.eigvalsh(H)[0])
     assert lo < -0.1, f"expected an indefinite Hessian, smallest eigenvalue {lo}"
@@ -147,7 +171,7 @@ def test_exact_sweep_multishift_and_multicolumn_cg_match_linalg_solve_and_flag_i
     dampings = [1e-3, -lo + 0.3, -lo + 3.0]
     for solver in ("multishift", "cg"):
         plan = _plan("exact", H.shape[0], len(enc), dampings, solver=solver)
-        Q, rec, _ = solve_curvature(model, sites, B, _batches(enc, "left"), plan=plan, dampings=dampings,
+        Q, rec, _ = _solve(model, B, _batches(enc, "left"), plan=plan, dampings=dampings,
                                     tol=1e-10, max_iter=400, impl="reference")
         assert rec.columns[0]["status"] == "nonpositive_curvature", rec.columns[0]
         assert rec.columns[0]["nonpositive_value"] <= 0 and rec.columns[0]["nonpositive_queries"] >= 1
@@ -184,14 +208,13 @@ def test_multishift_equals_cg_per_shift_on_an_explicit_matrix():
 
 def test_relative_damping_uses_the_mean_eigenvalue():
     model, enc, val = _setup("llama")
-    sites = trainable_linears(model)
     H, _, _ = _ggn(model, enc)
     scale = float(torch.trace(H)) / H.shape[0]
     B = _val_grads(model, val)[:, :1]
     factors = [0.1, 1.0]
     for solver in ("direct", "multishift"):
         plan = _plan("ggn", H.shape[0], len(enc), factors, relative=True, solver=solver)
-        Q, rec, _ = solve_curvature(model, sites, B, _batches(enc), plan=plan, dampings=factors,
+        Q, rec, _ = _solve(model, B, _batches(enc), plan=plan, dampings=factors,
                                     relative=True, tol=1e-12, max_iter=500, impl="reference")
         assert abs(rec.damping_scale - scale) <= 1e-10 * scale, (solver, rec.damping_scale, scale)
         assert rec.damping_factors == factors and rec.column_names == ["influence@r0.1", "influence@r1.0"]
@@ -207,7 +230,8 @@ def test_self_influence_quadratic_matches_brute_force():
     sites = trainable_linears(model)
     H, Gm, w = _ggn(model, enc)
     G, _ = oracle_pair_gradients(model, enc, pad_token_id=PAD)
-    rows = torch.cat([r for _, r in pair_gradient_rows(model, sites, _batches(enc, "left", bs=4),
+    batches = _batches(enc, "left", bs=4)
+    rows = torch.cat([r for _, r in pair_gradient_rows(model, ParameterLayout(sites), batches,
                                                        objective=lambda m: torch.nn.functional.softplus(-m),
                                                        impl="reference")])
     assert rel_err(rows, G) <= 1e-10  # captured per-pair loss gradients = the single-pair oracle

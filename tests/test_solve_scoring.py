@@ -17,12 +17,12 @@ from _scoring_helpers import (
     tokenizer,
 )
 
-from prefprune.curvature import NonPositiveCurvatureError
 from prefprune.data import encode_pairs
-from prefprune.grads import oracle_pair_gradients
+from prefprune.influence import NonPositiveCurvatureError
+from prefprune.influence.oracle import oracle_pair_gradients
+from prefprune.influence.per_query import per_query_path
 from prefprune.prune import read_score_table
 from prefprune.score import ScoreConfig, score_pairs
-from prefprune.solve_stage import per_query_path
 
 TRAIN = make_pairs(7, seed=1)
 VAL = make_pairs(3, seed=2, prefix="v")
@@ -152,12 +152,12 @@ def test_cg_and_direct_ggn_agree_and_count_passes():
 
 
 def test_bad_solve_settings_fail_before_any_pass(monkeypatch):
-    import prefprune.score as score_mod
+    import prefprune.influence.scorer as scorer_mod
 
     def no_pass(*a, **k):
         raise AssertionError("a pass ran before the settings were checked")
 
-    monkeypatch.setattr(score_mod, "mean_gradient", no_pass)
+    monkeypatch.setattr(scorer_mod, "mean_gradient", no_pass)
     model, tok = tiny_model("gpt_neox"), tokenizer()
     with pytest.raises(ValueError, match=r"damping must be > 0 with curvature='exact'.*0\.0"):
         score_pairs(model, tok, TRAIN, VAL, config=_cfg(curvature="exact", damping=[1.0, 0.0]))

@@ -13,7 +13,7 @@ from _pairs import easy_pairs
 import prefprune.train as train_mod
 from prefprune.bootstrap import spearman
 from prefprune.data import PreferenceDataset, collate_pairs, plant_label_noise
-from prefprune.grads import pair_margins
+from prefprune.influence.capture import pair_margins
 from prefprune.model import ModelConfig, build_model
 from prefprune.score import ScoreConfig, score_pairs
 from prefprune.train import TrainConfig, encode_for_training, evaluate, train_reward_model

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 from prefprune._config import cli_arg, flattened_fields, from_mapping, read_yaml
 from prefprune._io import jsonable
-from prefprune.curvature import CURVATURES, Curvature
 from prefprune.data.config import DataConfig
+from prefprune.influence.curvature import CURVATURES, CurvatureName
 from prefprune.model.config import ModelConfig
 from prefprune.prune import check_fraction
 from prefprune.score import ScoreConfig
@@ -114,7 +114,8 @@ class ExperimentConfig:
     seeds: list[int] = _help(
         "training seeds (each: its own baseline, scores and retrains)", default_factory=lambda: [0, 1, 2]
     )
-    curvatures: list[Curvature] = _help("curvatures for influence scores", default_factory=lambda: ["ggn"])
+    curvatures: list[CurvatureName] = _help("curvatures for influence scores",
+                                            default_factory=lambda: ["ggn"])
     methods: list[str] = _help(
         "pruning methods: influence (one per curvature and score.damping value: influence_<curvature>, or "
         "influence_<curvature>@<λ> for a damping list), ensemble, grad_dot, grad_cos, train_loss, margin, "

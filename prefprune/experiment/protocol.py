@@ -21,10 +21,11 @@ the same folder skips them. `results.json`, `report.md` and PNG plots are rebuil
 
 With a list of `score.damping` values, one score pass per curvature gives every value's influence
 column, and each value is its own method (``influence_<curvature>@<λ>``). A resume may change the damping
-values and add methods, fractions and curvatures (`_check_resume`): the baselines are kept, a score step
-is reused for exactly the values it was computed with (its settings and its baseline's SHA-256 are
-checked; values no step holds get one score pass of their own), and a retrain step is reused when it
-removed exactly the pairs that the current scores select (so a step is never reused for other scores).
+values and add methods, fractions and curvatures (`experiment.resume.check_resume`): the baselines are
+kept, a score step is reused for exactly the values it was computed with (its settings and its baseline's
+SHA-256 are checked; values no step holds get one score pass of their own), and a retrain step is reused
+when it removed exactly the pairs that the current scores select (so a step is never reused for other
+scores).
 
 `lora_layers` adapts only the top N transformer layers. The layers below are then frozen and carry no
 trainable adapter, so their outputs do not change during training: with `cache_prefix` they are
@@ -47,7 +48,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer
 
 from prefprune import score as score_mod
 from prefprune import train as train_mod
@@ -55,9 +55,6 @@ from prefprune._io import output_lock, sha256_file
 from prefprune.data.config import load_data
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import (
-    RESUME_CHANGEABLE,
-    RESUME_FREE,
-    RESUME_GROWS,
     ExperimentConfig,
     damping_tag,
 )
@@ -70,11 +67,11 @@ from prefprune.experiment.results import (
     score_result_table,
     with_ensemble_columns,
 )
-from prefprune.experiment.steps import StepStore, arm_step_name, load_state, read_json, save_state, write_json
-from prefprune.model import build_model, resolve_backbone
-from prefprune.prefix_cache import InstalledCache, PrefixCache, adapt_top_layers
+from prefprune.experiment.resume import check_resume
+from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
+from prefprune.experiment.steps import StepStore, arm_step_name, load_state, save_state, write_json
+from prefprune.prefix_cache import InstalledCache, PrefixCache
 from prefprune.prune import ScoreTable, check_ids_match, n_to_select, select_pairs
-from prefprune.testing import tiny_config, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -108,28 +105,6 @@ def _load_trainable(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             params[n].copy_(v)
 
 
-def _build_model(cfg: ExperimentConfig, seed: int) -> tuple[nn.Module, Any]:
-    model, tokenizer = build_model(cfg.model, seed=seed)
-    if cfg.lora_layers is not None:
-        adapt_top_layers(model, cfg.lora_layers)
-    return model, tokenizer
-
-
-def _num_layers(cfg: ExperimentConfig) -> int:
-    """Number of transformer layers of the configured base model (read from its config only)."""
-    family = cfg.model.tiny_family
-    if family is not None:
-        return int(tiny_config(family).num_hidden_layers)
-    return int(AutoConfig.from_pretrained(resolve_backbone(cfg.model.model)).num_hidden_layers)
-
-
-def _load_tokenizer(cfg: ExperimentConfig) -> Any:
-    """The tokenizer of the configured model, without loading the model."""
-    if cfg.model.tiny_family is not None:
-        return tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(resolve_backbone(cfg.model.model))
-
-
 def _evaluate(
     model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, float]]:
@@ -157,15 +132,6 @@ def _evaluate(
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}, margins
 
 
-def _fits(pairs, tokenizer, max_length: int, *, truncation: str = "error") -> tuple[list[str], list[str]]:
-    """Ids of the pairs that fit `max_length` (with `truncation`), and of those that do not."""
-    _, too_long = train_mod.encode_for_training(
-        pairs, tokenizer, max_length=max_length, truncation=truncation, too_long="skip"
-    )
-    left_out = set(too_long)
-    return [p.id for p in pairs if p.id not in left_out], too_long
-
-
 class _SeedRun:
     """The model of one seed, built lazily (a fully finished seed never loads it), and its retrains."""
 
@@ -181,7 +147,7 @@ class _SeedRun:
 
     def ensure_model(self) -> tuple[nn.Module, Any]:
         if self.model is None:
-            model, tok = _build_model(self.cfg, self.seed)
+            model, tok = build_seed_model(self.cfg, self.seed)
             model.to(train_mod.resolve_device(None if self.cfg.device == "auto" else self.cfg.device))
             if self.cache is not None:
                 self.installed = self.cache.install(model)
@@ -242,58 +208,6 @@ class _Plan:
     arms: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-def _effective(config: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(config)
-    if out.get("helpful_fractions") is None:
-        out["helpful_fractions"] = out.get("fractions")  # None means "the same as fractions"
-    return out
-
-
-def _config_changes(prev: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
-    """(refused, allowed) differences of two configs as (name, old, new); sections' fields by dotted name."""
-    prev, now = _effective(prev), _effective(now)
-    refused: list[tuple] = []
-    allowed: list[tuple] = []
-    for key in sorted(set(prev) | set(now)):
-        a, b = prev.get(key), now.get(key)
-        if key in RESUME_FREE or a == b:
-            continue
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for sub in sorted(set(a) | set(b)):
-                if a.get(sub) != b.get(sub):
-                    name = f"{key}.{sub}"
-                    (allowed if name in RESUME_CHANGEABLE else refused).append((name, a.get(sub), b.get(sub)))
-        elif key in RESUME_GROWS and isinstance(a, list) and isinstance(b, list) and all(x in b for x in a):
-            allowed.append((key, a, b))
-        else:
-            refused.append((key, a, b))
-    return refused, allowed
-
-
-def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
-    """Refuse to resume `out` with settings that change its baselines or finished steps, naming them.
-
-    `score.damping` may change and `RESUME_GROWS` lists may gain entries: they add score columns and arms
-    but change no baseline (config.json then holds the new settings)."""
-    prev = read_json(out / "config.json")
-    now = cfg.to_dict()
-    if prev is None:
-        write_json(out / "config.json", now)
-        return
-    refused, allowed = _config_changes(prev, now)
-    if refused:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused[:5])
-        raise ValueError(
-            f"{out} holds an experiment with a different config ({shown}); use a new output folder "
-            "or restore the old settings to resume (a resume may change score.damping and add entries to "
-            f"{', '.join(RESUME_GROWS)}: the baselines stay)"
-        )
-    if allowed:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed)
-        logger.info("resuming %s with changed %s (baselines kept)", out, shown)
-        write_json(out / "config.json", now)
-
-
 def _split(cfg: ExperimentConfig, dataset, steps: StepStore):
     train, val, test = dataset.split(cfg.split, seed=cfg.split_seed)
     parts = {"train": train.ids, "validation": val.ids, "test": test.ids}
@@ -327,15 +241,6 @@ def _score_curvatures(cfg: ExperimentConfig) -> list[str]:
     return ["identity"]  # grad_dot / grad_cos / train_loss only: no curvature solve needed
 
 
-def _prefix_cache(cfg: ExperimentConfig) -> PrefixCache | None:
-    if cfg.lora_layers is None or not cfg.cache_prefix:
-        return None
-    n_layers = _num_layers(cfg)
-    if cfg.lora_layers > n_layers:
-        raise ValueError(f"lora_layers={cfg.lora_layers} but {cfg.model.model!r} has {n_layers} layers")
-    return PrefixCache(n_layers - cfg.lora_layers) if cfg.lora_layers < n_layers else None
-
-
 def _prepare(cfg: ExperimentConfig) -> _Plan:
     """Everything checked and decided before the first training: data, split, fit, settings, resume."""
     out = Path(cfg.output)
@@ -349,7 +254,7 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     train, val, test = _split(cfg, dataset, steps)
     # Training pairs whose response alone exceeds max_length can be neither trained on nor scored: leave
     # them out of the experiment (counted in results.json) rather than let each stage treat them its own way.
-    fit_ids, too_long_ids = _fits(train, _load_tokenizer(cfg), cfg.max_length, truncation="prompt")
+    fit_ids, too_long_ids = fitting_pairs(train, load_tokenizer(cfg), cfg.max_length, truncation="prompt")
     if too_long_ids:
         logger.warning(
             "left out %d of %d training pairs whose responses exceed max_length=%d (e.g. %s)",
@@ -364,7 +269,7 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     for c in cfg.curvatures:
         cfg.score_config(0, c)
     cfg.train_config(0)
-    _check_resume(out, cfg)
+    check_resume(out, cfg)
     flipped = dataset.flipped_ids
     val_scoring = val
     if cfg.trusted_validation:
@@ -386,7 +291,7 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
         flipped_train=sorted(flipped & set(train.ids)),
         clean_ids=set(test.ids) - flipped if flipped & set(test.ids) else None,
         curvatures=_score_curvatures(cfg),
-        cache=_prefix_cache(cfg),
+        cache=prefix_cache(cfg),
         val_scoring=val_scoring,
     )
     plan.arms = [(m, "harmful", f) for m in cfg.arm_methods() for f in cfg.fractions]
@@ -421,7 +326,7 @@ def _check_validation_fits(plan: _Plan, tokenizer: Any) -> None:
     if plan.val_checked:
         return
     cfg = plan.cfg
-    ok, too_long = _fits(plan.val_scoring, tokenizer, cfg.max_length)
+    ok, too_long = fitting_pairs(plan.val_scoring, tokenizer, cfg.max_length)
     if too_long:
         logger.warning(
             "scoring uses %d of %d validation pairs: %d do not fit max_length=%d uncut",

@@ -16,10 +16,11 @@ from prefprune._io import jsonable, package_versions, sha256_file
 from prefprune.bootstrap import paired_delta
 from prefprune.experiment.config import ExperimentConfig, damping_tags
 from prefprune.experiment.steps import StepStore, arm_step_name
+from prefprune.fingerprint import settings_fingerprint
+from prefprune.influence.plan import damping_column_names
 from prefprune.metrics import detection_auc, mean_std, precision_at_k
 from prefprune.prune import MODES, ScoreTable, higher_is_suspect
 from prefprune.score import ScoreConfig
-from prefprune.solve import damping_column_names
 
 __all__ = [
     "ScoreSteps",
@@ -124,10 +125,7 @@ def score_step_name(seed: int, curvature: str, k: int = 0) -> str:
 def score_fingerprint(config: ScoreConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The score settings that must match for a score step to be reused: all but the damping values (a
     step says which it holds) and the progress bars."""
-    d = dict(jsonable(config))
-    for key in ("damping", "progress"):
-        d.pop(key, None)
-    return d
+    return settings_fingerprint(config, ignore=("damping", "progress"))
 
 
 def step_dampings(rec: Mapping[str, Any]) -> dict[float, str]:

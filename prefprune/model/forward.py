@@ -2,8 +2,8 @@
 
 Every trainable parameter of a prefprune reward model is the weight (or bias) of an ``nn.Linear``
 (LoRA A/B, the score head, a BERT pooler); `trainable_linears` finds those layers and checks that they
-cover every trainable parameter, so the per-example-gradient hooks of `prefprune.grads` see them all
-(DESIGN §3).
+cover every trainable parameter, so the per-example-gradient hooks of `prefprune.influence.capture` see
+them all (DESIGN §3).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ class CGResult:
         curvature: (m,) the value pᵀAp that stopped a column on non-positive curvature, NaN otherwise.
         history: (iters + 1, m) relative residual after each iteration (row 0: before any),
             frozen columns repeat their last value; None unless requested.
+        impl: the implementation that ran ("reference" or "native"), set by `prefprune.cg.solve` from
+            its dispatch, so a record never re-derives it.
     """
 
     x: Tensor
@@ -48,6 +50,7 @@ class CGResult:
     residual: Tensor
     curvature: Tensor
     history: Tensor | None = None
+    impl: str = "reference"
 
     def status_names(self) -> list[str]:
         return [CG_STATUS_NAMES[int(s)] for s in self.status]

@@ -16,60 +16,16 @@ Self-influence gᵀ(H + λI)⁻¹g follows from the same factors without another
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from prefprune.grads import LinearSite, SegmentCapture, capture_pairs
-
-__all__ = ["GaussNewtonEigen", "pair_gradient_rows"]
+__all__ = ["GaussNewtonEigen"]
 
 # Columns of U cast to float64 at a time while forming the Gram (bounds the float64 scratch of fp32 rows).
 _GRAM_CHUNK_COLS = 1 << 16
-
-
-def pair_gradient_rows(
-    model: nn.Module,
-    sites: Sequence[LinearSite],
-    batches,
-    *,
-    objective: Callable[[Tensor], Tensor],
-    projector=None,
-    impl: str | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Per-pair gradient rows of Σ_i f(m_i), one batch at a time, from one forward+backward per batch.
-
-    Each layer's per-pair gradient Δ_iᵀ X_i (or its Kronecker projection P_out Δ_iᵀ X_i P_inᵀ) comes from
-    the segmented projection op on the captured (X, Δ); concatenated over layers it is the flat layout of
-    `prefprune.grads` (or the projector's layout).
-
-    Args:
-        batches: a re-iterable of collated pair batches (`prefprune.data.batching.PairBatches`).
-        objective: elementwise f of the margins, e.g. ``lambda m: m`` for ∇m_i.
-        projector: a `prefprune.ops.segment.KroneckerProjector` over the sites, or None (exact rows).
-
-    Yields:
-        (B,) margins and (B, d) rows (fp32; fp64 for fp64 models), d = p or projector.dim.
-    """
-    from prefprune.ops.segment import segment_project
-
-    with SegmentCapture(sites) as cap:
-        for batch in batches:
-            margins, packed = capture_pairs(model, cap, batch, objective)
-            n = margins.shape[0]
-            blocks = []
-            for k, (site, layer) in enumerate(zip(sites, packed, strict=True)):
-                pin = None if projector is None else projector.P_in[k]
-                pout = None if projector is None else projector.P_out[k]
-                if layer.X.shape[0] == 0:  # the layer did not run for this batch: zero gradient
-                    width = site.numel if projector is None else projector.dims[k]
-                    wide = torch.float64 if layer.X.dtype == torch.float64 else torch.float32
-                    blocks.append(torch.zeros(n, width, dtype=wide, device=margins.device))
-                    continue
-                blocks.append(segment_project(layer.X, layer.dY, layer.offsets, pin, pout, impl=impl))
-            yield margins, torch.cat(blocks, dim=1)
 
 
 @dataclass

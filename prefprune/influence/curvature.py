@@ -1,0 +1,242 @@
+"""The curvature H of the mean training loss over the curvature sample, behind one interface.
+
+H is the Hessian of L(θ) = mean_i softplus(−m_i) over the curvature sample (DESIGN §2), acting on vectors of
+its own space (the flat layout, or a projection of it). Every implementation answers the same questions:
+
+- ``matvec(V)``: H V for a (d, m) block, one pass over the sample;
+- ``rows()``: the Gauss–Newton factor Φ (n, d) and weights w (H = Φᵀ diag(w) Φ / n), one pass — what the
+  direct (Woodbury) and the factored native CG solves need;
+- ``trace()``: trace of the Gauss–Newton matrix in weight space (the scale of relative damping).
+
+Implementations: `ExactHessian` (double-backward HVPs), `GaussNewton` (σ(m)σ(−m) ∇m ∇mᵀ, PSD),
+`ProjectedGaussNewton` (the same in a Kronecker random-projection space, LoGra-style) and `Identity`
+(no solve: influence = grad_dot). `make_curvature` builds one by name. Adding a curvature is one class here
+plus its entry in `CURVATURE_TYPES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prefprune.data import PairBatches
+from prefprune.distributed import cat_over_ranks, sum_over_ranks
+from prefprune.influence.capture import pair_margins
+from prefprune.influence.layout import ParameterLayout, flatten_site_matrices
+from prefprune.influence.reducers import pair_gradient_rows, stream_pair_dots
+from prefprune.model import eager_attention
+from prefprune.ops.projection import KroneckerProjector
+
+__all__ = [
+    "CURVATURES",
+    "CURVATURE_TYPES",
+    "Curvature",
+    "CurvatureName",
+    "ExactHessian",
+    "GaussNewton",
+    "Identity",
+    "ProjectedGaussNewton",
+    "gauss_newton_weights",
+    "make_curvature",
+]
+
+#: The Hessians influence can use (DESIGN.md §2); the one list every setting and check derives from.
+CurvatureName = Literal["exact", "ggn", "projected_ggn", "identity"]
+CURVATURES: tuple[str, ...] = typing.get_args(CurvatureName)
+
+
+def gauss_newton_weights(margins: Tensor) -> Tensor:
+    """w_i = σ(m_i)σ(−m_i), the second derivative of softplus(−m) at the margin (always > 0)."""
+    return torch.sigmoid(margins) * torch.sigmoid(-margins)
+
+
+class Curvature(ABC):
+    """H over a curvature sample, in a space of dimension `dim`.
+
+    Args:
+        model: the reward model; layout: its `ParameterLayout`.
+        batches: the curvature sample (sharded under torchrun: products and rows cover every rank's pairs).
+        impl: segment-op implementation request.
+
+    Attributes:
+        passes: forward+backward passes over the curvature sample made so far.
+    """
+
+    name: ClassVar[str]
+    #: "weights" (dimension p) or "projected".
+    space: ClassVar[str] = "weights"
+    #: Solved on its stored factor rows (a native factored CG) rather than by products.
+    factored: ClassVar[bool] = False
+    #: The Kronecker projection of a projected space (None in weight space).
+    projector: KroneckerProjector | None = None
+
+    def __init__(self, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
+                 impl: str | None = None):
+        self.model, self.layout, self.batches, self.impl = model, layout, batches, impl
+        self.passes = 0
+
+    @property
+    def dim(self) -> int:
+        return self.layout.numel
+
+    def to_space(self, B: Tensor) -> Tensor:
+        """(p, m) flat vectors → (dim, m) in this curvature's space."""
+        return B
+
+    def from_space(self, Q: Tensor, dtype: torch.dtype) -> Tensor:
+        """(dim, m) in this space → (p, m) flat vectors in `dtype` (what pass 2 scores with)."""
+        return Q.to(dtype)
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """What `matvec` must run inside."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def matvec(self, V: Tensor) -> Tensor:
+        """H V for V (dim, m): one pass over the sample."""
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """The Gauss–Newton factor (n, dim) and weights (n,), gathered over ranks in sample order."""
+        raise TypeError(f"curvature {self.name!r} has no Gauss–Newton factor rows")
+
+    def trace(self) -> float:
+        """trace(H_GN) = mean_i σ(m_i)σ(−m_i)‖∇m_i‖² in weight space, from one pass of squared norms.
+
+        It is the scale of relative damping for every iterative solve (the exact Hessian's included).
+        """
+        batches = self.batches
+        _, sq, margins = stream_pair_dots(self.model, self.layout, batches, [], objective=lambda m: m,
+                                          impl=self.impl, desc="curvature trace")
+        self.passes += 1
+        total = float((gauss_newton_weights(margins) * sq).sum())
+        return float(sum_over_ranks(batches, torch.tensor(total, dtype=torch.float64))) / batches.n_pairs
+
+
+class Identity(Curvature):
+    """H = I and no solve at all: the query is the right-hand side, so influence equals grad_dot."""
+
+    name = "identity"
+
+    def matvec(self, V: Tensor) -> Tensor:
+        return V
+
+
+class ExactHessian(Curvature):
+    """The Hessian of the mean loss by double backward, every column of a block in one vmapped backward.
+
+    Fused attention kernels (sdpa, flash) have no double backward, so products run under eager attention
+    (`context`), and on right-padded batches: eager attention turns a fully masked query row (a left-padding
+    position) into NaN, which 0·NaN then spreads; rewards do not depend on the padding side.
+    """
+
+    name = "exact"
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return eager_attention(self.model)
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """m columns cost one forward, one graph-building backward and one batched double backward a batch."""
+        layout, batches = self.layout, self.batches.with_padding("right")
+        n = batches.n_pairs
+        out = torch.zeros_like(V)
+        Vt = V.T.contiguous()
+        for batch in batches:
+            with torch.enable_grad():
+                loss = F.softplus(-pair_margins(self.model, batch)).sum() / n
+                grads = torch.autograd.grad(loss, layout.params, create_graph=True, allow_unused=True)
+                gflat = layout.flatten_grads(grads)
+                hv = torch.autograd.grad(gflat, layout.params, grad_outputs=Vt, is_grads_batched=True,
+                                         allow_unused=True)
+            out += layout.flatten_grads(hv, batched=V.shape[1])
+        self.passes += 1
+        return sum_over_ranks(batches, out)
+
+    def matrix(self) -> Tensor:
+        """The explicit (p, p) Hessian from p product columns in one pass (self-influence, when it fits)."""
+        eye = torch.eye(self.dim, dtype=self.layout.dtype, device=self.layout.device)
+        with self.context():
+            return self.matvec(eye)
+
+
+class GaussNewton(Curvature):
+    """H_GN = mean_i w_i ∇m_i ∇m_iᵀ, w_i = σ(m_i)σ(−m_i): PSD by construction, no double backward.
+
+    A product needs each pair's whole dot ∇m_iᵀ V before it can weigh any layer, so it is taken on the
+    batch's gradient rows (one layer deep in the capture, B×p per batch): H V = Σ_b Φ_bᵀ(w_b ⊙ Φ_b V)/n.
+    """
+
+    name = "ggn"
+
+    def _row_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for margins, rows in pair_gradient_rows(self.model, self.layout, self.batches, objective=lambda m: m,
+                                                projector=self.projector, impl=self.impl):
+            yield gauss_newton_weights(margins).to(rows.dtype), rows
+        self.passes += 1
+
+    def matvec(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        n = self.batches.n_pairs
+        for w, rows in self._row_batches():
+            R = rows.to(V.dtype)
+            out += R.T @ (w.to(V.dtype).unsqueeze(1) * (R @ V)) / n
+        return sum_over_ranks(self.batches, out)
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        weights, rows = zip(*self._row_batches(), strict=True)
+        # Every rank holds the rows of its shard of the curvature sample: gather them in sample order.
+        w = cat_over_ranks(self.batches, torch.cat(weights))
+        return cat_over_ranks(self.batches, torch.cat(rows)), w
+
+
+class ProjectedGaussNewton(GaussNewton):
+    """The Gauss–Newton matrix in a Kronecker random-projection space (LoGra-style).
+
+    Rows Φ_i = P_out ∇m_i P_inᵀ per layer (k_out×k_in numbers, stored for the sample); the system
+    (Φᵀ diag(w) Φ / n + λI) q_p = P ∇L_V is solved on the factor, and the query lifted back, q = Pᵀ q_p, so
+    pass 2 scores ∇ℓ_iᵀ q = (P∇ℓ_i)ᵀ q_p with the same fused dot.
+
+    Args:
+        projection_k: k_out = k_in per layer (a side at most k wide stays exact); projection_seed: its seed.
+    """
+
+    name = "projected_ggn"
+    space = "projected"
+    factored = True
+
+    def __init__(self, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
+                 impl: str | None = None, projection_k: int = 16, projection_seed: int = 0):
+        super().__init__(model, layout, batches, impl=impl)
+        self.projector = layout.projector(projection_k, projection_seed)
+
+    @property
+    def dim(self) -> int:
+        return self.projector.dim
+
+    def to_space(self, B: Tensor) -> Tensor:
+        return self.projector.project_query(self.layout.split(B)).T
+
+    def from_space(self, Q: Tensor, dtype: torch.dtype) -> Tensor:
+        return flatten_site_matrices(self.projector.lift(Q.T.to(dtype)))
+
+
+CURVATURE_TYPES: dict[str, type[Curvature]] = {
+    c.name: c for c in (ExactHessian, GaussNewton, ProjectedGaussNewton, Identity)
+}
+
+
+def make_curvature(name: str, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
+                   impl: str | None = None, projection_k: int = 16, projection_seed: int = 0) -> Curvature:
+    """The curvature called `name` over `batches` (None for identity)."""
+    if name not in CURVATURE_TYPES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {name!r}")
+    if name == "projected_ggn":
+        return ProjectedGaussNewton(model, layout, batches, impl=impl, projection_k=projection_k,
+                                    projection_seed=projection_seed)
+    return CURVATURE_TYPES[name](model, layout, batches, impl=impl)

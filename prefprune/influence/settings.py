@@ -1,0 +1,200 @@
+"""The settings of a scoring run (`ScoreConfig`) and what it returns (`ScoreResult`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from prefprune.influence.curvature import CURVATURES, CurvatureName
+from prefprune.influence.per_query import write_per_query_of
+from prefprune.influence.plan import SOLVERS, Solver, check_dampings
+from prefprune.influence.query import SolveInfo
+from prefprune.ops.dispatch import Impl, requested_impl
+from prefprune.precision import PRECISIONS, Precision
+from prefprune.scorefile import write_scores
+
+__all__ = ["ScoreConfig", "ScoreResult"]
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of a scoring run (all recorded in the sidecar)."""
+
+    curvature: CurvatureName = field(
+        default="ggn",
+        metadata={"help": "Hessian used by influence: exact (double-backward HVPs, the paper's method), ggn "
+                          "(Gauss–Newton, PSD, no double backward), projected_ggn (Gauss–Newton in a "
+                          "random Kronecker projection space, solved natively) or identity "
+                          "(influence = grad_dot)."},
+    )
+    damping: float | list[float] = field(
+        default=1.0,
+        metadata={"help": "λ added to the Hessian, or a list of values (a sweep: one influence column per "
+                          "value, influence@<λ>, from one run; `influence` is the first value's). Not a "
+                          "detail: on a tiny LoRA model λ=1 tracked leave-one-out retraining far better than "
+                          "0.1 or 0.01 (DESIGN §2). Must be > 0 for exact; no duplicates."},
+    )
+    damping_relative: bool = field(
+        default=False,
+        metadata={"help": "Read the damping values as factors of the curvature's mean eigenvalue trace(H)/p "
+                          "(Kronfluence's convention; the Gauss–Newton trace, also for exact); the sidecar "
+                          "records both the factor and the absolute λ."},
+    )
+    solver: Solver = field(
+        default="auto",
+        metadata={"help": "auto: direct for ggn/projected_ggn when the factors fit memory_budget_mb (one "
+                          "pass over the curvature sample, one eigendecomposition of the n_h×n_h Gram), else "
+                          "CG; exact by CG, or multi-shift CG for a damping list. direct, cg or multishift "
+                          "force one."},
+    )
+    memory_budget_mb: float = field(
+        default=2048.0,
+        metadata={"help": "Memory (MiB) the direct solve's factors may take: the curvature sample's gradient "
+                          "rows and the Gram (ggn: n_h·p rows; projected_ggn: projected rows)."},
+    )
+    self_influence: bool = field(
+        default=False,
+        metadata={"help": "Add the self_influence column ∇ℓ_iᵀ(H + λI)⁻¹∇ℓ_i (high = suspect, the "
+                          "standard mislabel detector): exact in weight space for ggn direct and for exact "
+                          "when the p×p Hessian fits the budget, else in the projected space; one extra pass "
+                          "over the training pairs."},
+    )
+    per_query: bool = field(
+        default=False,
+        metadata={"help": "Also write the n_train × n_val influence matrix (every validation pair its own "
+                          "query, one multi-RHS solve per tile) to <output>.per_query.safetensors with the "
+                          "row and column ids."},
+    )
+    per_query_tile: int = field(
+        default=64,
+        metadata={"help": "Validation queries solved and scored per pass over the training pairs (memory "
+                          "≈ p × tile × damping values)."},
+    )
+    tol: float = field(default=1e-6, metadata={"help": "CG stops when ||r|| <= tol·||∇L_V||."})
+    max_iter: int = field(default=100, metadata={"help": "CG iteration cap (operator products)."})
+    hessian_samples: int | None = field(
+        default=None,
+        metadata={"help": "Curvature set size: a seeded uniform subsample of the training pairs "
+                          "(None: every training pair)."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the hessian_samples subsample and of the projections."}
+    )
+    projection_k: int = field(
+        default=16,
+        metadata={"help": "projected_ggn: per-layer projection size of each side (k_out = k_in = k; a side "
+                          "at most k wide is kept exact). The projected space has Σ_layers k_out·k_in dims."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward batch."})
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch pairs of similar length together (less padding); rows keep the input "
+                          "order."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Longest sequence in tokens."})
+    truncation: Literal["prompt", "error"] = field(
+        default="prompt",
+        metadata={"help": "Training pairs longer than max_length: 'prompt' (cut the prompt) or 'error'. "
+                          "Validation pairs are never cut: a too-long one is an error."},
+    )
+    padding_side: Literal["right", "left"] | None = field(
+        default=None, metadata={"help": "'right' or 'left'; None: the tokenizer's own (else right)."}
+    )
+    on_nonpositive: Literal["raise", "nan"] = field(
+        default="raise",
+        metadata={"help": "When CG meets non-positive curvature: 'raise' an error, or 'nan' (influence "
+                          "column NaN, status recorded in the sidecar)."},
+    )
+    impl: Impl | None = field(
+        default=None,
+        metadata={"help": "auto|triton|native|reference for the fused ops and CG (None: PREFPRUNE_IMPL)."},
+    )
+    precision: Precision | None = field(
+        default=None,
+        metadata={"help": "Precision of pass 2's forward and captured (X, Δ): fp32, bf16 or fp16; every "
+                          "reduction accumulates in fp32. None: the model's dtype on CUDA, fp32 on CPU "
+                          "(float64 models stay float64). Pass 1 and the solve run in the model's dtype."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted run from OUTPUT.shards/ (any rank killed at any moment): "
+                          "finished batches and the saved solve are reused when the model weights, data and "
+                          "settings are unchanged (the number of ranks may differ); a changed input is "
+                          "refused and named. Without it, an existing OUTPUT.shards/ is an error."},
+    )
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid setting (before any heavy work)."""
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        self.dampings()
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not (isinstance(self.memory_budget_mb, int | float) and math.isfinite(self.memory_budget_mb)
+                and self.memory_budget_mb > 0):
+            raise ValueError(f"memory_budget_mb must be a finite number > 0, got {self.memory_budget_mb!r}")
+        if int(self.per_query_tile) != self.per_query_tile or self.per_query_tile < 1:
+            raise ValueError(f"per_query_tile must be an integer >= 1, got {self.per_query_tile!r}")
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
+        if int(self.max_iter) != self.max_iter or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.hessian_samples is not None and (
+            int(self.hessian_samples) != self.hessian_samples or self.hessian_samples < 1
+        ):
+            raise ValueError(f"hessian_samples must be None or an integer >= 1, got {self.hessian_samples!r}")
+        if int(self.projection_k) != self.projection_k or self.projection_k < 1:
+            raise ValueError(f"projection_k must be an integer >= 1, got {self.projection_k!r}")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if int(self.max_length) != self.max_length or self.max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
+        if self.truncation not in ("prompt", "error"):
+            raise ValueError(f"truncation must be 'prompt' or 'error', got {self.truncation!r}")
+        if self.padding_side not in (None, "right", "left"):
+            raise ValueError(f"padding_side must be None, 'right' or 'left', got {self.padding_side!r}")
+        if self.on_nonpositive not in ("raise", "nan"):
+            raise ValueError(f"on_nonpositive must be 'raise' or 'nan', got {self.on_nonpositive!r}")
+        if self.impl is not None:
+            requested_impl(self.impl)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
+
+    def dampings(self) -> list[float]:
+        """The damping values as a list (one value or the sweep), checked: numbers, finite, >= 0, distinct."""
+        values = self.damping if isinstance(self.damping, list | tuple) else [self.damping]
+        return check_dampings(values, curvature=self.curvature, relative=self.damping_relative)
+
+
+@dataclass
+class ScoreResult:
+    """Scores of every training pair, in training-set order.
+
+    Attributes:
+        ids: (n,) pair ids.
+        columns: name → (n,) float64 array: `COLUMNS`, then influence@<λ> per damping value of a sweep
+            and self_influence (self_influence@<λ>) when asked for.
+        solve: how the influence query of the first damping value was solved.
+        metadata: settings, versions, timings, implementations (the sidecar's content).
+        per_query: with per_query: {"matrix": (n_train, n_val, L), "row_ids", "col_ids", "column_names",
+            "dampings"} (written to `<output>.per_query.safetensors`).
+    """
+
+    ids: list[str]
+    columns: dict[str, np.ndarray]
+    solve: SolveInfo
+    metadata: dict[str, Any]
+    per_query: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the score file (format by extension) and its `<path>.json` sidecar."""
+        write_scores(self, path)
+        write_per_query_of(self, path)

@@ -1,0 +1,229 @@
+"""Solvers behind one call: solve(curvature, B, dampings) → (H + λ_l I)⁻¹ B for every damping value.
+
+The methods (chosen beforehand by `prefprune.influence.plan.plan_solve`):
+
+- ``direct``: one eigendecomposition of the Gauss–Newton factor rows (`GaussNewtonEigen`: Woodbury on the
+  n_h×n_h Gram, or the d×d matrix), every damping value and query from the same factors;
+- ``cg``: the multi-RHS conjugate gradient of `prefprune.cg.solve` (native when built), one column per
+  (query, damping value), on the curvature's products — or on its stored rows (a factored operator, solved
+  entirely natively) for a factored curvature (`projected_ggn`);
+- ``multishift``: one Krylov space for every damping value, one product per iteration;
+- ``none`` (identity): Q = B.
+
+Relative damping (Kronfluence's convention) sets λ_l = factor_l × trace(H)/d, the mean eigenvalue: from the
+eigendecomposition (direct) or from the curvature's trace (one extra pass). Every `Solution` records the
+implementation that ran ("eigh", "native", "reference", "multishift" or "none"), read from the call that
+ran it. Adding a solver is one function here, registered in `METHODS`, plus its test.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prefprune import cg
+from prefprune.influence.curvature import Curvature
+from prefprune.influence.eigen import GaussNewtonEigen
+from prefprune.influence.multishift import multishift_cg
+from prefprune.influence.plan import CurvatureSolve, SolvePlan, check_dampings, damping_column_names
+from prefprune.ops.reference import CG_STATUS_NAMES
+
+__all__ = ["METHODS", "DirectFactors", "Solution", "solve"]
+
+
+@dataclass
+class DirectFactors:
+    """The inverse a direct solve leaves behind: reused for more queries and for self-influence.
+
+    Attributes:
+        eigen: the eigendecomposition of H (in the curvature's space).
+        curvature: the curvature it belongs to (its `to_space`/`from_space` map queries).
+    """
+
+    eigen: GaussNewtonEigen
+    curvature: Curvature
+
+
+@dataclass
+class Solution:
+    """Q (L, p, m) = (H + λ_l I)⁻¹ B in B's dtype (a column stopped on non-positive curvature holds its
+    last iterate: see the record), the record, and the direct factors (None for the iterative methods)."""
+
+    Q: Tensor
+    record: CurvatureSolve
+    factors: DirectFactors | None = None
+
+
+@dataclass
+class _Outcome:
+    Q: Tensor
+    columns: list[dict]
+    impl: str
+    scale: float | None = None
+    factors: DirectFactors | None = None
+
+
+def _column_record(status: Sequence, iterations: Sequence, residual: Sequence, curvature: Sequence) -> dict:
+    """One damping column's record over its m queries: the worst status, the largest iteration count and
+    residual, and where non-positive curvature stopped it."""
+    status = [s if isinstance(s, str) else CG_STATUS_NAMES[int(s)] for s in status]
+    iterations, residual = [int(i) for i in iterations], [float(r) for r in residual]
+    curvature = [float(c) for c in curvature]
+    worst = ("nonfinite" if "nonfinite" in status
+             else "nonpositive_curvature" if "nonpositive_curvature" in status
+             else "max_iter" if "max_iter" in status else status[0])
+    bad = [i for i, s in enumerate(status) if s == "nonpositive_curvature"]
+    return {
+        "status": worst,
+        "iterations": max(iterations),
+        "residual": max(residual),
+        "nonpositive_value": min(curvature[i] for i in bad) if bad else None,
+        "nonpositive_iteration": min(iterations[i] for i in bad) if bad else None,
+        "nonpositive_queries": len(bad),
+    }
+
+
+def _exact_columns(L: int, m: int, status: str = "converged") -> list[dict]:
+    return [_column_record([status] * m, [0] * m, [0.0] * m, [math.nan] * m) for _ in range(L)]
+
+
+def _solve_none(curvature, B, lam, **_) -> _Outcome:
+    return _Outcome(B.unsqueeze(0).expand(len(lam), *B.shape).clone(), _exact_columns(len(lam), B.shape[1],
+                                                                                      "not_solved"), "none")
+
+
+def _solve_direct(curvature, B, vals, *, plan, relative, factors, **_) -> _Outcome:
+    if factors is None:
+        rows, weights = curvature.rows()
+        eigen = GaussNewtonEigen.from_rows(rows, weights, form=plan.form or "auto")
+        factors = DirectFactors(eigen, curvature)
+        del rows
+    eigen, space = factors.eigen, factors.curvature
+    scale = eigen.mean_eigenvalue
+    lam = [v * scale for v in vals] if relative else vals
+    Qs = eigen.solve(space.to_space(B), lam)  # (L, d, m) float64
+    Q = torch.stack([space.from_space(Qs[i], B.dtype) for i in range(len(lam))])
+    return _Outcome(Q, _exact_columns(len(lam), B.shape[1]), "eigh", scale, factors)
+
+
+def _counted(curvature: Curvature, plan: SolvePlan, max_iter: int, progress: bool):
+    bar = tqdm(total=max_iter, desc=f"{plan.method} ({plan.curvature})", disable=not progress, leave=False)
+
+    def product(V: Tensor) -> Tensor:
+        bar.update(1)
+        return curvature.matvec(V)
+
+    return product, bar
+
+
+def _solve_factored_cg(curvature, B, lam, *, tol, max_iter, impl) -> _Outcome:
+    """CG on the stored rows, one native factored solve per damping value (rows from one pass)."""
+    G, w = curvature.rows()
+    Bp = curvature.to_space(B).to(G.dtype)
+    Qs, cols, name = [], [], "reference"
+    for lv in lam:
+        res = cg.solve(cg.FactoredOperator(G=G, w=w, damping=float(lv)), Bp, tol=tol, max_iter=max_iter,
+                       impl=impl)
+        name = res.impl
+        Qs.append(curvature.from_space(res.x, B.dtype))
+        cols.append(_column_record(res.status_names(), res.iterations, res.residual, res.curvature))
+    return _Outcome(torch.stack(Qs), cols, name)
+
+
+def _solve_cg(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) -> _Outcome:
+    if curvature.factored:
+        return _solve_factored_cg(curvature, B, lam, tol=tol, max_iter=max_iter, impl=impl)
+    p, m = B.shape
+    L = len(lam)
+    lam_t = torch.tensor(lam, dtype=B.dtype, device=B.device).repeat_interleave(m)  # column (l, j)
+    product, bar = _counted(curvature, plan, max_iter, progress)
+    try:
+        with curvature.context():
+            # (p, L·m): damping-major blocks of the m queries, one CG column each.
+            res = cg.solve(lambda V: product(V) + V * lam_t, B.repeat(1, L), tol=tol, max_iter=max_iter,
+                           impl=impl)
+    finally:
+        bar.close()
+    st = res.status_names()
+    block = [slice(i * m, (i + 1) * m) for i in range(L)]
+    cols = [_column_record(st[b], res.iterations[b], res.residual[b], res.curvature[b]) for b in block]
+    return _Outcome(res.x.reshape(p, L, m).permute(1, 0, 2), cols, res.impl)
+
+
+def _solve_multishift(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) -> _Outcome:
+    if curvature.factored:  # the rows are stored: a native factored CG per value beats more passes
+        return _solve_factored_cg(curvature, B, lam, tol=tol, max_iter=max_iter, impl=impl)
+    product, bar = _counted(curvature, plan, max_iter, progress)
+    try:
+        with curvature.context():
+            res = multishift_cg(product, B, lam, tol=tol, max_iter=max_iter)
+    finally:
+        bar.close()
+    names = res.status_names()
+    cols = [_column_record(names[i], res.iterations[i], res.residual[i], res.curvature[i])
+            for i in range(len(lam))]
+    return _Outcome(res.x, cols, "multishift")
+
+
+#: method name (`SolvePlan.method`) → its solver.
+METHODS: dict[str, Callable[..., _Outcome]] = {
+    "none": _solve_none,
+    "direct": _solve_direct,
+    "cg": _solve_cg,
+    "multishift": _solve_multishift,
+}
+
+
+def solve(
+    curvature: Curvature,
+    B: Tensor,
+    dampings: Sequence[float],
+    *,
+    plan: SolvePlan,
+    relative: bool = False,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    impl: str | None = None,
+    progress: bool = False,
+    factors: DirectFactors | None = None,
+) -> Solution:
+    """Solve (H + λ_l I) Q_l = B for every damping value by the planned method.
+
+    Args:
+        curvature: H over the curvature sample (`prefprune.influence.curvature.make_curvature`).
+        B: (p, m) right-hand sides in the flat layout (∇L_V, or one validation gradient per column).
+        dampings: absolute values, or factors of trace(H)/d when `relative`.
+        plan: from `plan_solve` with the same curvature, sizes and damping list.
+        factors: a direct solve's factors from an earlier call on the same curvature sample: reused
+            instead of another pass.
+
+    Returns:
+        The `Solution` (its record says which implementation ran and how many passes it took).
+    """
+    t0 = time.perf_counter()
+    vals = check_dampings(dampings, curvature=plan.curvature, relative=relative)
+    passes0 = curvature.passes
+    scale = None
+    lam = vals
+    if relative and plan.method in ("cg", "multishift"):
+        scale = curvature.trace() / plan.dim
+        lam = [v * scale for v in vals]
+    out = METHODS[plan.method](curvature, B, lam, plan=plan, relative=relative, factors=factors, tol=tol,
+                               max_iter=max_iter, impl=impl, progress=progress)
+    if plan.method == "direct":
+        scale = out.scale
+        lam = [v * scale for v in vals] if relative else vals
+    record = CurvatureSolve(
+        plan=asdict(plan), dampings=[float(x) for x in lam], damping_factors=vals if relative else None,
+        damping_scale=scale, column_names=damping_column_names(vals, relative=relative),
+        columns=out.columns, curvature_passes=curvature.passes - passes0, n_queries=B.shape[1],
+        impl=out.impl, seconds=time.perf_counter() - t0,
+        projection_dim=plan.dim if plan.space == "projected" else None,
+    )
+    return Solution(out.Q, record, out.factors)

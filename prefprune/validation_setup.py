@@ -1,0 +1,117 @@
+"""Where `prefprune.validate` gets its setup from: a model folder's recorded training, or an experiment."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from prefprune import train as train_mod
+from prefprune._config import from_mapping
+from prefprune.data.config import DataConfig, load_data
+from prefprune.experiment.config import load_config
+from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
+from prefprune.model import ModelConfig, build_model, training_metadata
+from prefprune.score import ScoreConfig
+from prefprune.train import TrainConfig, split_for_eval
+
+__all__ = ["ValidationSetup", "setup_from_experiment", "setup_from_folder"]
+
+
+@dataclass
+class ValidationSetup:
+    """What a retrain needs: the data, a model at its initial weights, the training and scoring settings.
+
+    Attributes:
+        train, val: training and validation pairs (PreferenceDatasets).
+        build: returns (model, tokenizer) at the initial weights, on its device (called once).
+        train_config: the settings every retrain uses (the reference's included).
+        score_config: scoring settings; curvature, damping and progress are set per score pass.
+        source: where the setup came from (recorded in validate.json).
+        reseed: the same setup for another training seed (its own initial weights and data order), for
+            ensembles; None if the source cannot give one.
+    """
+
+    train: Any
+    val: Any
+    build: Callable[[], tuple[nn.Module, Any]]
+    train_config: TrainConfig
+    score_config: ScoreConfig
+    source: dict[str, Any]
+    reseed: Callable[[int], ValidationSetup] | None = None
+
+
+def setup_from_folder(model: str, *, val_source: str | None, device: str | None,
+                      score: ScoreConfig) -> ValidationSetup:
+    """The setup a model folder written by ``prefprune train`` records (its data, split and settings).
+
+    Args:
+        model: the folder; val_source: validation data (default: the folder's held-out pairs);
+        device: where retrains run; score: scoring settings (curvature, damping, progress: set per pass).
+    """
+    meta = training_metadata(model)
+    missing = [k for k in ("train_config", "data_config", "model_config") if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{model}: no training metadata ({', '.join(missing)} missing from prefprune.json; folders "
+            "written by prefprune train record them); give --config with the training settings instead"
+        )
+    train_cfg = from_mapping(TrainConfig, meta["train_config"], section="train_config")
+    data_cfg = from_mapping(DataConfig, meta["data_config"], section="data_config")
+    model_cfg = from_mapping(ModelConfig, meta["model_config"], section="model_config")
+    info = meta.get("data", {})
+    data = load_data(data_cfg)
+    held = load_data(data_cfg, source=info["eval_data"]) if info.get("eval_data") else None
+    train, held = split_for_eval(data, info.get("eval_fraction") or 0.0, seed=train_cfg.seed, held_out=held)
+    val = load_data(data_cfg, source=val_source) if val_source is not None else held
+    if val is None:
+        raise ValueError(f"{model} was trained without held-out pairs: give --val")
+    train_cfg = dataclasses.replace(train_cfg, progress=False, device=device)
+
+    def for_seed(seed: int) -> ValidationSetup:
+        def build() -> tuple[nn.Module, Any]:
+            net, tok = build_model(model_cfg, seed=seed)
+            return net.to(train_mod.resolve_device(device)), tok
+
+        score_cfg = dataclasses.replace(score, max_length=train_cfg.max_length, seed=seed)
+        return ValidationSetup(train, val, build, dataclasses.replace(train_cfg, seed=seed), score_cfg,
+                               {"model": model, "seed": seed}, for_seed)
+
+    return for_seed(train_cfg.seed)
+
+
+def setup_from_experiment(config: str, *, val_source: str | None) -> ValidationSetup:
+    """The setup of an experiment config's first seed: its split, fit filter, model build and prefix cache.
+
+    Args:
+        config: the experiment's YAML; val_source: validation data (default: the experiment's split).
+    """
+    # The experiment's shared setup: the same split, fit filter, model build and prefix cache as its seeds.
+    cfg = load_config(config)
+    dataset = load_data(cfg.data, plant_noise=True)
+    train, val, _ = dataset.split(cfg.split, seed=cfg.split_seed)
+    fit_ids, _ = fitting_pairs(train, load_tokenizer(cfg), cfg.max_length, truncation="prompt")
+    train = train.select(fit_ids)
+    if val_source is not None:
+        val = load_data(cfg.data, source=val_source)
+    elif cfg.trusted_validation:
+        val = val.exclude(dataset.flipped_ids & set(val.ids))
+    cache = prefix_cache(cfg)
+
+    def for_seed(seed: int) -> ValidationSetup:
+        def build() -> tuple[nn.Module, Any]:
+            model, tok = build_seed_model(cfg, seed)
+            model.to(train_mod.resolve_device(None if cfg.device == "auto" else cfg.device))
+            if cache is not None:
+                cache.install(model)
+            return model, tok
+
+        train_cfg = dataclasses.replace(cfg.train_config(seed), progress=False)
+        score_cfg = dataclasses.replace(cfg.score, max_length=cfg.max_length, seed=seed)
+        return ValidationSetup(train, val, build, train_cfg, score_cfg, {"config": config, "seed": seed},
+                               for_seed)
+
+    return for_seed(cfg.seeds[0])
