@@ -41,6 +41,7 @@ def _batches(enc, side="right", bs=4):
     return PairBatches(enc, batch_size=bs, pad_token_id=PAD, padding_side=side)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt_neox", "bert"])
 def test_mean_gradient_matches_oracle(family):
     model, enc, _ = _setup(family)
