@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.prefprune-installed
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py pyproject.toml
 
-.PHONY: install test test-fast lint demo train bench gpu-check gpu-check-dry-run nvcc-check clean
+.PHONY: install test lint demo train bench gpu-check gpu-check-dry-run nvcc-check clean
 
 $(STAMP): $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The inner loop: everything but the tests marked slow (subprocesses, torchrun, kills, AOT compiles, pip).
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
-
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The inner loop: everything but the tests marked slow (subprocesses, torchrun, kills, AOT compiles, pip).
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/prefprune train --output runs/default-train

@@ -13,6 +13,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Build and install checks: nearly every test here starts setup.py, pip or a fresh interpreter, so the
+# whole file is in the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def _setup(*args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("PREFPRUNE_")} | env
@@ -21,14 +25,12 @@ def _setup(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_skip_ext_builds_nothing_native():
     proc = _setup("--version", PREFPRUNE_SKIP_EXT="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "0.1.0"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
 def test_force_cuda_without_cuda_torch_says_why():
     proc = _setup("--version", PREFPRUNE_FORCE_CUDA="1")
