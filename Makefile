@@ -47,6 +47,11 @@ lock:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The inner loop: everything but the tests marked slow (subprocesses, torchrun, kills, AOT compiles, pip).
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/prefprune train --output runs/default-train
 

@@ -16,6 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Build and install checks: nearly every test here starts setup.py, pip or a fresh interpreter, so the
+# whole file is in the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def _setup(*args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("PREFPRUNE_")} | env

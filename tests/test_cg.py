@@ -272,6 +272,7 @@ def test_non_contiguous_inputs():
     assert torch.equal(b, keep), "solve modified its right-hand side"
 
 
+@pytest.mark.slow
 @needs_native
 @pytest.mark.parametrize("impl", ["native", "reference"])
 def test_jacobi_on_badly_scaled_system(impl):

@@ -127,6 +127,7 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("k,m", [(300_000, 1), (4096, 64)], ids=["m1-k300000", "m64-k4096"])
 def test_cuda_multiblock_update_matches_reference(k, m):
@@ -147,6 +148,7 @@ def test_cuda_multiblock_update_matches_reference(k, m):
     torch.testing.assert_close(hist, ref.history, rtol=1e-8, atol=1e-15)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_graph_captures_the_dispatcher_op():
     """check_every=0: no host sync inside the op, so a whole solve is captured and replayed as a graph."""

@@ -176,6 +176,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_entry_point_runs_as_a_program(tmp_path):
     proc = subprocess.run(
         [

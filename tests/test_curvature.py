@@ -45,6 +45,7 @@ def _query(model, b, batches, **settings):
     return InfluenceQuery.solve(curvature, b, torch.zeros(1), plan=plan, config=config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt_neox", "bert"])
 def test_mean_gradient_matches_oracle(family):
     model, enc, _ = _setup(family)

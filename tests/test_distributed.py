@@ -82,6 +82,7 @@ def _jobs(folder, paths, world):
     return jobs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_equal_single_process(inputs, world):
     folder, paths, refs = inputs

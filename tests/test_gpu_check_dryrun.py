@@ -80,6 +80,7 @@ def _hidden_modules() -> list[str]:
     return mod.hidden_modules(mod.hidden_distributions())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout"
 )

@@ -202,6 +202,7 @@ def test_streaming_capture_matches_oracle_float64(family, side, packed):
     assert e <= 1e-10, f"{family}/{side}: streamed squared norms rel err {e:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_streaming_capture_holds_one_layer_at_a_time(packed):
     """When a layer is reduced, no earlier layer's (X, Δ) is alive and its raw input is released."""

@@ -145,6 +145,7 @@ def _hold_lock_in_child(folder, what="prefprune experiment"):
     return child
 
 
+@pytest.mark.slow
 def test_output_lock_names_the_holder_and_dies_with_it(tmp_path):
     folder = tmp_path / "run"
     child = _hold_lock_in_child(folder)
@@ -161,6 +162,7 @@ def test_output_lock_names_the_holder_and_dies_with_it(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_experiment_train_and_score_outputs_are_locked(tmp_path, capsys):
     from prefprune.cli import main
     from prefprune.experiment import ExperimentConfig, run_experiment
@@ -189,6 +191,7 @@ def test_experiment_train_and_score_outputs_are_locked(tmp_path, capsys):
     assert sorted(p.name for p in scores.parent.iterdir()) == ["s.parquet", "s.parquet.json"]
 
 
+@pytest.mark.slow
 def test_output_lock_follows_a_folder_its_holder_removed(tmp_path):
     # A score run removes OUTPUT.shards/ before it lets go; a waiter must then lock the folder at the path,
     # not the deleted one, or a third run would find the path unlocked.
@@ -231,6 +234,7 @@ def _snapshot(folder):
             if p.is_file()}
 
 
+@pytest.mark.slow
 def test_second_score_run_on_one_output_is_refused_and_the_first_run_s_shards_kept(tmp_path, monkeypatch,
                                                                                     capsys):
     import torch

@@ -84,6 +84,7 @@ def _named_error(path: Path, fn) -> object:
         return e
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data(), ext=st.sampled_from(DATA_EXTS), how=st.sampled_from(HOW))
 def test_loaders_load_or_name_the_file(data, ext, how):
@@ -102,6 +103,7 @@ def test_loaders_load_or_name_the_file(data, ext, how):
             out.to_bytes(Path(d) / f"again{ext}")
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data(), ext=st.sampled_from(SCORE_EXTS), how=st.sampled_from(HOW),
        sidecar=st.sampled_from(["kept", "none", "mutated"]))

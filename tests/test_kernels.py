@@ -67,7 +67,8 @@ def _dtype_impl_params():
         for impl in ("triton", "reference"):
             marks = []
             if impl == "triton":
-                marks = [needs_triton, BF16_SKIP] if dt == torch.bfloat16 else [needs_triton]
+                bf16 = [BF16_SKIP, pytest.mark.cuda] if dt == torch.bfloat16 else []
+                marks = [needs_triton, *bf16]
             params.append(pytest.param(dt, impl, marks=marks, id=f"{str(dt)[6:]}-{impl}"))
     return params
 
@@ -193,6 +194,7 @@ def test_grouped_sums_layers(impl, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
 def test_one_and_thousand_segments(impl):
     gen = torch.Generator().manual_seed(7)
@@ -289,6 +291,7 @@ def test_projection_matrix_deterministic_and_scaled():
     assert torch.allclose(gram, torch.eye(3), atol=0.1), gram
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare devices")
 def test_projection_matrix_device_independent():
     for kind in ("gaussian", "rademacher"):

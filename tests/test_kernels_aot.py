@@ -24,7 +24,7 @@ import pytest
 
 from prefprune.ops.segment import HAS_TRITON
 
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")]
 
 _SCRIPT = r"""
 import hashlib, json, os, re, subprocess, sys

@@ -20,7 +20,7 @@ from prefprune.data import PreferenceDataset, PreferencePair, load_preferences
 from prefprune.prune import prune_file
 from prefprune.scorefile import read_score_table, write_scores
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")]
 
 N_KILLS = 24
 _CALLS = ("open", "write", "fsync", "replace", "unlink")

@@ -56,6 +56,7 @@ def _chunks(out) -> list[str]:
     return sorted(p.name for p in (work_dir_for(out) / "chunks").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_one_process_then_resume_on_two_ranks_with_torchrun(inputs):
     """SIGKILL a single-process run at a random batch; `torchrun -m prefprune score --resume` on 2 ranks."""
     folder, paths, ref = inputs
@@ -82,6 +83,7 @@ def test_sigkill_one_process_then_resume_on_two_ranks_with_torchrun(inputs):
     assert not work_dir_for(out).exists()
 
 
+@pytest.mark.slow
 def test_one_rank_of_two_killed_then_resume(inputs):
     folder, paths, ref = inputs
     out = folder / "killed2.parquet"
@@ -170,6 +172,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_training_killed_and_resumed_ends_with_identical_weights(tmp_path, one_thread):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     model, tok, data, held, cfg = train_setup(full_dir)

@@ -97,6 +97,7 @@ def test_ggn_sweep_per_query_and_self_influence_in_one_run(tmp_path):
     assert len(side["per_query"]["tiles"]) == 2  # 3 queries in tiles of 2
 
 
+@pytest.mark.slow
 def test_exact_sweep_flags_the_indefinite_column_and_matches_the_others():
     model = tiny_model("gpt_neox")
     G, Gv, H = _brute(model, "exact")

@@ -98,6 +98,7 @@ def _dense_ggn_influence(model, tb, vb, dampings) -> dict:
     return {lam: (per_pair @ torch.linalg.solve(ggn + lam * eye, g_val)).numpy() for lam in dampings}
 
 
+@pytest.mark.slow
 def test_leave_one_out_matches_an_independent_float64_brute_force(tmp_path):
     torch.set_num_threads(1)
     setup = tiny_setup()
