@@ -41,7 +41,9 @@ __all__ = [
     "output_lock",
     "package_versions",
     "recover_commit",
+    "refuse_overlap",
     "remove_stale_temps",
+    "same_file",
     "sha256_bytes",
     "sha256_file",
 ]
@@ -400,6 +402,46 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
             owner.unlink()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs kept apart from inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same absolute path (symbolic links followed), or, when both
+    exist, the same inode (hard links, bind mounts)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overlap(outputs: Mapping[str, str | os.PathLike],
+                   inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Raise ValueError when a file a command would write is one it reads, or another file it writes.
+
+    Args:
+        outputs: what each written file is (``"--output"``, ``"the sidecar of --output"``) → its path;
+            every file of the command's commit unit, so that no part of one output lands on an input.
+        inputs: what each read file is (``"--data"``, ``"the sidecar of --scores"``) → its path (None and
+            ``""`` entries are skipped): every file of the inputs' commit units, since writing over an
+            input's sidecar breaks the input as surely as writing over the input itself.
+    """
+    named = [(k, Path(v)) for k, v in inputs.items() if v is not None and str(v)]
+    outs = [(k, Path(v)) for k, v in outputs.items()]
+    for i, (what, target) in enumerate(outs):
+        for other, src in named + outs[:i]:
+            if same_file(target, src):
+                kind = "an input" if (other, src) in named else "another output"
+                raise ValueError(
+                    f"{what} {str(target)!r} is {other} {str(src)!r} ({kind} of this command); choose "
+                    "another path: writing there would destroy it"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,8 +88,9 @@ def score_ensemble(model_dirs: Sequence[str], train: Any, val: Any, output: str 
     result.metadata.update(
         {
             "settings": first.get("settings"),
+            "sources": {**(first.get("sources") or {}), "model": [str(m) for m in model_dirs]},
             "members": [str(member_path(output, k)) for k in range(len(members))],
         }
     )
-    write_scores(result, output)
+    write_scores(result, output, overwrite=kw.get("overwrite", False))
     return result, members

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from prefprune import distributed, shards
 from prefprune._io import package_versions
 from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient
-from prefprune.data import PairBatches, encode_pairs, length_order, load_preferences
+from prefprune.data import PairBatches, encode_pairs, length_order, load_preferences, pairs_digest
 from prefprune.grads import stream_pair_dots
 from prefprune.model import load_reward_model, trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
@@ -571,7 +571,9 @@ def score_model(
     """
     config = config or ScoreConfig()
     config.validate()
-    out = check_output_path(output, overwrite=overwrite)
+    inputs = {"--train": train, "--val": val, "--model": model_dir}
+    out = check_output_path(output, overwrite=overwrite, inputs={
+        k: v for k, v in inputs.items() if isinstance(v, str | os.PathLike)})
     if not Path(model_dir).is_dir():
         raise ValueError(f"model folder {str(model_dir)!r} does not exist")
     train_src = str(train) if isinstance(train, str | os.PathLike) else "<pairs>"
@@ -591,8 +593,9 @@ def score_model(
             raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
         result = score_pairs(model, tokenizer, train, val, config=config, work_dir=work)
         result.metadata["sources"] = {
-            "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,
-            "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
+            "model": _absolute(model_dir), "train": _absolute(train_src), "val": _absolute(val_src),
+            "schema": schema, "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
+            "train_digest": pairs_digest(train), "val_digest": pairs_digest(val),
         }
         failure = None
         if distributed.rank() == 0:  # every rank holds the merged rows; one writes them
@@ -609,6 +612,11 @@ def score_model(
             raise RuntimeError(f"rank 0 could not write {str(out)!r}: {told}")
         shutil.rmtree(work, ignore_errors=True)  # the merged file is written: the shards are done
     return result
+
+
+def _absolute(source: str | os.PathLike) -> str:
+    """A local path made absolute (a later stage reads it from anywhere); a hub id or ``<pairs>`` as is."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
 def config_fields_help() -> dict[str, str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from prefprune._io import commit_files, jsonable, output_lock, recover_commit, sha256_bytes
+from prefprune._io import commit_files, jsonable, output_lock, recover_commit, refuse_overlap, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,11 @@ __all__ = [
     "check_output_path",
     "encode_table",
     "is_score_file",
+    "per_query_path",
     "read_score_table",
     "read_sidecar",
     "sidecar_path",
+    "unit_paths",
     "write_scores",
 ]
 
@@ -51,6 +53,18 @@ _COS_TOL = 1e-9  # a cosine computed in floating point may pass 1 by rounding, n
 def sidecar_path(path: str | os.PathLike) -> Path:
     """``<score file>.json``."""
     return Path(str(path) + ".json")
+
+
+def per_query_path(path: str | os.PathLike) -> Path:
+    """``<score file>.per_query.safetensors``: the (train × validation) matrix of ``--per-query``."""
+    return Path(str(path) + ".per_query.safetensors")
+
+
+def unit_paths(path: str | os.PathLike, what: str = "the score file") -> dict[str, Path]:
+    """Every file of a score file's commit unit, by what it is: the file, its sidecar, its per-query matrix
+    (for `prefprune._io.refuse_overlap`: writing over any of them breaks the score file)."""
+    return {what: Path(path), f"{what}'s sidecar": sidecar_path(path),
+            f"{what}'s per-query matrix": per_query_path(path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,11 +81,31 @@ def is_score_file(path: str | os.PathLike) -> bool:
     return isinstance(meta, Mapping) and str(meta.get("format", "")).startswith("prefprune.scores")
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """The output path, checked: known extension, existing folder, not a folder itself.
+def _is_our_per_query(path: Path) -> bool:
+    """Whether `path` is a per-query matrix prefprune wrote (its safetensors header says so)."""
+    from safetensors import safe_open
 
-    An existing file is replaced only when it is a prefprune score file (it has our sidecar) or
-    `overwrite` is True; anything else there is an error, so a typo cannot destroy unrelated data.
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 -- anything unreadable is not ours
+        return False
+    return str(meta.get("format", "")).startswith("prefprune.per_query")
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+) -> Path:
+    """The output path, checked: known extension, existing folder, not a folder itself, no input.
+
+    The score file is written with its sidecar (and per-query matrix) as one unit (`unit_paths`). An
+    existing file of the unit is replaced only when it belongs to an earlier score file (the sidecar is
+    in the prefprune format; a per-query matrix says so in its header) or `overwrite` is True; anything
+    else there is an error, so a typo cannot destroy unrelated data. No file of the unit may be one of
+    `inputs` (what → path), whatever `overwrite` says.
     """
     p = Path(path)
     if p.suffix.lower() not in OUTPUT_EXTENSIONS:
@@ -79,13 +113,21 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"output {str(p)!r}: folder {str(parent)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"output {str(p)!r} is a folder")
-    if not overwrite and p.exists() and not is_score_file(p):
+    unit = unit_paths(p, "--output")
+    refuse_overlap(unit, inputs or {})
+    for what, f in unit.items():
+        if f.is_dir():
+            raise ValueError(f"{what} {str(f)!r} is a folder")
+    if overwrite:
+        return p
+    ours = is_score_file(p)
+    for what, f in unit.items():
+        if not f.exists() or (ours and (f != per_query_path(p) or _is_our_per_query(f))):
+            continue
+        why = (f"not a prefprune score file (no sidecar {str(sidecar_path(p))!r} in the {FORMAT} format)"
+               if f == p else "not part of an earlier prefprune score file")
         raise ValueError(
-            f"output {str(p)!r} exists and is not a prefprune score file (no sidecar "
-            f"{str(sidecar_path(p))!r} in the {FORMAT} format); pass --overwrite (overwrite=True) to "
-            "replace it"
+            f"{what} {str(f)!r} exists and is {why}; pass --overwrite (overwrite=True) to replace it"
         )
     return p
 

@@ -1,0 +1,119 @@
+"""Nothing silently wrong, round two (issue 21): outputs never land on inputs or their sidecars, stages
+check that they read the data the previous stage read, duplicate keys and YAML booleans are refused,
+training checkpoints work from the command line. One test per item of the issue."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prefprune.data import PreferenceDataset, PreferencePair, load_preferences
+from prefprune.prune import prune_file
+from prefprune.scorefile import sidecar_path, write_scores
+
+
+def _pairs(n: int = 12, prefix: str = "p") -> list[PreferencePair]:
+    return [PreferencePair(f"{prefix}{i:02d}", f"Question {i}?", f" good {i}", f" bad {i}") for i in range(n)]
+
+
+def _dataset(n: int = 12, prefix: str = "p") -> PreferenceDataset:
+    return PreferenceDataset(_pairs(n, prefix), schema="prompt_chosen_rejected", source="test")
+
+
+class _Result:
+    def __init__(self, ids, seed=0, sources=None):
+        rng = np.random.default_rng(seed)
+        n = len(ids)
+        margin = rng.normal(size=n)
+        self.ids = list(ids)
+        self.columns = {"influence": rng.normal(size=n), "grad_dot": rng.normal(size=n),
+                        "grad_cos": rng.uniform(-1, 1, n), "train_loss": np.logaddexp(0, -margin),
+                        "margin": margin, "truncated": np.zeros(n)}
+        self.metadata = {"format": "prefprune.scores/1", "config": {"damping": 1.0}}
+        if sources is not None:
+            self.metadata["sources"] = sources
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny float32 reward model folder, training and validation files (module-wide: built once)."""
+    from _scoring_helpers import make_pairs, tiny_model, tokenizer
+
+    from prefprune.model import save_reward_model
+
+    root = tmp_path_factory.mktemp("scored")
+    save_reward_model(tiny_model("gpt_neox", dtype=torch.float32, seed=5), tokenizer(), root / "rm")
+    for name, n, seed in (("train", 9, 1), ("val", 4, 2)):
+        pairs = make_pairs(n, seed=seed, prefix=name[0])
+        PreferenceDataset(pairs, schema="prompt_chosen_rejected").save(root / f"{name}.jsonl")
+    return root
+
+
+def _score_config(**kw):
+    from prefprune.score import ScoreConfig
+
+    return ScoreConfig(**{"curvature": "ggn", "batch_size": 4, "impl": "reference", "progress": False, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# item 2: prune's outputs never land on an input or a file of its unit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["removed_ids", "output"])
+def test_prune_refuses_to_write_over_the_score_file_s_sidecar(tmp_path, which):
+    data = tmp_path / "d.jsonl"
+    ds = _dataset()
+    ds.save(data)
+    scores = tmp_path / "s.parquet"
+    write_scores(_Result(ds.ids), scores)
+    before = _files(tmp_path)
+    target = sidecar_path(scores)
+    kw = {"output": tmp_path / "o.jsonl", "removed_ids": target} if which == "removed_ids" else {
+        "output": target}
+    if which == "output":  # a .json output: the sidecar's own name
+        kw["output"] = tmp_path / "s.parquet.json"
+    with pytest.raises(ValueError, match=r"is the score file's sidecar"):
+        prune_file(data, scores, method="influence", fraction=0.25, **kw)
+    assert _files(tmp_path) == before
+    prune_file(data, scores, tmp_path / "o.jsonl", method="influence", fraction=0.25)  # still readable
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4: stages check that they read the same data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prune_refuses_data_other_than_the_scored_data(scored, tmp_path):
+    from prefprune.score import score_model
+
+    out = tmp_path / "s.parquet"
+    score_model(scored / "rm", scored / "train.jsonl", scored / "val.jsonl", out, config=_score_config())
+    train = load_preferences(scored / "train.jsonl")
+    # The same ids with chosen and rejected swapped: other data.
+    swapped = PreferenceDataset([PreferencePair(p.id, p.prompt, p.rejected, p.chosen) for p in train],
+                                schema="prompt_chosen_rejected")
+    swapped.save(tmp_path / "train_fixed.jsonl")
+    with pytest.raises(ValueError, match=r"train_fixed.jsonl' is not the data the score file .* was computed "
+                                         r"on: the ids match but the texts or labels differ"):
+        prune_file(tmp_path / "train_fixed.jsonl", out, tmp_path / "o.jsonl", method="influence",
+                   fraction=0.2)
+    assert not (tmp_path / "o.jsonl").exists()
+    # The same pairs in another file (order and format changed) are the same data.
+    copy = PreferenceDataset(list(reversed(train.pairs)), schema="prompt_chosen_rejected")
+    copy.save(tmp_path / "copy.csv")
+    summary = prune_file(tmp_path / "copy.csv", out, tmp_path / "o.jsonl", method="influence", fraction=0.2)
+    assert summary["n_removed"] == 2
+    from prefprune.data import pairs_digest
+
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["sources"]["train"] == str((scored / "train.jsonl").resolve())  # readable from anywhere
+    assert meta["sources"]["train_digest"] == pairs_digest(train)
