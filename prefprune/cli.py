@@ -30,7 +30,8 @@ import tyro
 
 from prefprune import __version__
 from prefprune._io import output_lock
-from prefprune.data.config import DataConfig, load_data
+from prefprune.data import pairs_digest
+from prefprune.data.config import DataConfig, absolute_source, load_data
 from prefprune.ensemble import member_path, score_ensemble
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
 from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
@@ -122,14 +123,19 @@ class TrainCommand:
         )
         model, tokenizer = build_model(self.model, seed=self.train.seed)
         metrics = train_reward_model(model, tokenizer, train, config=self.train, eval_data=held)
+        # Absolute paths and the pairs' digests: validate reads the same files from anywhere, or says why not.
+        data_config = dataclasses.replace(self.data, source=absolute_source(self.data.source))
+        eval_source = absolute_source(self.eval_data) if self.eval_data is not None else None
         provenance = {
             "data": {
-                "source": self.data.source,
+                "source": data_config.source,
+                "digest": pairs_digest(data),
+                "eval_digest": pairs_digest(held) if eval_source is not None and held is not None else None,
                 "schema": data.schema,
                 "stats": data.stats,
                 "n_train": len(train),
                 "n_eval": n_held,
-                "eval_data": self.eval_data,
+                "eval_data": eval_source,
                 "eval_fraction": None if self.eval_data else self.eval_fraction,
                 "split_seed": self.train.seed,
                 "synthetic": self.data.is_synthetic
@@ -145,7 +151,7 @@ class TrainCommand:
         out = Path(self.output)
         extra = {
             "train_config": dataclasses.asdict(self.train),
-            "data_config": dataclasses.asdict(self.data),
+            "data_config": dataclasses.asdict(data_config),
             "model_config": dataclasses.asdict(self.model),
             **provenance,
         }

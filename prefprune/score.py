@@ -32,6 +32,7 @@ from prefprune import distributed, shards
 from prefprune._io import package_versions
 from prefprune.curvature import CURVATURES, Curvature, SolveInfo, mean_gradient
 from prefprune.data import PairBatches, encode_pairs, length_order, load_preferences, pairs_digest
+from prefprune.data.config import absolute_source
 from prefprune.grads import stream_pair_dots
 from prefprune.model import load_reward_model, trainable_linears
 from prefprune.ops.dispatch import Impl, requested_impl
@@ -593,7 +594,8 @@ def score_model(
             raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
         result = score_pairs(model, tokenizer, train, val, config=config, work_dir=work)
         result.metadata["sources"] = {
-            "model": _absolute(model_dir), "train": _absolute(train_src), "val": _absolute(val_src),
+            "model": absolute_source(model_dir), "train": absolute_source(train_src),
+            "val": absolute_source(val_src),
             "schema": schema, "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
             "train_digest": pairs_digest(train), "val_digest": pairs_digest(val),
         }
@@ -612,11 +614,6 @@ def score_model(
             raise RuntimeError(f"rank 0 could not write {str(out)!r}: {told}")
         shutil.rmtree(work, ignore_errors=True)  # the merged file is written: the shards are done
     return result
-
-
-def _absolute(source: str | os.PathLike) -> str:
-    """A local path made absolute (a later stage reads it from anywhere); a hub id or ``<pairs>`` as is."""
-    return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
 def config_fields_help() -> dict[str, str]:

@@ -44,15 +44,16 @@ from tqdm.auto import tqdm
 from prefprune import score as score_mod
 from prefprune import train as train_mod
 from prefprune._config import from_mapping
-from prefprune._io import atomic_write
+from prefprune._io import atomic_write, jsonable
 from prefprune.bootstrap import correlation_interval, pearson, spearman
 from prefprune.curvature import Curvature
-from prefprune.data.config import DataConfig, load_data
+from prefprune.data import pairs_digest
+from prefprune.data.config import SYNTHETIC, DataConfig, load_data
 from prefprune.ensemble import average_tables
 from prefprune.experiment import protocol as proto
 from prefprune.experiment.config import load_config
 from prefprune.experiment.results import score_result_table
-from prefprune.experiment.steps import StepStore, write_json
+from prefprune.experiment.steps import StepStore, read_json, write_json
 from prefprune.model import ModelConfig, build_model, training_metadata
 from prefprune.prune import ScoreTable, check_ids_match, read_score_table
 from prefprune.score import ScoreConfig
@@ -66,6 +67,7 @@ __all__ = ["ValidateConfig", "ValidationSetup", "run_validation", "validation_su
 #: Score columns whose sign convention is "positive = helpful" (a prediction of the loss change).
 PREDICTIVE = ("grad_dot", "grad_cos")
 RESULTS_FILE = "validate.json"
+INPUTS_FILE = "inputs.json"  # digests of the data and settings every step file of the folder depends on
 SCATTER_PLOT = "validate_scatter.png"
 MIN_VALIDATION_PAIRS = 10
 MIN_SUBSETS = 5
@@ -188,6 +190,40 @@ class ValidationSetup:
 # Where the model comes from
 
 
+def _recorded_data(model: str, data_cfg: DataConfig, source: str, digest: str | None, what: str) -> Any:
+    """The data a model folder records, checked against the digest `prefprune train` recorded with it."""
+    if source != SYNTHETIC and not Path(source).is_absolute() and Path(source).exists():
+        logger.warning("%s: the %s %r is recorded relative to the folder prefprune train ran in (an older "
+                       "prefprune); reading %s", model, what, source, Path(source).resolve())
+    data = load_data(data_cfg, source=source)
+    if digest is not None and pairs_digest(data) != digest:
+        raise ValueError(
+            f"{model}: the {what} {source!r} is not the data this model was trained on (pairs digest "
+            f"{pairs_digest(data)[:12]}…; prefprune.json records {digest[:12]}…): the file changed since "
+            "training; restore it, or train again on the changed data"
+        )
+    return data
+
+
+def _check_inputs(out: Path, setup: ValidationSetup) -> None:
+    """Record what the retrains of `out` depend on; refuse a folder holding retrains of other inputs."""
+    settings = {k: v for k, v in dataclasses.asdict(setup.train_config).items()
+                if k not in ("progress", "device", "eval_batch_size")}
+    inputs = {"training data": pairs_digest(setup.train), "validation data": pairs_digest(setup.val),
+              "training settings": jsonable(settings)}
+    path = out / INPUTS_FILE
+    old = read_json(path)
+    if old is not None:
+        changed = [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
+        if changed:
+            raise ValueError(
+                f"{out} holds the retrains of a validation with other inputs ({', '.join(changed)} changed "
+                f"since {path} was written); choose another --output, or remove {out} to start over"
+            )
+    else:
+        write_json(path, inputs)
+
+
 def _setup_from_folder(vc: ValidateConfig) -> ValidationSetup:
     meta = training_metadata(vc.model)
     missing = [k for k in ("train_config", "data_config", "model_config") if k not in meta]
@@ -200,8 +236,9 @@ def _setup_from_folder(vc: ValidateConfig) -> ValidationSetup:
     data_cfg = from_mapping(DataConfig, meta["data_config"], section="data_config")
     model_cfg = from_mapping(ModelConfig, meta["model_config"], section="model_config")
     info = meta.get("data", {})
-    data = load_data(data_cfg)
-    held = load_data(data_cfg, source=info["eval_data"]) if info.get("eval_data") else None
+    data = _recorded_data(vc.model, data_cfg, data_cfg.source, info.get("digest"), "training data")
+    held = (_recorded_data(vc.model, data_cfg, info["eval_data"], info.get("eval_digest"), "evaluation data")
+            if info.get("eval_data") else None)
     train, held = split_for_eval(data, info.get("eval_fraction") or 0.0, seed=train_cfg.seed, held_out=held)
     val = load_data(data_cfg, source=vc.val) if vc.val is not None else held
     if val is None:
@@ -513,6 +550,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     left_outs, loo_ids = _draws(vc, ids)
     out = Path(vc.output)
     out.mkdir(parents=True, exist_ok=True)
+    _check_inputs(out, setup)
     steps = StepStore(out)
     n_retrains = 1 + len(left_outs) + len(loo_ids) + len(vc.ensemble)
     logger.info(

@@ -117,3 +117,41 @@ def test_prune_refuses_data_other_than_the_scored_data(scored, tmp_path):
     meta = json.loads(sidecar_path(out).read_text())
     assert meta["sources"]["train"] == str((scored / "train.jsonl").resolve())  # readable from anywhere
     assert meta["sources"]["train_digest"] == pairs_digest(train)
+
+
+_FAST = ["--max-length", "64", "--batch-size", "8", "--no-progress", "--log-level", "WARNING"]
+
+
+def test_validate_reads_the_recorded_files_and_refuses_changed_data(tmp_path, monkeypatch, capsys):
+    from _pairs import easy_pairs
+
+    from prefprune.cli import main
+
+    torch.set_num_threads(1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    easy_pairs(40, seed=0, prefix="p-").save(tmp_path / "a" / "pairs.jsonl")
+    easy_pairs(40, seed=1, prefix="q-").save(tmp_path / "b" / "pairs.jsonl")  # same name, other data
+    easy_pairs(12, seed=2, prefix="v-").save(tmp_path / "val2.jsonl")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--model", "tiny:gpt_neox", "--lora.r", "1", "--data", "pairs.jsonl",
+                 "--eval-fraction", "0.3", "--output", str(tmp_path / "rm"), *_FAST]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    args = ["validate", "--model", str(tmp_path / "rm"), "--subsets", "5", "--dampings", "1.0", "--output",
+            str(tmp_path / "v"), "--no-progress", "--log-level", "WARNING"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "v" / "validate.json").read_text())
+    left_out = {i for s in res["subsets"] for i in s["left_out"]}
+    assert res["n_train"] == 28 and all(i.startswith("p-") for i in left_out)  # a/pairs.jsonl, not b/
+    capsys.readouterr()
+    # Another validation set into the finished folder: its step files belong to other inputs.
+    assert main([*args, "--val", str(tmp_path / "val2.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the retrains of a validation with other inputs (validation data changed" in err, err
+    # The training file changed after training (labels swapped): refused, naming the file.
+    train = load_preferences(tmp_path / "a" / "pairs.jsonl")
+    PreferenceDataset([PreferencePair(p.id, p.prompt, p.rejected, p.chosen) for p in train],
+                      schema="prompt_chosen_rejected").save(tmp_path / "a" / "pairs.jsonl")
+    assert main([*args[:-5], "--output", str(tmp_path / "v2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a' / 'pairs.jsonl'}' is not the data this model was trained on" in err, err
