@@ -307,6 +307,19 @@ def _id_of(src: str, where: str, v: Any) -> str:
     return str(v)
 
 
+class _DuplicateField(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateField(key)
+        out[key] = value
+    return out
+
+
 def _parse_jsonl(src: str, data: bytes) -> tuple[list[str], dict[str, list[float]], list[str]]:
     ids: list[str] = []
     cols: dict[str, list[float]] | None = None
@@ -321,11 +334,13 @@ def _parse_jsonl(src: str, data: bytes) -> tuple[list[str], dict[str, list[float
         except UnicodeDecodeError as e:
             raise _utf8_error(src, data, e, start) from None
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(
                 f"{src}: line {line_no}: invalid JSON ({e.msg} at character {e.colno})"
             ) from None
+        except _DuplicateField as e:
+            raise ValueError(f"{src}: line {line_no}: field {e.args[0]!r} is given twice") from None
         here = f"line {line_no}, row {len(ids) + 1}"
         if not isinstance(rec, dict):
             raise ValueError(f"{src}: {here}: expected a JSON object, got {type(rec).__name__}")

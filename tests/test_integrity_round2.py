@@ -155,3 +155,72 @@ def test_validate_reads_the_recorded_files_and_refuses_changed_data(tmp_path, mo
     assert main([*args[:-5], "--output", str(tmp_path / "v2")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'a' / 'pairs.jsonl'}' is not the data this model was trained on" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# items 5, 6, 7 and the YAML encoding: duplicate keys, an empty config, booleans for numbers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "yaml"])
+def test_a_key_given_twice_is_refused_with_file_and_line(tmp_path, fmt):
+    from prefprune.experiment import load_config
+
+    if fmt == "yaml":
+        path = tmp_path / "c.yaml"
+        path.write_text("output: runs/x\nseeds: [0]\ntrain:\n  lr: 0.1\n  lr: 0.2\n")
+        with pytest.raises(ValueError, match=r"c.yaml: line 5: key 'lr' is given twice \(first on line 4\)"):
+            load_config(path)
+        return
+    good = '{"prompt": "q", "chosen": "a", "rejected": "b"}'
+    twice = '{"prompt": "q2", "chosen": "a", "rejected": "b", "chosen": "c"}'
+    path = tmp_path / f"d.{fmt}"
+    path.write_text({"jsonl": f"{good}\n{twice}\n", "json": f"[{good}, {twice}]",
+                     "csv": "prompt,chosen,rejected,chosen\nq,a,b,c\n"}[fmt])
+    where = {"jsonl": r"line 2, field 'chosen'", "json": r"record 2, field 'chosen'",
+             "csv": r"line 1: column 'chosen' appears twice"}[fmt]
+    with pytest.raises(ValueError, match=rf"d.{fmt}: {where}"):
+        load_preferences(path)
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    from prefprune.cli import main
+
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here yet\n")
+    called = []
+    from prefprune import cli
+
+    real = cli.run_experiment
+    cli.run_experiment = lambda cfg: called.append(cfg)
+    try:
+        assert main(["experiment", "--config", str(path)]) == 2
+    finally:
+        cli.run_experiment = real
+    assert called == []
+
+
+def test_a_yaml_boolean_is_not_a_number(tmp_path):
+    from prefprune.experiment import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("output: runs/x\nseeds: [true]\n")
+    with pytest.raises(ValueError, match=r"c.yaml, line 2: seeds\[0\] must be an integer, got True"):
+        load_config(path)
+    path.write_text("output: runs/x\ndata:\n  synthetic_pairs: yes\n")
+    with pytest.raises(ValueError, match=r"line 3: data.synthetic_pairs must be an integer, got True"):
+        load_config(path)
+    path.write_text("output: runs/x\nmax_length: 64\ntrain:\n  lr: true\n")
+    with pytest.raises(ValueError, match=r"line 4: train.lr must be a number, got True"):
+        load_config(path)
+    path.write_text("output: runs/x\nprogress: false\ncache_prefix: false\n")  # real booleans still are
+    assert load_config(path).progress is False
+
+
+def test_a_config_file_that_is_not_utf8_is_named_with_line_and_column(tmp_path):
+    from prefprune.experiment import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"output: runs/x\n# caf\xe9\n")
+    with pytest.raises(ValueError, match=r"c.yaml: line 2, column 6: not UTF-8 \(byte 0xe9\)"):
+        load_config(path)

@@ -48,6 +48,40 @@ def _read_bytes(path: Path) -> bytes:
 RecordStream = Iterator[tuple[int, "Mapping[str, Any] | Exception"]]
 
 
+class _Record(dict):
+    """A JSON object that remembers the first key given twice in it or in an object inside it."""
+
+    duplicate: str | None = None
+
+
+def _inner_duplicate(value: Any) -> str | None:
+    if isinstance(value, _Record):
+        return value.duplicate
+    if isinstance(value, list):
+        return next((d for d in map(_inner_duplicate, value) if d is not None), None)
+    return None
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _Record:
+    # `json` keeps the last of two equal keys without a word; a record with two "chosen" is ambiguous.
+    rec = _Record()
+    for key, value in pairs:
+        if rec.duplicate is None:
+            if key in rec:
+                rec.duplicate = key
+            elif (inner := _inner_duplicate(value)) is not None:
+                rec.duplicate = f"{key}.{inner}"
+        rec[key] = value
+    return rec
+
+
+def _duplicate_key(rec: Any) -> BadRecord | None:
+    dup = _inner_duplicate(rec)
+    if dup is None:
+        return None
+    return BadRecord(dup, f"field {dup!r} is given twice in the record; keep one")
+
+
 def _jsonl_records(data: bytes, path: Path) -> RecordStream:
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -58,17 +92,17 @@ def _jsonl_records(data: bytes, path: Path) -> RecordStream:
             yield lineno, BadRecord("", f"non-UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start} of the line")
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_json_object)
         except json.JSONDecodeError as e:
             yield lineno, BadRecord("", f"malformed JSON ({e.msg} at column {e.colno})")
             continue
-        yield lineno, rec
+        yield lineno, _duplicate_key(rec) or rec
 
 
 def _json_records(data: bytes, path: Path, split: str) -> RecordStream:
     text = data.decode("utf-8", "surrogateescape")
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             # Many ".json" files on the hub are JSON lines; `datasets` reads both, so do we.
@@ -89,7 +123,8 @@ def _json_records(data: bytes, path: Path, split: str) -> RecordStream:
             )
     if not isinstance(doc, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(doc).__name__}")
-    yield from enumerate(doc, start=1)
+    for num, rec in enumerate(doc, start=1):
+        yield num, _duplicate_key(rec) or rec
 
 
 def _csv_value(key: str, value: str | None) -> Any:
@@ -107,6 +142,15 @@ def _csv_value(key: str, value: str | None) -> Any:
 def _csv_records(data: bytes, path: Path) -> RecordStream:
     text = data.decode("utf-8", "surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as e:
+        raise ValueError(f"{path}: line 1: malformed CSV header ({e})") from None
+    dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+    if dup is not None:
+        raise ValueError(
+            f"{path}: line 1: column {dup!r} appears twice in the header (columns {header[:12]}); keep one"
+        )
     while True:
         try:
             row = next(reader)
