@@ -346,10 +346,12 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
 
     target = Path(target)
     own_folder = is_folder if is_folder is not None else not (target.suffix and not target.is_dir())
+    created = False
     if not own_folder:
         folder = _folder_of(target).resolve()
         wait = 30.0 if wait is None else wait
     else:
+        created = not target.exists()
         target.mkdir(parents=True, exist_ok=True)
         folder = target.resolve()
         wait = 0.0 if wait is None else wait
@@ -395,7 +397,13 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
             }).encode())
         remove_stale_temps(folder)
-        yield target
+        try:
+            yield target
+        except BaseException:
+            if own_folder and created:  # a run that failed leaves no empty folder it made behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     finally:
         del _HELD[key]
         with contextlib.suppress(OSError):

@@ -135,6 +135,7 @@ class TrainCommand:
                 "stats": data.stats,
                 "n_train": len(train),
                 "n_eval": n_held,
+                "n_eval_in_training_data": held.stats.get("dropped_in_training_data", 0) if held else 0,
                 "eval_data": eval_source,
                 "eval_fraction": None if self.eval_data else self.eval_fraction,
                 "split_seed": self.train.seed,
@@ -162,7 +163,9 @@ class TrainCommand:
         summary = f"trained on {metrics['n_train']} pairs in {metrics['wall_time_s']:.0f} s"
         if ev:
             summary += f"; held-out accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, mean margin "
-            summary += f"{ev['mean_margin']:.3f} (n={ev['n']})"
+            summary += f"{ev['mean_margin']:.3f} (n={ev['n']}"
+            dropped = held.stats.get("dropped_in_training_data", 0) if held is not None else 0
+            summary += f"; {dropped} pairs of --eval-data also in --data left out)" if dropped else ")"
         print(f"{summary}; saved to {out}")
         return 0
 

@@ -296,13 +296,42 @@ def split_for_eval(
     """(training pairs, held-out pairs or None): `held_out` when given (then all of `data` is trained on),
     else a `fraction` of `data` split off by pair id and `seed`; fraction 0 holds nothing out."""
     if held_out is not None:
-        return data, held_out
+        return data, _without_training_pairs(held_out, data)
     if fraction == 0:
         return data, None
     if not 0 < fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
     train, held = data.split([1 - fraction, fraction], seed=seed)
     return train, held
+
+
+def _without_training_pairs(held: Any, train: Any) -> Any:
+    """`held` less the pairs that are also in `train` (the same prompt and the same two responses, either
+    way round): accuracy on a pair the model was trained on measures memory, not generalisation."""
+
+    def key(p: PreferencePair) -> tuple:
+        return p.prompt, frozenset((p.chosen, p.rejected))
+
+    seen = {key(p) for p in train}
+    both = [p.id for p in held if key(p) in seen]
+    if not both:
+        return held
+    src, tsrc = getattr(held, "source", "") or "the evaluation data", getattr(train, "source", "") or "--data"
+    if len(both) == len(held):
+        raise ValueError(
+            f"evaluation data {src!r}: all {len(held)} pairs are also in the training data {tsrc!r}; a held-out "
+            "accuracy on them would measure memory, not generalisation. Give pairs that are not in --data, "
+            "or leave out --eval-data to hold out --eval-fraction of --data"
+        )
+    logger.warning(
+        "evaluation data %s: %d of its %d pairs are also in the training data %s and are left out of the "
+        "held-out evaluation (e.g. %s)", src, len(both), len(held), tsrc, ", ".join(both[:_LOG_IDS])
+    )
+    if not hasattr(held, "exclude"):  # a plain sequence of pairs
+        return [p for p in held if key(p) not in seen]
+    kept = held.exclude(both)
+    kept.stats["dropped_in_training_data"] = len(both)
+    return kept
 
 
 @torch.no_grad()

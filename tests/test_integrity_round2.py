@@ -224,3 +224,32 @@ def test_a_config_file_that_is_not_utf8_is_named_with_line_and_column(tmp_path):
     path.write_bytes(b"output: runs/x\n# caf\xe9\n")
     with pytest.raises(ValueError, match=r"c.yaml: line 2, column 6: not UTF-8 \(byte 0xe9\)"):
         load_config(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 8: --eval-data that overlaps the training data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_data_inside_the_training_data_is_not_a_held_out_accuracy(tmp_path, capsys):
+    from _pairs import easy_pairs
+
+    from prefprune.cli import main
+
+    torch.set_num_threads(1)
+    data = easy_pairs(30, seed=0, prefix="p-")
+    data.save(tmp_path / "train.jsonl")
+    base = ["train", "--model", "tiny:gpt_neox", "--lora.r", "1", "--data", str(tmp_path / "train.jsonl"),
+            "--output", str(tmp_path / "rm"), *_FAST]
+    assert main([*base, "--eval-data", str(tmp_path / "train.jsonl")]) == 2
+    assert "all 30 pairs are also in the training data" in capsys.readouterr().err
+    assert not (tmp_path / "rm").exists()
+    # Overlapping: the shared pairs (even with chosen and rejected swapped) are left out of the evaluation.
+    shared = [PreferencePair(f"x{i}", p.prompt, p.rejected, p.chosen) for i, p in enumerate(data.pairs[:4])]
+    fresh = easy_pairs(6, seed=9, prefix="f-").pairs
+    PreferenceDataset(shared + fresh, schema="prompt_chosen_rejected").save(tmp_path / "eval.jsonl")
+    assert main([*base, "--eval-data", str(tmp_path / "eval.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "(n=6; 4 pairs of --eval-data also in --data left out)" in out, out
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert metrics["eval"]["n"] == 6 and metrics["data"]["n_eval_in_training_data"] == 4
