@@ -319,8 +319,8 @@ def _without_training_pairs(held: Any, train: Any) -> Any:
     src, tsrc = getattr(held, "source", "") or "the evaluation data", getattr(train, "source", "") or "--data"
     if len(both) == len(held):
         raise ValueError(
-            f"evaluation data {src!r}: all {len(held)} pairs are also in the training data {tsrc!r}; a held-out "
-            "accuracy on them would measure memory, not generalisation. Give pairs that are not in --data, "
+            f"evaluation data {src!r}: all {len(held)} pairs are also in the training data {tsrc!r}; a "
+            "held-out accuracy on them would measure memory, not generalisation. Give pairs that are not in --data, "
             "or leave out --eval-data to hold out --eval-fraction of --data"
         )
     logger.warning(
