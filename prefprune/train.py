@@ -320,8 +320,8 @@ def _without_training_pairs(held: Any, train: Any) -> Any:
     if len(both) == len(held):
         raise ValueError(
             f"evaluation data {src!r}: all {len(held)} pairs are also in the training data {tsrc!r}; a "
-            "held-out accuracy on them would measure memory, not generalisation. Give pairs that are not in --data, "
-            "or leave out --eval-data to hold out --eval-fraction of --data"
+            "held-out accuracy on them would measure memory, not generalisation. Give pairs that are not in "
+            "--data, or leave out --eval-data to hold out --eval-fraction of --data"
         )
     logger.warning(
         "evaluation data %s: %d of its %d pairs are also in the training data %s and are left out of the "
