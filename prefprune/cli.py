@@ -122,7 +122,8 @@ class TrainCommand:
             n_held,
         )
         model, tokenizer = build_model(self.model, seed=self.train.seed)
-        metrics = train_reward_model(model, tokenizer, train, config=self.train, eval_data=held)
+        metrics = train_reward_model(model, tokenizer, train, config=self.train, eval_data=held,
+                                     checkpoint_dir=self.output)
         # Absolute paths and the pairs' digests: validate reads the same files from anywhere, or says why not.
         data_config = dataclasses.replace(self.data, source=absolute_source(self.data.source))
         eval_source = absolute_source(self.eval_data) if self.eval_data is not None else None

@@ -425,6 +425,7 @@ def train_reward_model(
     config: TrainConfig | None = None,
     eval_data: Sequence[PreferencePair] | None = None,
     output_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of a reward model with the Bradley–Terry loss.
 
@@ -438,6 +439,8 @@ def train_reward_model(
         config: Settings; default ``TrainConfig()``.
         eval_data: Held-out pairs, evaluated after every epoch.
         output_dir: When given, the model is saved there (``save_reward_model``) with ``metrics.json``.
+        checkpoint_dir: Where ``checkpoint.pt`` goes with ``config.checkpoint_every`` / ``config.resume``
+            (default `output_dir`; the CLI saves the model itself, with its provenance, and gives this).
 
     Returns:
         Metrics: ``train_loss``/``train_accuracy`` (mean over the last epoch's pairs, as trained),
@@ -491,10 +494,11 @@ def train_reward_model(
     epoch_loss = epoch_correct = epoch_n = 0.0
     ckpt_path = fingerprint = resumed = None
     if config.checkpoint_every is not None or config.resume:
-        if output_dir is None:
+        ckpt_dir = checkpoint_dir if checkpoint_dir is not None else output_dir
+        if ckpt_dir is None:
             raise ValueError("checkpoint_every and resume need an output folder (output_dir / --output)")
-        ckpt_path = Path(output_dir) / CHECKPOINT_FILE
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        ckpt_path = Path(ckpt_dir) / CHECKPOINT_FILE
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
         fingerprint = training_fingerprint(model, asdict(config), encoded)
         resumed = load_checkpoint(ckpt_path, fingerprint) if config.resume else None
     start_epoch = start_window = 0

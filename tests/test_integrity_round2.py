@@ -5,6 +5,7 @@ training checkpoints work from the command line. One test per item of the issue.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -253,3 +254,75 @@ def test_eval_data_inside_the_training_data_is_not_a_held_out_accuracy(tmp_path,
     assert "(n=6; 4 pairs of --eval-data also in --data left out)" in out, out
     metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert metrics["eval"]["n"] == 6 and metrics["data"]["n_eval_in_training_data"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# training checkpoints from the command line: killed, resumed, the same weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_train_killed_and_resumed_from_its_checkpoint_gives_the_same_weights(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from _pairs import easy_pairs
+    from safetensors.torch import load_file
+
+    from prefprune.cli import main
+
+    torch.set_num_threads(1)
+    easy_pairs(24, seed=0, prefix="p-").save(tmp_path / "train.jsonl")
+    args = ["train", "--model", "tiny:gpt_neox", "--lora.r", "1", "--data", str(tmp_path / "train.jsonl"),
+            "--epochs", "2", "--checkpoint-every", "1", "--max-length", "64", "--batch-size", "4",
+            "--no-progress", "--log-level", "WARNING"]
+    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
+    # The same command in a child that SIGKILLs itself right after writing its third checkpoint.
+    code = textwrap.dedent(f"""
+        import os, signal, torch
+        from prefprune import train
+        from prefprune.cli import main
+        torch.set_num_threads(1)
+        real, calls = train.save_checkpoint, [0]
+        def saving(*a, **k):
+            real(*a, **k)
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train.save_checkpoint = saving
+        main({[*args, "--output", str(tmp_path / "killed")]!r})
+    """)
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert (tmp_path / "killed" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    assert main([*args, "--resume", "--output", str(tmp_path / "killed")]) == 0
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    # A changed setting is refused by name, not silently mixed into the checkpoint's run.
+    assert main([*args, "--resume", "--lr", "0.01", "--output", str(tmp_path / "killed")]) == 2
+
+
+def test_experiment_train_checkpoint_every_checkpoints_each_training_and_cleans_up(tmp_path, monkeypatch):
+    from test_experiment import _tiny_config
+
+    from prefprune import train as train_mod
+    from prefprune.experiment import run_experiment
+
+    torch.set_num_threads(1)
+    saved = []
+    real = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint",
+                        lambda path, **kw: saved.append(path) or real(path, **kw))
+    cfg = _tiny_config(tmp_path, methods=["random"], helpful_methods=[],
+                       train={"epochs": 1, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 1})
+    run_experiment(cfg)
+    folders = {p.parent.name for p in saved}
+    assert folders == {"baseline", "random_harmful_0.2"}, folders
+    assert not (tmp_path / "run" / "seed0" / "checkpoints").exists()

@@ -35,8 +35,11 @@ switched off, because a memoised computation must be deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -206,9 +209,19 @@ class _SeedRun:
         """
         model, tok = self.ensure_model()
         _load_trainable(model, self.init_state)
+        config, ckpt = self.cfg.train_config(self.seed), None
+        if config.checkpoint_every is not None or config.resume:
+            # One checkpoint folder per training of the step; a rerun of the experiment resumes it (the
+            # checkpoint refuses other data or settings) and a finished step removes it.
+            ckpt = self.out / f"seed{self.seed}" / "checkpoints" / re.sub(r"[^\w.@-]+", "_", tag)
+            config = dataclasses.replace(config, resume=True)
         with _Timer() as tm:
-            stats = train_mod.train_reward_model(model, tok, data, config=self.cfg.train_config(self.seed))
+            stats = train_mod.train_reward_model(model, tok, data, config=config, checkpoint_dir=ckpt)
             result, margins = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last one out removes checkpoints/ too
+                ckpt.parent.rmdir()
         logger.info("seed %d %s: test accuracy %.4f (%.1fs)", self.seed, tag, result["accuracy"], tm.seconds)
         stats = {k: v for k, v in stats.items() if k != "history"} | {
             "final_step": (stats.get("history") or [{}])[-1]
