@@ -326,3 +326,46 @@ def test_experiment_train_checkpoint_every_checkpoints_each_training_and_cleans_
     folders = {p.parent.name for p in saved}
     assert folders == {"baseline", "random_harmful_0.2"}, folders
     assert not (tmp_path / "run" / "seed0" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# loud but unhelpful before: pickled weights, an adapter of another rank
+# ---------------------------------------------------------------------------------------------
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("where", ["adapter", "base"])
+def test_pickled_weights_are_refused_naming_the_file_and_safetensors(tmp_path, where):
+    from _scoring_helpers import tiny_model, tokenizer
+    from safetensors.torch import load_file
+
+    from prefprune.model import load_reward_model, save_reward_model
+
+    folder = tmp_path / "rm"
+    save_reward_model(tiny_model("gpt_neox", dtype=torch.float32), tokenizer(), folder)
+    src = folder / ("adapter_model.safetensors" if where == "adapter" else "base/model.safetensors")
+    state = {**load_file(src), "extra": _NotATensor()}
+    src.unlink()
+    pickled = src.with_name("adapter_model.bin" if where == "adapter" else "pytorch_model.bin")
+    torch.save(state, pickled)
+    with pytest.raises(ValueError, match=rf"{pickled}: pickled weights .* refused .* Convert the file to "
+                                         r"safetensors"):
+        load_reward_model(folder)
+
+
+def test_adapter_weights_of_another_rank_are_named(tmp_path):
+    import shutil
+
+    from _scoring_helpers import tiny_model, tokenizer
+
+    from prefprune.model import load_reward_model, save_reward_model
+
+    for r in (4, 8):
+        save_reward_model(tiny_model("gpt_neox", dtype=torch.float32, r=r), tokenizer(), tmp_path / f"r{r}")
+    shutil.copy(tmp_path / "r4" / "adapter_model.safetensors", tmp_path / "r8" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"lora_A.weight has rank 4, but adapter_config.json gives "
+                                         r".*query_key_value r=8"):
+        load_reward_model(tmp_path / "r8")
