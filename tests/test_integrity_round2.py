@@ -369,3 +369,22 @@ def test_adapter_weights_of_another_rank_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"lora_A.weight has rank 4, but adapter_config.json gives "
                                          r".*query_key_value r=8"):
         load_reward_model(tmp_path / "r8")
+
+
+@pytest.mark.parametrize("kind", ["model", "mixed"])
+def test_a_folder_as_data_is_named_when_it_is_a_model_or_mixes_formats(tmp_path, kind):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    if kind == "model":
+        from _scoring_helpers import tiny_model, tokenizer
+
+        from prefprune.model import save_reward_model
+
+        save_reward_model(tiny_model("gpt_neox", dtype=torch.float32), tokenizer(), folder)
+        match = r"d: a model folder \(adapter_config.json"
+    else:
+        _dataset(5, "a").save(folder / "a.csv")
+        _dataset(5, "b").save(folder / "b.jsonl")
+        match = r"d: the folder mixes data formats \(.csv: a.csv; .jsonl: b.jsonl\)"
+    with pytest.raises(ValueError, match=match):
+        load_preferences(folder)

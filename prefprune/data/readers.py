@@ -211,15 +211,53 @@ def _looks_like_path(source: str) -> bool:
     return s.startswith((".", "/", "~")) or any(s.endswith(ext) for ext in FORMATS)
 
 
+_MODEL_FILES = ("config.json", "adapter_config.json", "prefprune.json", "tokenizer_config.json")
+_WEIGHT_SUFFIXES = (".safetensors",)
+
+
 def _check_data_folder(path: Path) -> None:
-    """A local folder goes to `datasets.load_dataset`: it must hold at least one data file."""
+    """A local folder goes to `datasets.load_dataset`: it must hold data files of one format, and not be a
+    model folder (whose JSON files `datasets` would try to read as records)."""
     files = [f for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
-    if any(f.name.lower().endswith((*FORMATS, ".arrow")) for f in files):
+    model = [f.name for f in files if f.name in _MODEL_FILES or f.suffix in _WEIGHT_SUFFIXES]
+    if model:
+        raise ValueError(
+            f"{path}: a model folder ({', '.join(sorted(set(model))[:4])}), not preference data; give the data "
+            "file (.jsonl, .json, .csv, .parquet) or a folder holding only data files"
+        )
+    kinds: dict[str, list[str]] = {}
+    for f in files:
+        name = f.name.lower()
+        ext = ".arrow" if name.endswith(".arrow") else next((e for e in FORMATS if name.endswith(e)), None)
+        if ext is not None:
+            kinds.setdefault(ext.removesuffix(".gz"), []).append(str(f.relative_to(path)))
+    if ".arrow" in kinds:  # a saved Arrow dataset: its JSON files are metadata (dataset_info, state)
+        kinds.pop(".json", None)
+    if len(kinds) > 1:
+        shown = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in sorted(kinds.items()))
+        raise ValueError(
+            f"{path}: the folder mixes data formats ({shown}); `datasets` would read one kind and ignore the "
+            "others. Give one file, or a folder of one format"
+        )
+    if kinds:
         return
     shown = ", ".join(str(f.relative_to(path)) for f in files[:5]) or "nothing"
     raise ValueError(
         f"{path}: the folder holds no preference data file ({', '.join(FORMATS)}); found: {shown}"
     )
+
+
+def _folder_records(path: Path, name: str | None, split: str) -> RecordStream:
+    """`datasets.load_dataset` of a local folder, its errors named with the folder."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(path), name, split=split)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise ValueError(f"{path}: `datasets` cannot read the folder as a dataset ({type(cause).__name__}: "
+                         f"{str(cause)[:300]})") from None
+    yield from enumerate(ds, start=1)
 
 
 def open_records(source: str, *, split: str, name: str | None) -> tuple[RecordStream, str, str]:
@@ -236,7 +274,8 @@ def open_records(source: str, *, split: str, name: str | None) -> tuple[RecordSt
     path = Path(source).expanduser()
     if path.is_dir():
         _check_data_folder(path)
-    if path.is_dir() or (not path.is_file() and not _looks_like_path(source)):
+        return _folder_records(path, name, split), "record", str(path)
+    if not path.is_file() and not _looks_like_path(source):
         where = source if name is None else f"{source} ({name}, {split})"
         return _hub_records(source, name, split), "record", where
     if not path.is_file():
