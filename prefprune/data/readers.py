@@ -222,8 +222,8 @@ def _check_data_folder(path: Path) -> None:
     model = [f.name for f in files if f.name in _MODEL_FILES or f.suffix in _WEIGHT_SUFFIXES]
     if model:
         raise ValueError(
-            f"{path}: a model folder ({', '.join(sorted(set(model))[:4])}), not preference data; give the data "
-            "file (.jsonl, .json, .csv, .parquet) or a folder holding only data files"
+            f"{path}: a model folder ({', '.join(sorted(set(model))[:4])}), not preference data; give the "
+            "data file (.jsonl, .json, .csv, .parquet) or a folder holding only data files"
         )
     kinds: dict[str, list[str]] = {}
     for f in files:
