@@ -41,6 +41,7 @@ from prefprune.checkpoint import (
     training_fingerprint,
 )
 from prefprune.data import EncodedPair, PreferencePair, collate_pairs, encode_pairs
+from prefprune.data.encode import too_long_message
 from prefprune.model import reward_forward, save_reward_model
 
 __all__ = [
@@ -377,7 +378,7 @@ def evaluate(
         data, tokenizer, max_length=max_length, truncation=truncation, too_long=too_long
     )
     if not encoded:
-        raise ValueError(f"evaluate: none of the {len(data)} pairs fits max_length={max_length}")
+        raise ValueError("evaluate: " + too_long_message("pairs", data, tokenizer, max_length))
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     pad = _pad_id(tokenizer)
     side = getattr(tokenizer, "padding_side", "right")
@@ -464,7 +465,7 @@ def train_reward_model(
         train, tokenizer, max_length=config.max_length, truncation=config.truncation, too_long=config.too_long
     )
     if not encoded:
-        raise ValueError(f"none of the {len(train)} training pairs fits max_length={config.max_length}")
+        raise ValueError(too_long_message("training pairs", train, tokenizer, config.max_length))
     pad = _pad_id(tokenizer)
     side = getattr(tokenizer, "padding_side", "right")
 

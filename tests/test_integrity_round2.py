@@ -388,3 +388,17 @@ def test_a_folder_as_data_is_named_when_it_is_a_model_or_mixes_formats(tmp_path,
         match = r"d: the folder mixes data formats \(.csv: a.csv; .jsonl: b.jsonl\)"
     with pytest.raises(ValueError, match=match):
         load_preferences(folder)
+
+
+def test_no_pair_fits_names_the_setting_and_the_value_to_raise_it_to(tmp_path, capsys):
+    from prefprune.cli import main
+
+    argv = ["train", "--model", "tiny:gpt_neox", "--synthetic-pairs", "40", "--max-length", "64",
+            "--output", str(tmp_path / "rm"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "none of the 32 training pairs fits max_length=64, even with the prompt cut: raise max_length " \
+           "(--max-length) to " in err, err
+    to = int(err.split("(--max-length) to ")[1].split()[0])
+    assert main([*argv[:5], "--max-length", str(to), "--output", str(tmp_path / "rm"), "--no-progress",
+                 "--epochs", "1", "--max-steps", "1"]) == 0  # the value it names is enough

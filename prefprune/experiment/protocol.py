@@ -55,7 +55,9 @@ from transformers import AutoConfig, AutoTokenizer
 from prefprune import score as score_mod
 from prefprune import train as train_mod
 from prefprune._io import output_lock, sha256_file
+from prefprune.data import encode_pairs
 from prefprune.data.config import load_data
+from prefprune.data.encode import too_long_message
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import (
     RESUME_CHANGEABLE,
@@ -363,6 +365,8 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     # Training pairs whose response alone exceeds max_length can be neither trained on nor scored: leave
     # them out of the experiment (counted in results.json) rather than let each stage treat them its own way.
     fit_ids, too_long_ids = _fits(train, _load_tokenizer(cfg), cfg.max_length, truncation="prompt")
+    if not fit_ids:
+        raise ValueError(too_long_message("training pairs", train, _load_tokenizer(cfg), cfg.max_length))
     if too_long_ids:
         logger.warning(
             "left out %d of %d training pairs whose responses exceed max_length=%d (e.g. %s)",
@@ -444,7 +448,10 @@ def _check_validation_fits(plan: _Plan, tokenizer: Any) -> None:
             cfg.max_length,
         )
         if not ok:
-            raise ValueError(f"no validation pair fits max_length={cfg.max_length}")
+            whole = encode_pairs(plan.val_scoring, tokenizer, max_length=1 << 30)
+            longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
+            raise ValueError(f"no validation pair fits max_length={cfg.max_length} uncut (validation pairs "
+                             f"are never cut); raise max_length (--max-length) to {longest} for all to fit")
         plan.val_scoring = plan.val_scoring.select(ok)
     plan.val_checked = True
 
