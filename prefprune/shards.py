@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -114,10 +115,22 @@ def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score")
             yield path
         except BaseException:
             if distributed.rank() == 0:
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # only when empty
+                _discard_if_no_work(path)
             raise
         distributed.barrier()
+
+
+def _discard_if_no_work(path: Path) -> None:
+    """Remove the work folder of a failed run that saved nothing worth resuming (no solve, no chunk): a run
+    stopped by a bad setting leaves nothing that would refuse the next run with corrected settings."""
+    if not path.is_dir():
+        return
+    if (path / "solve.safetensors").exists() or any((path / "chunks").glob("*")):
+        return
+    if any(f.name not in ("fingerprint.json", "chunks") and not f.name.startswith(".")
+           and not f.name.startswith("manifest-rank") for f in path.iterdir()):
+        return  # something this code did not write: leave it
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
@@ -210,7 +223,8 @@ class WorkFolder:
             if not resume:
                 raise ResumeMismatchError(
                     f"{str(self.path)!r} holds the score shards of an earlier, unfinished run; pass --resume "
-                    "(ScoreConfig.resume=True) to continue it, or remove the folder to start over"
+                    f"(ScoreConfig.resume=True) to continue it, or remove that folder (rm -r "
+                    f"{shlex.quote(str(self.path))}) to start over"
                 )
             try:
                 old = json.loads(record.read_text())
@@ -225,7 +239,8 @@ class WorkFolder:
                     detail = " (settings: " + "; ".join(_describe_change(old_settings, self.settings)) + ")"
                 raise ResumeMismatchError(
                     f"cannot resume from {str(self.path)!r}: {', '.join(changed)} changed since the run that "
-                    f"wrote it{detail}; rerun with the original inputs, or remove the folder to start over"
+                    f"wrote it{detail}; rerun with the original inputs, or remove that folder (rm -r "
+                    f"{shlex.quote(str(self.path))}) to start over"
                 )
             logger.info("resuming from %s", self.path)
             return

@@ -13,7 +13,7 @@ import torch
 
 from prefprune.data import PreferenceDataset, PreferencePair, load_preferences
 from prefprune.prune import prune_file
-from prefprune.scorefile import sidecar_path, write_scores
+from prefprune.scorefile import read_score_table, sidecar_path, write_scores
 
 
 def _pairs(n: int = 12, prefix: str = "p") -> list[PreferencePair]:
@@ -402,3 +402,28 @@ def test_no_pair_fits_names_the_setting_and_the_value_to_raise_it_to(tmp_path, c
     to = int(err.split("(--max-length) to ")[1].split()[0])
     assert main([*argv[:5], "--max-length", str(to), "--output", str(tmp_path / "rm"), "--no-progress",
                  "--epochs", "1", "--max-steps", "1"]) == 0  # the value it names is enough
+
+
+# ---------------------------------------------------------------------------------------------
+# a score run that fails for a settings reason leaves no OUTPUT.shards/ that refuses the next run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_score_run_stopped_by_a_setting_leaves_nothing_that_refuses_the_corrected_run(scored, tmp_path,
+                                                                                          monkeypatch):
+    from prefprune import score as score_mod
+    from prefprune.shards import work_dir_for
+
+    out = tmp_path / "s.parquet"
+    args = (scored / "rm", scored / "train.jsonl", scored / "val.jsonl", out)
+
+    def refuse(*a, **k):
+        raise ValueError("damping 1e300 is meaningless in float32")  # as a solve refuses a setting
+
+    with monkeypatch.context() as m:
+        m.setattr(score_mod, "solve_stage", refuse)
+        with pytest.raises(ValueError, match="meaningless"):
+            score_mod.score_model(*args, config=_score_config(damping=1e300))
+    assert not work_dir_for(out).exists() and not out.exists()
+    score_mod.score_model(*args, config=_score_config(damping=0.1))  # corrected, no --resume needed
+    assert read_score_table(out).ids == [f"t{i}" for i in range(9)]
