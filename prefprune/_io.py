@@ -164,21 +164,30 @@ def _journal_of(primary: Path) -> Path:
     return primary.with_name(f".{primary.name}.commit")
 
 
-def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
+def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]],
+                 remove: Sequence[str | os.PathLike] = ()) -> None:
     """Replace several files of one folder as one unit: after a crash at any moment (and
     `recover_commit`), either every file is the previous version or every file is the new one.
 
     Protocol: complete fsynced temporaries of every file, then a journal naming them (written
-    atomically: the commit point), then the renames, then the journal is removed. A crash before the
-    journal leaves the previous files (the temporaries are garbage); after it, `recover_commit`
-    finishes the renames. The journal is keyed by the first file (the primary).
+    atomically: the commit point), then the renames and the removals, then the journal is removed. A
+    crash before the journal leaves the previous files (the temporaries are garbage); after it,
+    `recover_commit` finishes the renames and removals. The journal is keyed by the first file (the
+    primary).
+
+    Args:
+        files: (path, bytes) of every file of the new unit; the first is the primary.
+        remove: files of the previous unit that the new one has not (a per-query matrix the new run did
+            not compute): removed after the commit point, so that no previous file outlives its unit.
     """
     paths = [Path(p) for p, _ in files]
     if not paths:
         return
     folder = _folder_of(paths[0])
-    if any(p.parent.resolve() != folder.resolve() for p in paths):
-        raise ValueError(f"commit_files: all files must share one folder, got {[str(p) for p in paths]}")
+    gone = [Path(p) for p in remove]
+    if any(p.parent.resolve() != folder.resolve() for p in paths + gone):
+        named = [str(p) for p in paths + gone]
+        raise ValueError(f"commit_files: all files must share one folder, got {named}")
     recover_commit(paths[0])
     temps: list[Path] = []
     journal = _journal_of(paths[0])
@@ -193,6 +202,7 @@ def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
                 {"path": p.name, "temp": t.name, "sha256": sha256_bytes(d)}
                 for p, t, d in zip(paths, temps, (d for _, d in files), strict=True)
             ],
+            "remove": [p.name for p in gone],
         }
         atomic_write_bytes(journal, json.dumps(record).encode())
     except BaseException:
@@ -218,7 +228,8 @@ def recover_commit(primary: str | os.PathLike) -> bool:
     try:
         record = json.loads(raw)
         entries = [(e["path"], e["temp"]) for e in record["files"]]
-    except (ValueError, KeyError, TypeError):
+        removed = [str(name) for name in record.get("remove", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(
             f"{journal}: unreadable commit journal of {primary.name} (it is written atomically, so "
             "something else wrote it); remove it after checking the files beside it"
@@ -227,6 +238,9 @@ def recover_commit(primary: str | os.PathLike) -> bool:
     for name, temp in entries:
         with contextlib.suppress(FileNotFoundError):  # already renamed (or by a concurrent reader)
             os.replace(folder / temp, folder / name)
+    for name in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
     _fsync_dir(folder)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(journal)

@@ -40,7 +40,7 @@ from prefprune.ops.segment import select_segment_impl
 from prefprune.precision import PRECISIONS, Precision, check_precision, precision_name, resolve_precision
 from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
 from prefprune.solve import SOLVERS, CurvatureSolve, Solver, check_dampings
-from prefprune.solve_stage import extra_columns, plan_for_config, solve_stage, write_per_query_of
+from prefprune.solve_stage import extra_columns, plan_for_config, solve_stage
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +239,9 @@ class ScoreResult:
         return len(self.ids)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the score file (format by extension) and its `<path>.json` sidecar."""
+        """Write the score file (format by extension), its `<path>.json` sidecar and any per-query matrix
+        as one unit (`prefprune.scorefile.write_scores`)."""
         write_scores(self, path)
-        write_per_query_of(self, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,9 +572,9 @@ def score_model(
     """
     config = config or ScoreConfig()
     config.validate()
-    inputs = {"--train": train, "--val": val, "--model": model_dir}
-    out = check_output_path(output, overwrite=overwrite, inputs={
-        k: v for k, v in inputs.items() if isinstance(v, str | os.PathLike)})
+    inputs = {k: v for k, v in {"--train": train, "--val": val, "--model": model_dir}.items()
+              if isinstance(v, str | os.PathLike)}
+    out = check_output_path(output, overwrite=overwrite, inputs=inputs)
     if not Path(model_dir).is_dir():
         raise ValueError(f"model folder {str(model_dir)!r} does not exist")
     train_src = str(train) if isinstance(train, str | os.PathLike) else "<pairs>"
@@ -602,8 +602,7 @@ def score_model(
         failure = None
         if distributed.rank() == 0:  # every rank holds the merged rows; one writes them
             try:
-                write_scores(result, out, overwrite=overwrite)
-                write_per_query_of(result, out)
+                write_scores(result, out, overwrite=overwrite, inputs=inputs)
             except Exception as err:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 failure = err
         told = distributed.broadcast_object(None if failure is None else f"{type(failure).__name__}: "

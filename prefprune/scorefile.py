@@ -34,9 +34,11 @@ __all__ = [
     "OUTPUT_EXTENSIONS",
     "ScoreTable",
     "check_output_path",
+    "encode_per_query",
     "encode_table",
     "is_score_file",
     "per_query_path",
+    "read_per_query",
     "read_score_table",
     "read_sidecar",
     "sidecar_path",
@@ -172,25 +174,61 @@ def encode_table(ids: Sequence[str], columns: Mapping[str, np.ndarray], suffix: 
     return buf.getvalue().encode()
 
 
-def write_scores(result: Any, path: str | os.PathLike, *, overwrite: bool = True) -> None:
-    """Write a score result (`ids`, `columns`, `metadata`) to `path` and its sidecar, as one unit.
+def encode_per_query(per_query: Mapping[str, Any]) -> bytes:
+    """The bytes of a per-query matrix file: one (n_train, n_val) float64 tensor per damping column.
 
-    The sidecar gets a ``content`` entry (SHA-256, bytes, rows, columns of the score file) that
-    `read_score_table` verifies. Both files are committed together under the output's lock: a crash
-    at any moment leaves the previous pair or the new one.
+    Args:
+        per_query: ``matrix`` (n_train, n_val, L), ``row_ids`` (training pairs), ``col_ids`` (validation
+            pairs), ``column_names`` (``influence`` or ``influence@<λ>``, the tensor names) and ``dampings``;
+            the ids and dampings go into the safetensors metadata as JSON, so the file describes itself.
+    """
+    from safetensors.numpy import save
+
+    matrix = np.asarray(per_query["matrix"], dtype=np.float64)
+    rows, cols = list(per_query["row_ids"]), list(per_query["col_ids"])
+    names = list(per_query["column_names"])
+    if matrix.shape != (len(rows), len(cols), len(names)):
+        raise ValueError(
+            f"per-query matrix shape {matrix.shape} does not match ({len(rows)}, {len(cols)}, {len(names)})"
+        )
+    tensors = {name: np.ascontiguousarray(matrix[:, :, i]) for i, name in enumerate(names)}
+    meta = {
+        "format": "prefprune.per_query/1",
+        "row_ids": json.dumps([str(i) for i in rows]),
+        "col_ids": json.dumps([str(i) for i in cols]),
+        "dampings": json.dumps([float(x) for x in per_query["dampings"]]),
+        "columns": json.dumps(names),
+        "sign_convention": "positive = training pair helps the validation pair",
+    }
+    return save(tensors, metadata=meta)
+
+
+def write_scores(result: Any, path: str | os.PathLike, *, overwrite: bool = True,
+                 inputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:
+    """Write a score result (`ids`, `columns`, `metadata`, optional `per_query`) as one unit: the score
+    file, its sidecar and, with a per-query matrix, ``<path>.per_query.safetensors``.
+
+    The sidecar gets a ``content`` entry (SHA-256, bytes, rows, columns of the score file; the per-query
+    file's SHA-256 and bytes, or None) that `read_score_table` and `read_per_query` verify. The files are
+    committed together under the output's lock (`prefprune._io.commit_files`): a crash at any moment
+    leaves the previous unit or the new one, and a per-query matrix of the previous unit that the new one
+    has not is removed with the commit, so no file outlives its unit.
 
     Args:
         result: a `prefprune.score.ScoreResult` (or anything with `ids`, `columns`, `metadata`).
         path: .parquet, .jsonl or .csv.
-        overwrite: also replace an existing file that is not a prefprune score file.
+        overwrite: also replace existing files of the unit that are not prefprune's (`check_output_path`).
+        inputs: files the run read (what → path); no file of the unit may be one of them.
     """
-    p = check_output_path(path, overwrite=overwrite)
+    p = check_output_path(path, overwrite=overwrite, inputs=inputs)
     ids = [str(i) for i in result.ids]
     for r, pid in enumerate(ids):
         if not pid or "\n" in pid or "\r" in pid:
             raise ValueError(f"{p}: row {r + 1}: pair id {pid!r} is empty or holds a line break")
     columns = {k: np.asarray(v, dtype=np.float64) for k, v in result.columns.items()}
     data = encode_table(ids, columns, p.suffix.lower())
+    pq = getattr(result, "per_query", None)
+    pq_data = encode_per_query(pq) if pq is not None else None
     meta = dict(jsonable(result.metadata, finite=True))
     meta.setdefault("format", FORMAT)
     meta["content"] = {
@@ -199,10 +237,54 @@ def write_scores(result: Any, path: str | os.PathLike, *, overwrite: bool = True
         "bytes": len(data),
         "rows": len(ids),
         "columns": ["id", *[c for c in COLUMNS if c in columns], *[c for c in columns if c not in COLUMNS]],
+        "per_query": None if pq_data is None else {
+            "file": per_query_path(p).name, "sha256": sha256_bytes(pq_data), "bytes": len(pq_data)},
     }
     sidecar = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    files = [(p, data), (sidecar_path(p), sidecar.encode())]
+    stale = []
+    if pq_data is not None:
+        files.append((per_query_path(p), pq_data))
+    elif per_query_path(p).exists() and _is_our_per_query(per_query_path(p)):
+        stale.append(per_query_path(p))
     with output_lock(p, what="prefprune score"):
-        commit_files([(p, data), (sidecar_path(p), sidecar.encode())])
+        commit_files(files, remove=stale)
+
+
+def read_per_query(path: str | os.PathLike) -> dict[str, Any]:
+    """The per-query matrix of the score file `path`, verified against the score file's sidecar.
+
+    Returns:
+        ``matrix`` (n_train, n_val, L) float64, ``row_ids``, ``col_ids``, ``column_names``, ``dampings``.
+
+    Raises:
+        ValueError: the sidecar records no per-query matrix, or the file is not the one it records (a
+            matrix from another run beside this score file).
+    """
+    from safetensors.numpy import load
+
+    p = Path(path)
+    recover_commit(p)
+    meta = read_sidecar(sidecar_path(p))
+    want = (meta.get("content") or {}).get("per_query")
+    f = per_query_path(p)
+    if not isinstance(want, Mapping):
+        raise ValueError(f"{sidecar_path(p)}: the score run wrote no per-query matrix (score --per-query)")
+    raw = f.read_bytes() if f.is_file() else b""
+    if sha256_bytes(raw) != want.get("sha256"):
+        raise ValueError(
+            f"{f}: not the per-query matrix the sidecar {sidecar_path(p)} records (sha256 "
+            f"{sha256_bytes(raw)[:16]}…, the sidecar says {str(want.get('sha256'))[:16]}…); score again"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="numpy") as fh:
+        info = fh.metadata() or {}
+    tensors = load(raw)
+    names = json.loads(info["columns"]) if "columns" in info else list(tensors)
+    return {"matrix": np.stack([tensors[n] for n in names], axis=-1), "row_ids": json.loads(info["row_ids"]),
+            "col_ids": json.loads(info["col_ids"]), "column_names": names,
+            "dampings": json.loads(info["dampings"])}
 
 
 # ---------------------------------------------------------------------------------------------

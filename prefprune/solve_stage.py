@@ -20,23 +20,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefprune._io import atomic_write_bytes
 from prefprune.grads import LinearSite, stream_pair_dots
 from prefprune.gram import GaussNewtonEigen, pair_gradient_rows
 from prefprune.model import eager_attention
+from prefprune.scorefile import per_query_path
 from prefprune.solve import SolvePlan, exact_hvp_batched, plan_solve, solve_curvature
 
 logger = logging.getLogger(__name__)
@@ -51,8 +48,6 @@ __all__ = [
     "self_influence_factors",
     "self_norms",
     "extra_columns",
-    "write_per_query_of",
-    "write_per_query",
 ]
 
 
@@ -345,44 +340,6 @@ def self_influence(
     return torch.cat(out).numpy()
 
 
-def per_query_path(output: str | os.PathLike) -> Path:
-    """Where the per-query matrix of a score file goes: ``<output>.per_query.safetensors``."""
-    return Path(str(output) + ".per_query.safetensors")
-
-
-def write_per_query(
-    path: str | os.PathLike,
-    matrix: np.ndarray,
-    *,
-    row_ids: Sequence[str],
-    col_ids: Sequence[str],
-    column_names: Sequence[str],
-    dampings: Sequence[float],
-) -> None:
-    """Write the (n_train, n_val, L) matrix as one (n_train, n_val) float64 tensor per damping column.
-
-    Tensor names are the influence column names (``influence`` or ``influence@<λ>``); the ids (rows:
-    training pairs, columns: validation pairs) and damping values are in the safetensors metadata as
-    JSON, so the file is self-describing. Written under a temporary name and renamed.
-    """
-    from safetensors.numpy import save
-
-    if matrix.shape != (len(row_ids), len(col_ids), len(column_names)):
-        raise ValueError(
-            f"per-query matrix shape {matrix.shape} does not match "
-            f"({len(row_ids)}, {len(col_ids)}, {len(column_names)})"
-        )
-    tensors = {name: np.ascontiguousarray(matrix[:, :, i]) for i, name in enumerate(column_names)}
-    meta = {
-        "format": "prefprune.per_query/1",
-        "row_ids": json.dumps(list(row_ids)),
-        "col_ids": json.dumps(list(col_ids)),
-        "dampings": json.dumps([float(x) for x in dampings]),
-        "sign_convention": "positive = training pair helps the validation pair",
-    }
-    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
-
-
 def extra_columns(
     model: nn.Module,
     sites: Sequence[LinearSite],
@@ -507,18 +464,3 @@ def self_norms(
 ) -> np.ndarray:
     """‖∇ℓ_i‖² of every pair (self-influence with the identity curvature)."""
     return stream_pair_dots(model, sites, batches, [], impl=impl, desc="squared gradient norms")[1].numpy()
-
-
-def write_per_query_of(result, output: str | os.PathLike) -> None:
-    """Write `result.per_query` beside the score file `output` (nothing when it has none)."""
-    pq = getattr(result, "per_query", None)
-    if pq is None:
-        return
-    write_per_query(
-        per_query_path(output),
-        pq["matrix"],
-        row_ids=pq["row_ids"],
-        col_ids=pq["col_ids"],
-        column_names=pq["column_names"],
-        dampings=pq["dampings"],
-    )

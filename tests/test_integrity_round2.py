@@ -427,3 +427,84 @@ def test_a_score_run_stopped_by_a_setting_leaves_nothing_that_refuses_the_correc
     assert not work_dir_for(out).exists() and not out.exists()
     score_mod.score_model(*args, config=_score_config(damping=0.1))  # corrected, no --resume needed
     assert read_score_table(out).ids == [f"t{i}" for i in range(9)]
+
+
+# ---------------------------------------------------------------------------------------------
+# item 1: the files beside the score file are one unit with it
+# ---------------------------------------------------------------------------------------------
+
+
+class _PerQueryResult(_Result):
+    def __init__(self, ids, seed, with_matrix=True, n_val=7):
+        super().__init__(ids, seed=seed)
+        self.metadata["config"]["damping"] = float(seed)
+        rng = np.random.default_rng(100 + seed)
+        self.per_query = None if not with_matrix else {
+            "matrix": rng.normal(size=(len(ids), n_val, 1)), "row_ids": list(ids),
+            "col_ids": [f"v{j}" for j in range(n_val)], "column_names": ["influence"], "dampings": [1.0]}
+
+
+def test_score_per_query_matrix_is_committed_with_the_score_file(tmp_path):
+    from prefprune.solve_stage import per_query_path
+
+    ids = [f"p{i}" for i in range(30)]
+    out = tmp_path / "s.parquet"
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(b"precious")
+    old.rename(per_query_path(out))  # an unrelated file where the per-query matrix would go
+    with pytest.raises(ValueError, match=r"per-query matrix .* exists and is not part of an earlier prefprune "
+                                         r"score file; pass --overwrite"):
+        write_scores(_PerQueryResult(ids, 1), out, overwrite=False)
+    assert per_query_path(out).read_bytes() == b"precious" and not out.exists()
+    per_query_path(out).unlink()
+    (tmp_path / "s.parquet.json").write_text('{"my": "notes"}')  # an unrelated file where the sidecar goes
+    with pytest.raises(ValueError, match=r"--output's sidecar '.*s.parquet.json' exists and is not part of"):
+        write_scores(_PerQueryResult(ids, 1), out, overwrite=False)
+    assert (tmp_path / "s.parquet.json").read_text() == '{"my": "notes"}'
+    (tmp_path / "s.parquet.json").unlink()
+    from prefprune.scorefile import read_per_query
+
+    write_scores(_PerQueryResult(ids, 1), out, overwrite=False)
+    np.testing.assert_array_equal(read_per_query(out)["matrix"], _PerQueryResult(ids, 1).per_query["matrix"])
+    write_scores(_PerQueryResult(ids, 2), out, overwrite=False)  # our own unit: replaced whole
+    np.testing.assert_array_equal(read_per_query(out)["matrix"], _PerQueryResult(ids, 2).per_query["matrix"])
+    write_scores(_PerQueryResult(ids, 3, with_matrix=False), out, overwrite=False)
+    assert not per_query_path(out).exists()  # the previous unit's matrix does not outlive it
+    with pytest.raises(ValueError, match="wrote no per-query matrix"):
+        read_per_query(out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("new_has_matrix", [True, False])
+def test_score_per_query_killed_at_random_file_system_calls_is_one_generation(tmp_path, new_has_matrix):
+    from test_kill import _kill_points, _run_killed_at
+
+    from prefprune.scorefile import per_query_path, read_per_query
+
+    ids = [f"pair-{i:04d}" for i in range(400)]
+    old, new = _PerQueryResult(ids, 1), _PerQueryResult(ids, 2, with_matrix=new_has_matrix)
+
+    def fresh(folder):
+        folder.mkdir()
+        write_scores(old, folder / "s.parquet")
+        return folder / "s.parquet"
+
+    dry = fresh(tmp_path / "dry")
+    n_calls = _run_killed_at(None, lambda: write_scores(new, dry))
+    seen = {"old": 0, "new": 0}
+    for k in _kill_points(n_calls, seed=11 + new_has_matrix):
+        path = fresh(tmp_path / f"k{k}")
+        assert _run_killed_at(k, lambda path=path: write_scores(new, path)) == -1
+        table = read_score_table(path)  # finishes a commit that passed its commit point
+        which = "old" if table.metadata["config"]["damping"] == 1.0 else "new"
+        ref = old if which == "old" else new
+        for c, v in ref.columns.items():
+            np.testing.assert_array_equal(table.column(c), v, err_msg=f"kill at call {k}: column {c}")
+        if ref.per_query is None:
+            assert not per_query_path(path).exists(), k
+        else:
+            np.testing.assert_array_equal(read_per_query(path)["matrix"], ref.per_query["matrix"],
+                                          err_msg=f"kill at call {k}: the matrix of another generation")
+        seen[which] += 1
+    assert seen["old"] and seen["new"], seen  # the kill points straddled the commit point
