@@ -452,8 +452,8 @@ def test_score_per_query_matrix_is_committed_with_the_score_file(tmp_path):
     old = tmp_path / "old.safetensors"
     old.write_bytes(b"precious")
     old.rename(per_query_path(out))  # an unrelated file where the per-query matrix would go
-    with pytest.raises(ValueError, match=r"per-query matrix .* exists and is not part of an earlier prefprune "
-                                         r"score file; pass --overwrite"):
+    with pytest.raises(ValueError, match=r"per-query matrix .* exists and is not part of an earlier "
+                                         r"prefprune score file; pass --overwrite"):
         write_scores(_PerQueryResult(ids, 1), out, overwrite=False)
     assert per_query_path(out).read_bytes() == b"precious" and not out.exists()
     per_query_path(out).unlink()
