@@ -508,3 +508,111 @@ def test_score_per_query_killed_at_random_file_system_calls_is_one_generation(tm
                                           err_msg=f"kill at call {k}: the matrix of another generation")
         seen[which] += 1
     assert seen["old"] and seen["new"], seen  # the kill points straddled the commit point
+
+
+# ---------------------------------------------------------------------------------------------
+# property-based: whatever output path score and prune are given, no input and no unrelated file changes
+# ---------------------------------------------------------------------------------------------
+
+
+def _hypothesis():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    return given, settings(max_examples=30, deadline=None, derandomize=True,
+                           suppress_health_check=[HealthCheck.function_scoped_fixture]), st
+
+
+def _changed(before: dict[str, bytes], folder) -> set[str]:
+    after = _files(folder)
+    return {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+
+
+_given, _settings, _st = _hypothesis()
+_SCORE_TRAIN = ["train.jsonl", "data.jsonl.json", "t.csv"]
+_SCORE_OUTPUTS = ["{train}", "{train}.json", "{train}.per_query.safetensors", "val.jsonl", "val.jsonl.json",
+                  "data.jsonl", "s.parquet", "s.parquet.json", "notes.csv", "new.parquet", "new.jsonl",
+                  "rm/adapter_config.json", "rm.csv", "./{train}", "sub/../s.parquet"]
+
+
+@_settings
+@_given(train=_st.sampled_from(_SCORE_TRAIN), output=_st.sampled_from(_SCORE_OUTPUTS),
+        overwrite=_st.booleans(), per_query=_st.booleans())
+def test_property_score_never_changes_an_input_or_an_unrelated_file(scored, tmp_path, train, output,
+                                                                    overwrite, per_query):
+    import shutil
+    import tempfile
+
+    from prefprune import score as score_mod
+
+    folder = type(tmp_path)(tempfile.mkdtemp(dir=tmp_path))
+    shutil.copytree(scored / "rm", folder / "rm")
+    (folder / "sub").mkdir()
+    load_preferences(scored / "train.jsonl").save(folder / train)
+    shutil.copy(scored / "val.jsonl", folder / "val.jsonl")
+    ids = load_preferences(folder / train).ids
+    write_scores(_PerQueryResult(ids, 1), folder / "s.parquet")  # an earlier score run's unit
+    (folder / "notes.csv").write_text("precious\n")
+    out = folder / output.format(train=train)
+    inputs = {folder / train, folder / "val.jsonl", *(p for p in (folder / "rm").rglob("*") if p.is_file())}
+    before = _files(folder)
+
+    def fake_score_pairs(model, tokenizer, tr, val, **kw):  # the engine is not what is tested here
+        res = _PerQueryResult([p.id for p in tr], 5, with_matrix=per_query)
+        res.solve = None
+        return res
+
+    real = score_mod.score_pairs
+    score_mod.score_pairs = fake_score_pairs
+    try:
+        score_mod.score_model(folder / "rm", folder / train, folder / "val.jsonl", out,
+                              config=_score_config(per_query=per_query), overwrite=overwrite)
+        ok = True
+    except ValueError:
+        ok = False
+    finally:
+        score_mod.score_pairs = real
+    changed = {folder / k for k in _changed(before, folder)}
+    unit = {type(out)(str(out) + s).resolve() for s in ("", ".json", ".per_query.safetensors")}
+    assert not {p.resolve() for p in changed} & {p.resolve() for p in inputs}, (output, changed)
+    assert {p.resolve() for p in changed} <= unit, (output, changed)  # nothing outside the output's unit
+    collides = bool(unit & {p.resolve() for p in inputs})
+    assert not (ok and collides), output
+    if not overwrite:
+        assert (folder / "notes.csv").read_text() == "precious\n"
+
+
+_PRUNE_PATHS = ["d.jsonl", "d.jsonl.removed.txt", "s.parquet", "s.parquet.json",
+                "s.parquet.per_query.safetensors", "o.jsonl", "o.jsonl.removed.txt", "o.csv", "./d.jsonl",
+                "sub/../s.parquet.json", "notes.csv"]
+
+
+@_settings
+@_given(output=_st.sampled_from(_PRUNE_PATHS), removed=_st.sampled_from([None, *_PRUNE_PATHS]))
+def test_property_prune_never_changes_an_input_or_an_unrelated_file(tmp_path, output, removed):
+    import tempfile
+
+    folder = type(tmp_path)(tempfile.mkdtemp(dir=tmp_path))
+    (folder / "sub").mkdir()
+    ds = _dataset(20)
+    ds.save(folder / "d.jsonl")
+    write_scores(_PerQueryResult(load_preferences(folder / "d.jsonl").ids, 1), folder / "s.parquet")
+    (folder / "notes.csv").write_text("precious\n")
+    inputs = {(folder / n).resolve() for n in ("d.jsonl", "s.parquet", "s.parquet.json",
+                                               "s.parquet.per_query.safetensors")}
+    before = _files(folder)
+    out = folder / output
+    ids_path = folder / removed if removed is not None else out.with_name(out.name + ".removed.txt")
+    try:
+        prune_file(folder / "d.jsonl", folder / "s.parquet", out, method="influence", fraction=0.2,
+                   removed_ids=None if removed is None else ids_path)
+        ok = True
+    except ValueError:
+        ok = False
+    changed = {(folder / k).resolve() for k in _changed(before, folder)}
+    assert not changed & inputs, (output, removed, changed)
+    assert changed <= {out.resolve(), ids_path.resolve()}, (output, removed, changed)
+    if ok:
+        assert out.resolve() not in inputs and ids_path.resolve() not in inputs
+        assert out.resolve() != ids_path.resolve()
+        read_score_table(folder / "s.parquet")  # the score unit still reads
