@@ -146,7 +146,8 @@ class ScoreConfig:
                           "Validation pairs are never cut: a too-long one is an error."},
     )
     padding_side: Literal["right", "left"] | None = field(
-        default=None, metadata={"help": "'right' or 'left'; None: the tokenizer's own (else right)."}
+        default=None, metadata={"help": "'right' or 'left' padding of the scoring batches; None: right "
+                                        "(whatever the tokenizer's side; rewards do not depend on it)."}
     )
     on_nonpositive: Literal["raise", "nan"] = field(
         default="raise",
@@ -334,7 +335,9 @@ def score_pairs(
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token")
-    padding_side = config.padding_side or getattr(tokenizer, "padding_side", None) or "right"
+    # Our own batches: right padding unless asked otherwise (rewards do not depend on the side, and eager
+    # attention turns fully masked left-padding rows into NaN: float64 exact HVPs on Llama-family models).
+    padding_side = config.padding_side or "right"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if padding_side == "left" and model_type in _FIRST_TOKEN_POOLING:

@@ -34,7 +34,7 @@ from prefprune.grads import LinearSite, stream_pair_dots
 from prefprune.gram import GaussNewtonEigen, pair_gradient_rows
 from prefprune.model import eager_attention
 from prefprune.scorefile import per_query_path
-from prefprune.solve import SolvePlan, exact_hvp_batched, plan_solve, solve_curvature
+from prefprune.solve import SolvePlan, exact_hvp_batched, ggn_trace, plan_solve, solve_curvature
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,46 @@ def _refuse_nonfinite(rec, curvature: str | None) -> None:
             f"the curvature solve met a non-finite value (curvature={curvature!r}, damping {nonfinite}): the "
             "validation gradient or a curvature product holds NaN or inf; no scores are written from it "
             "(check the model's dtype, attention implementation and padding)"
+        )
+
+
+def _refuse_meaningless_damping(Q: Tensor, g_val: Tensor, rec, config, *, scale) -> None:
+    """A damping so large that the solve means nothing in the working precision is an error: the query
+    underflows (every influence would be 0), or H is lost below the rounding of λ (the query is ∇L_V/λ to
+    the last bit: influence = grad_dot/λ, whatever the curvature). `scale()` gives the curvature's scale
+    (trace/p) for the message; it may cost a pass, so it is only asked for here, on the way to the error."""
+    if rec.plan.get("method") == "none":
+        return
+    g = g_val.detach().double().reshape(-1)
+    g_norm = float(g.norm())
+    if not g_norm > 0:
+        return
+    info = torch.finfo(Q.dtype)
+    for i, lam in enumerate(rec.dampings):
+        q = Q[:, i].detach().double()
+        overflow = not lam <= info.max  # λ itself is inf in the working precision
+        if not overflow and not torch.isfinite(q).all():
+            continue  # a non-positive-curvature or non-finite column, refused or NaN-ed by its own rule
+        underflow = overflow or float(q.abs().max()) < info.tiny
+        lost = not underflow and float((lam * q - g).norm()) <= 8 * info.eps * g_norm
+        if not (underflow or lost):
+            continue
+        s = float(scale())
+        dtype = str(Q.dtype).replace("torch.", "")
+        if overflow:
+            why = f"λ overflows {dtype} (largest {info.max:.3g})"
+        elif underflow:
+            why = (f"the query (H + λI)⁻¹∇L_V underflows in {dtype} (largest entry "
+                   f"{float(q.abs().max()):.3g}; ‖∇L_V‖ = {g_norm:.3g}): every influence would read 0")
+        else:
+            why = (f"H is lost below the rounding of λ in {dtype} (eps {info.eps:.2g}): the query is ∇L_V/λ "
+                   "to the last bit, so influence would be grad_dot/λ whatever the curvature")
+        factor = f" (factor {rec.damping_factors[i]:g} of the scale)" if rec.damping_factors else ""
+        raise ValueError(
+            f"damping {lam:g}{factor} is meaningless against the curvature's scale trace/p = {s:.3g} "
+            f"(curvature={config.curvature!r}; λ is {lam / s if s > 0 else math.inf:.3g} times it): {why}. "
+            f"Use a damping below {s / info.eps:.3g} (relative damping: a factor below {1 / info.eps:.3g}; "
+            "validate recommends one), or --curvature identity for plain gradient similarity"
         )
 
 
@@ -127,6 +167,13 @@ def solve_stage(
         keep_factors=keep_factors,
     )
     Q = Q[:, :, 0].T.contiguous()  # (p, L)
+
+    def scale() -> float:  # trace/p: known for relative damping and the direct solve, else one more pass
+        if rec.damping_scale is not None:
+            return rec.damping_scale
+        return ggn_trace(model, sites, curvature_batches, impl=config.impl) / max(1, g_val.numel())
+
+    _refuse_meaningless_damping(Q, g_val, rec, config, scale=scale)
     _refuse_nonfinite(rec, config.curvature)
     bad = [i for i, c in enumerate(rec.columns) if c["status"] == "nonpositive_curvature"]
     if bad:

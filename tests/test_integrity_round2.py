@@ -616,3 +616,44 @@ def test_property_prune_never_changes_an_input_or_an_unrelated_file(tmp_path, ou
         assert out.resolve() not in inputs and ids_path.resolve() not in inputs
         assert out.resolve() != ids_path.resolve()
         read_score_table(folder / "s.parquet")  # the score unit still reads
+
+
+# ---------------------------------------------------------------------------------------------
+# item 3: a damping too large for the working precision
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damping,relative,solver", [(1e300, False, "cg"), (1e300, False, "direct"),
+                                                      (1e308, True, "auto"), (1e20, False, "direct")])
+def test_huge_damping_is_an_error_naming_the_value_and_the_curvature_scale(scored, tmp_path, damping,
+                                                                            relative, solver):
+    from prefprune.score import score_model
+
+    out = tmp_path / "s.parquet"
+    cfg = _score_config(damping=damping, damping_relative=relative, solver=solver)
+    named = rf"damping .* \(factor {damping:g} of the scale\)" if relative else rf"damping {damping:g}"
+    with pytest.raises(ValueError, match=named.replace("+", r"\+") + r" is meaningless against the "
+                                         r"curvature's scale trace/p = "):
+        score_model(scored / "rm", scored / "train.jsonl", scored / "val.jsonl", out, config=cfg)
+    assert not out.exists()
+    score_model(scored / "rm", scored / "train.jsonl", scored / "val.jsonl", out,
+                config=_score_config(damping=1e3, solver=solver))  # large but meaningful: fine
+    assert np.all(read_score_table(out).column("influence") != 0)
+
+
+def test_float64_eager_llama_with_a_left_padding_tokenizer_is_scored(tmp_path):
+    from _pairs import easy_pairs
+
+    from prefprune.model import build_reward_model
+    from prefprune.score import ScoreConfig, score_pairs
+    from prefprune.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"  # what a Llama tokenizer usually says
+    config = tiny_config("llama")
+    config._attn_implementation = "eager"
+    model, _ = build_reward_model(config, tokenizer=tok, dtype=torch.float64)
+    res = score_pairs(model, tok, easy_pairs(8), easy_pairs(4, seed=1, prefix="v"),
+                      config=ScoreConfig(curvature="exact", damping=10.0, max_iter=3, batch_size=4,
+                                         progress=False))
+    assert np.isfinite(res.columns["influence"]).all() and res.metadata["padding_side"] == "right"
