@@ -242,10 +242,13 @@ class ScoreCommand:
     train: str = _opt("training pairs to score (a file or hub dataset id)")
     val: str = _opt("validation pairs (never truncated)")
     output: str = _opt(
-        "score file: .parquet, .jsonl or .csv (its folder must exist); an earlier score file there is "
-        "replaced with its sidecar OUTPUT.json, any other existing file only with --overwrite"
+        "score file: .parquet, .jsonl or .csv (its folder must exist); written as one unit with its sidecar "
+        "OUTPUT.json (and OUTPUT.per_query.safetensors with --per-query); an earlier score file's unit there "
+        "is replaced whole, any other existing file only with --overwrite; never an input"
     )
-    overwrite: bool = _opt("replace an existing --output that is not a prefprune score file", default=False)
+    overwrite: bool = _opt(
+        "replace existing files at OUTPUT, OUTPUT.json or OUTPUT.per_query.safetensors that are not a "
+        "prefprune score file's", default=False)
     schema: Literal["auto", "tldr", "prompt_chosen_rejected", "hh"] = _opt(
         "record layout of both sources; auto = detect from the first record", default="auto"
     )
@@ -279,6 +282,7 @@ class ScoreCommand:
         print(
             f"scored {len(result)} pairs ({s.curvature}, damping {s.damping:g}, {solve}) in {total:.1f} s; "
             f"wrote {self.output} and {self.output}.json"
+            + (f" and {self.output}.per_query.safetensors" if result.per_query is not None else "")
         )
         return 0
 
