@@ -6,6 +6,12 @@ previous file or the new one, never half of one. Files that belong together (a s
 sidecar) go through `commit_files`: a small journal written after both temporaries are complete is
 the commit point, and `recover_commit` rolls an interrupted commit forward (SQLite's and git's way).
 `output_lock` keeps two processes out of one output folder.
+
+What a commit promises, as a SQLite transaction or a git commit does: the files of one output are one
+unit (a score file, its sidecar and its per-query matrix; a pruned file and its removed ids), all of it
+new or all of it previous after a crash at any moment, with no file of the previous unit left beside the
+new one; and nothing is written but the files the user named or their documented companions, never over
+an input of the same command (`refuse_overlap`) nor over an unrelated file without ``--overwrite``.
 """
 
 from __future__ import annotations
