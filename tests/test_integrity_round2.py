@@ -657,3 +657,24 @@ def test_float64_eager_llama_with_a_left_padding_tokenizer_is_scored(tmp_path):
                       config=ScoreConfig(curvature="exact", damping=10.0, max_iter=3, batch_size=4,
                                          progress=False))
     assert np.isfinite(res.columns["influence"]).all() and res.metadata["padding_side"] == "right"
+
+
+def test_score_model_per_query_writes_one_unit_and_a_run_without_it_removes_the_old_matrix(scored, tmp_path):
+    from safetensors.numpy import load_file
+
+    from prefprune.score import score_model
+    from prefprune.solve_stage import per_query_path
+
+    out = tmp_path / "s.parquet"
+    args = (scored / "rm", scored / "train.jsonl", scored / "val.jsonl", out)
+    score_model(*args, config=_score_config(per_query=True, solver="direct"))
+    matrix = load_file(per_query_path(out))["influence"]
+    assert matrix.shape == (9, 4)
+    np.testing.assert_allclose(matrix.mean(axis=1), read_score_table(out).column("influence"),
+                               rtol=1e-4, atol=1e-7)  # the mean over validation pairs is the influence
+    score_model(*args, config=_score_config(solver="direct"))
+    assert not per_query_path(out).exists(), "the previous run's matrix outlived its score file"
+    from prefprune.scorefile import read_per_query
+
+    with pytest.raises(ValueError, match="wrote no per-query matrix"):
+        read_per_query(out)
