@@ -55,7 +55,7 @@ from prefprune.experiment.config import load_config
 from prefprune.experiment.results import score_result_table
 from prefprune.experiment.steps import StepStore, read_json, write_json
 from prefprune.model import ModelConfig, build_model, training_metadata
-from prefprune.prune import ScoreTable, check_ids_match, read_score_table
+from prefprune.prune import ScoreTable, check_ids_match, check_same_data, read_score_table
 from prefprune.score import ScoreConfig
 from prefprune.solve import damping_column_names
 from prefprune.train import TrainConfig, split_for_eval
@@ -378,7 +378,8 @@ def _scored(
     return ScoreTable.from_json(rec, source=str(steps.root / rel))
 
 
-def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str]) -> dict[str, np.ndarray]:
+def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str], *, train: Any = None
+             ) -> dict[str, np.ndarray]:
     """Every validated column, aligned with `ids`: influence@λ, grad_dot, grad_cos (and their ensemble:
     means), then the extra files' columns."""
     cols: dict[str, np.ndarray] = {}
@@ -393,7 +394,10 @@ def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str]) -> dict[
                 cols[prefix + c] = table.columns[prefix + c][order]
     for path in vc.scores:
         tab = read_score_table(path)
-        check_ids_match(list(ids), tab)
+        if train is not None:  # the ids and, where its sidecar records them, the texts and labels
+            check_same_data(train, tab)
+        else:
+            check_ids_match(list(ids), tab)
         pos = {i: k for k, i in enumerate(tab.ids)}
         order = np.asarray([pos[i] for i in ids])
         for c, values in tab.columns.items():
@@ -580,7 +584,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
         (n_retrains - 1) * ref["seconds"] * (1 + vc.fraction) / 2 / 60,
     )
     table = _score_tables(vc, setup, rt, steps)
-    cols = _columns(vc, table, ids)
+    cols = _columns(vc, table, ids, train=setup.train)
     jobs = [(f"subsets/{k:03d}.json", lo) for k, lo in enumerate(left_outs)]
     jobs += [(f"loo/{k:03d}.json", [i]) for k, i in enumerate(loo_ids)]
     done = _retrain_all(rt, setup, steps, jobs, vc.progress)

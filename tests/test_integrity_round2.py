@@ -678,3 +678,21 @@ def test_score_model_per_query_writes_one_unit_and_a_run_without_it_removes_the_
 
     with pytest.raises(ValueError, match="wrote no per-query matrix"):
         read_per_query(out)
+
+
+def test_validate_refuses_an_extra_score_file_computed_on_other_texts(tmp_path):
+    from prefprune import validate
+    from prefprune.data import pairs_digest
+    from prefprune.prune import ScoreTable
+
+    ds = _dataset(12)
+    swapped = PreferenceDataset([PreferencePair(p.id, p.prompt, p.rejected, p.chosen) for p in ds],
+                                schema="prompt_chosen_rejected", source="swapped")
+    extra = tmp_path / "other.parquet"
+    write_scores(_Result(ds.ids, sources={"train": "x.jsonl", "train_digest": pairs_digest(swapped)}), extra)
+    vc = validate.ValidateConfig(model="m", dampings=[1.0], scores=[str(extra)])
+    table = ScoreTable(ds.ids, {"influence": np.zeros(12), "grad_dot": np.zeros(12)})
+    with pytest.raises(ValueError, match=r"is not the data the score file .*other.parquet was computed on"):
+        validate._columns(vc, table, ds.ids, train=ds)
+    write_scores(_Result(ds.ids, sources={"train": "x.jsonl", "train_digest": pairs_digest(ds)}), extra)
+    assert "other.parquet:influence" in validate._columns(vc, table, ds.ids, train=ds)
