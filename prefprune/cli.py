@@ -111,8 +111,8 @@ class TrainCommand:
     def _run(self) -> int:
         start = time.perf_counter()
         data = load_data(self.data)
-        held = load_data(self.data, source=self.eval_data) if self.eval_data is not None else None
-        train, held = split_for_eval(data, self.eval_fraction, seed=self.train.seed, held_out=held)
+        given = load_data(self.data, source=self.eval_data) if self.eval_data is not None else None
+        train, held = split_for_eval(data, self.eval_fraction, seed=self.train.seed, held_out=given)
         n_held = len(held) if held is not None else 0
         logger.info(
             "data: %s (%s), %d training pairs, %d held out",
@@ -131,7 +131,7 @@ class TrainCommand:
             "data": {
                 "source": data_config.source,
                 "digest": pairs_digest(data),
-                "eval_digest": pairs_digest(held) if eval_source is not None and held is not None else None,
+                "eval_digest": pairs_digest(given) if given is not None else None,
                 "schema": data.schema,
                 "stats": data.stats,
                 "n_train": len(train),

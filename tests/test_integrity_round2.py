@@ -254,6 +254,10 @@ def test_eval_data_inside_the_training_data_is_not_a_held_out_accuracy(tmp_path,
     assert "(n=6; 4 pairs of --eval-data also in --data left out)" in out, out
     metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert metrics["eval"]["n"] == 6 and metrics["data"]["n_eval_in_training_data"] == 4
+    from prefprune import validate  # validate reads the same held-out pairs back, digest checked
+
+    setup = validate._setup_from_folder(validate.ValidateConfig(model=str(tmp_path / "rm")))
+    assert sorted(setup.val.ids) == sorted(p.id for p in fresh)
 
 
 # ---------------------------------------------------------------------------------------------
