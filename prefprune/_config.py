@@ -154,8 +154,11 @@ def _admits(hint: Any) -> tuple[set[type], Any]:
 
 
 def _reject_bools(cls: type, values: Mapping[str, Any], where: str, lines: Mapping[tuple, int],
-                  path: tuple, yaml_path: tuple) -> None:
-    """A YAML ``true`` given for a number is an error (pydantic would take it as 1): name key and line."""
+                  yaml_path: tuple) -> None:
+    """A YAML ``true`` given for a number is an error (pydantic would take it as 1): name key and line.
+
+    `values` is nested as `cls` is (flattened sections as sub-mappings); `yaml_path` is where `values` sits
+    in the file, whose keys are the flags' shape (a flattened section's keys at its parent's level)."""
     hints, flat = _hints(cls), flattened_fields(cls)
     for key, value in values.items():
         if key not in hints:
@@ -163,7 +166,7 @@ def _reject_bools(cls: type, values: Mapping[str, Any], where: str, lines: Mappi
         sub = _dataclass_of(hints[key])
         if sub is not None and isinstance(value, Mapping):
             inner = yaml_path if key in set(flat.values()) else (*yaml_path, key)
-            _reject_bools(sub, value, where, lines, (*path, key), inner)
+            _reject_bools(sub, value, where, lines, inner)
             continue
         kinds, item = _admits(hints[key])
         checks = [(f"{key}", value, kinds)]
@@ -175,7 +178,7 @@ def _reject_bools(cls: type, values: Mapping[str, Any], where: str, lines: Mappi
                 line = lines.get((*yaml_path, key))
                 at = f"{where}{f', line {line}' if line else ''}: " if where else ""
                 want = "an integer" if int in admitted else "a number"
-                dotted = ".".join(map(str, (*path, name))) if path else name
+                dotted = ".".join(map(str, (*yaml_path, name)))
                 raise ValueError(f"{at}{dotted} must be {want}, got {v!r} (a YAML boolean)")
 
 
@@ -200,7 +203,7 @@ def from_mapping(
         raise ValueError(f"{where + ': ' if where else ''}settings must be a mapping, got {values!r}")
     path = (section,) if section else ()
     nested = _nest(cls, values, where, lines or {}, path)
-    _reject_bools(cls, nested, where, lines or {}, path, path)
+    _reject_bools(cls, nested, where, lines or {}, path)
     try:
         return TypeAdapter(cls).validate_python(nested)
     except ValidationError as exc:
