@@ -89,13 +89,15 @@ def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score")
     rank touches the folder and keeps it until the block ends, the final file's commit included. The
     other ranks wait for rank 0's outcome, so a run whose output is taken stops on every rank with the
     same `OutputLocked` naming the holder's pid, and none hangs. On a normal exit every rank passes a
-    barrier before rank 0 lets go (no rank still removes the folder when the next run takes it); a
-    folder that a failed run left empty is removed (one with chunks stays, for ``--resume``).
+    barrier before rank 0 lets go (no rank still removes the folder when the next run takes it). A run
+    that fails removes the folder it created when it saved no solve and no chunk there (a bad setting
+    leaves nothing that would refuse the corrected run); one with work stays, for ``--resume``.
 
     Yields:
         The work folder.
     """
     path = work_dir_for(output)
+    fresh = not path.exists()  # a folder an earlier run left is that run's, whatever becomes of this one
     with contextlib.ExitStack() as held:
         failure: BaseException | None = None
         if distributed.rank() == 0:
@@ -115,7 +117,11 @@ def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score")
             yield path
         except BaseException:
             if distributed.rank() == 0:
-                _discard_if_no_work(path)
+                if fresh:
+                    _discard_if_no_work(path)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.rmdir()  # only when empty
             raise
         distributed.barrier()
 
