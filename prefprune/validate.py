@@ -100,7 +100,9 @@ class ValidateConfig:
     )
     output: str = field(
         default="runs/validate",
-        metadata={"help": "folder for validate.json, the scatter plot and the per-retrain step files"},
+        metadata={"help": "folder for validate.json, the scatter plot, the per-retrain step files and "
+                          "inputs.json (the digests of the data and settings those steps belong to: a rerun "
+                          "with other inputs is refused)"},
     )
     subsets: int = field(default=20, metadata={"help": "S: random subsets retrained for the LDS (>= 5)"})
     fraction: float = field(
