@@ -77,11 +77,9 @@ def test_prune_refuses_to_write_over_the_score_file_s_sidecar(tmp_path, which):
     scores = tmp_path / "s.parquet"
     write_scores(_Result(ds.ids), scores)
     before = _files(tmp_path)
-    target = sidecar_path(scores)
-    kw = {"output": tmp_path / "o.jsonl", "removed_ids": target} if which == "removed_ids" else {
-        "output": target}
-    if which == "output":  # a .json output: the sidecar's own name
-        kw["output"] = tmp_path / "s.parquet.json"
+    sidecar = sidecar_path(scores)  # s.parquet.json: a valid name for either output (.json data)
+    kw = {"output": tmp_path / "o.jsonl", "removed_ids": sidecar} if which == "removed_ids" else {
+        "output": sidecar}
     with pytest.raises(ValueError, match=r"is the score file's sidecar"):
         prune_file(data, scores, method="influence", fraction=0.25, **kw)
     assert _files(tmp_path) == before
