@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,6 +160,54 @@ def _message(err: Mapping[str, Any]) -> str:
     return f"{loc} {kind}, got {err['input']!r}"
 
 
+def _admits(hint: Any) -> tuple[set[type], Any]:
+    """(the scalar types a field hint admits, the item hint when it is a list), through Annotated/unions."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple, set, frozenset):
+        args = typing.get_args(hint)
+        return {list}, args[0] if args else Any
+    if origin in (typing.Union, types.UnionType):
+        kinds: set[type] = set()
+        item = None
+        for arg in typing.get_args(hint):
+            k, i = _admits(arg)
+            kinds |= k
+            item = item if i is None else i
+        return kinds, item
+    return ({hint} if isinstance(hint, type) else set()), None
+
+
+def _reject_bools(cls: type, values: Mapping[str, Any], where: str, lines: Mapping[tuple, int],
+                  yaml_path: tuple) -> None:
+    """A YAML ``true`` given for a number is an error (pydantic would take it as 1): name key and line.
+
+    `values` is nested as `cls` is (flattened sections as sub-mappings); `yaml_path` is where `values` sits
+    in the file, whose keys are the flags' shape (a flattened section's keys at its parent's level)."""
+    hints, flat = _hints(cls), flattened_fields(cls)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        sub = _dataclass_of(hints[key])
+        if sub is not None and isinstance(value, Mapping):
+            inner = yaml_path if key in set(flat.values()) else (*yaml_path, key)
+            _reject_bools(sub, value, where, lines, inner)
+            continue
+        kinds, item = _admits(hints[key])
+        checks = [(f"{key}", value, kinds)]
+        if isinstance(value, list) and item is not None:
+            item_kinds = _admits(item)[0]
+            checks = [(f"{key}[{i}]", v, item_kinds) for i, v in enumerate(value)]
+        for name, v, admitted in checks:
+            if isinstance(v, bool) and bool not in admitted and admitted & {int, float}:
+                line = lines.get((*yaml_path, key))
+                at = f"{where}{f', line {line}' if line else ''}: " if where else ""
+                want = "an integer" if int in admitted else "a number"
+                dotted = ".".join(map(str, (*yaml_path, name)))
+                raise ValueError(f"{at}{dotted} must be {want}, got {v!r} (a YAML boolean)")
+
+
 def from_mapping(
     cls: type[T],
     values: Mapping[str, Any],
@@ -180,6 +229,7 @@ def from_mapping(
         raise ValueError(f"{where + ': ' if where else ''}settings must be a mapping, got {values!r}")
     path = (section,) if section else ()
     nested = _nest(cls, values, where, lines or {}, path)
+    _reject_bools(cls, nested, where, lines or {}, path)
     from pydantic import TypeAdapter, ValidationError  # lazy: only settings from mappings need it
 
     try:
@@ -190,19 +240,58 @@ def from_mapping(
         raise ValueError(f"{where + ': ' if where else ''}{_message(first)}") from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML 1.2 forbids it;
+    PyYAML keeps the last value without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error names it
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first on line {first}); "
+                                    "keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple, int]]:
-    """(mapping, key path → 1-based line) of a YAML file; ValueError naming the file when it is not one."""
+    """(mapping, key path → 1-based line) of a YAML file; ValueError naming the file and line when it is not
+    UTF-8, not YAML, holds a key twice, or holds no settings at all."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        loaded = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{p}: line {line}, column {column}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as "
+            "UTF-8"
+        ) from None
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ValueError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{p}: invalid YAML: {exc}") from None
-    if loaded is None:
-        return {}, {}
+    if loaded is None or loaded == {}:
+        raise ValueError(
+            f"{p}: the config file holds no settings; give at least one (e.g. 'output: runs/my-experiment'), "
+            "or leave out --config to run with the defaults"
+        )
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{p}: the config must be a mapping of keys to values, got {type(loaded).__name__}")
     lines: dict[tuple, int] = {}

@@ -6,6 +6,12 @@ previous file or the new one, never half of one. Files that belong together (a s
 sidecar) go through `commit_files`: a small journal written after both temporaries are complete is
 the commit point, and `recover_commit` rolls an interrupted commit forward (SQLite's and git's way).
 `output_lock` keeps two processes out of one output folder.
+
+What a commit promises, as a SQLite transaction or a git commit does: the files of one output are one
+unit (a score file, its sidecar and its per-query matrix; a pruned file and its removed ids), all of it
+new or all of it previous after a crash at any moment, with no file of the previous unit left beside the
+new one; and nothing is written but the files the user named or their documented companions, never over
+an input of the same command (`refuse_overlap`) nor over an unrelated file without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ __all__ = [
     "output_lock",
     "package_versions",
     "recover_commit",
+    "refuse_overlap",
     "remove_stale_temps",
+    "same_file",
     "sha256_bytes",
     "sha256_file",
 ]
@@ -162,21 +170,30 @@ def _journal_of(primary: Path) -> Path:
     return primary.with_name(f".{primary.name}.commit")
 
 
-def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
+def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]],
+                 remove: Sequence[str | os.PathLike] = ()) -> None:
     """Replace several files of one folder as one unit: after a crash at any moment (and
     `recover_commit`), either every file is the previous version or every file is the new one.
 
     Protocol: complete fsynced temporaries of every file, then a journal naming them (written
-    atomically: the commit point), then the renames, then the journal is removed. A crash before the
-    journal leaves the previous files (the temporaries are garbage); after it, `recover_commit`
-    finishes the renames. The journal is keyed by the first file (the primary).
+    atomically: the commit point), then the renames and the removals, then the journal is removed. A
+    crash before the journal leaves the previous files (the temporaries are garbage); after it,
+    `recover_commit` finishes the renames and removals. The journal is keyed by the first file (the
+    primary).
+
+    Args:
+        files: (path, bytes) of every file of the new unit; the first is the primary.
+        remove: files of the previous unit that the new one has not (a per-query matrix the new run did
+            not compute): removed after the commit point, so that no previous file outlives its unit.
     """
     paths = [Path(p) for p, _ in files]
     if not paths:
         return
     folder = _folder_of(paths[0])
-    if any(p.parent.resolve() != folder.resolve() for p in paths):
-        raise ValueError(f"commit_files: all files must share one folder, got {[str(p) for p in paths]}")
+    gone = [Path(p) for p in remove]
+    if any(p.parent.resolve() != folder.resolve() for p in paths + gone):
+        named = [str(p) for p in paths + gone]
+        raise ValueError(f"commit_files: all files must share one folder, got {named}")
     recover_commit(paths[0])
     temps: list[Path] = []
     journal = _journal_of(paths[0])
@@ -191,6 +208,7 @@ def commit_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
                 {"path": p.name, "temp": t.name, "sha256": sha256_bytes(d)}
                 for p, t, d in zip(paths, temps, (d for _, d in files), strict=True)
             ],
+            "remove": [p.name for p in gone],
         }
         atomic_write_bytes(journal, json.dumps(record).encode())
     except BaseException:
@@ -216,7 +234,8 @@ def recover_commit(primary: str | os.PathLike) -> bool:
     try:
         record = json.loads(raw)
         entries = [(e["path"], e["temp"]) for e in record["files"]]
-    except (ValueError, KeyError, TypeError):
+        removed = [str(name) for name in record.get("remove", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(
             f"{journal}: unreadable commit journal of {primary.name} (it is written atomically, so "
             "something else wrote it); remove it after checking the files beside it"
@@ -225,6 +244,9 @@ def recover_commit(primary: str | os.PathLike) -> bool:
     for name, temp in entries:
         with contextlib.suppress(FileNotFoundError):  # already renamed (or by a concurrent reader)
             os.replace(folder / temp, folder / name)
+    for name in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
     _fsync_dir(folder)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(journal)
@@ -344,10 +366,12 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
 
     target = Path(target)
     own_folder = is_folder if is_folder is not None else not (target.suffix and not target.is_dir())
+    created = False
     if not own_folder:
         folder = _folder_of(target).resolve()
         wait = 30.0 if wait is None else wait
     else:
+        created = not target.exists()
         target.mkdir(parents=True, exist_ok=True)
         folder = target.resolve()
         wait = 0.0 if wait is None else wait
@@ -393,13 +417,59 @@ def output_lock(target: str | os.PathLike, *, what: str = "prefprune", wait: flo
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
             }).encode())
         remove_stale_temps(folder)
-        yield target
+        try:
+            yield target
+        except BaseException:
+            if own_folder and created:  # a run that failed leaves no empty folder it made behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     finally:
         del _HELD[key]
         with contextlib.suppress(OSError):
             owner.unlink()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs kept apart from inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same absolute path (symbolic links followed), or, when both
+    exist, the same inode (hard links, bind mounts)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overlap(outputs: Mapping[str, str | os.PathLike],
+                   inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Raise ValueError when a file a command would write is one it reads, or another file it writes.
+
+    Args:
+        outputs: what each written file is (``"--output"``, ``"the sidecar of --output"``) → its path;
+            every file of the command's commit unit, so that no part of one output lands on an input.
+        inputs: what each read file is (``"--data"``, ``"the sidecar of --scores"``) → its path (None and
+            ``""`` entries are skipped): every file of the inputs' commit units, since writing over an
+            input's sidecar breaks the input as surely as writing over the input itself.
+    """
+    named = [(k, Path(v)) for k, v in inputs.items() if v is not None and str(v)]
+    outs = [(k, Path(v)) for k, v in outputs.items()]
+    for i, (what, target) in enumerate(outs):
+        for other, src in named + outs[:i]:
+            if same_file(target, src):
+                kind = "an input" if (other, src) in named else "another output"
+                raise ValueError(
+                    f"{what} {str(target)!r} is {other} {str(src)!r} ({kind} of this command); choose "
+                    "another path: writing there would destroy it"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import tyro
 
 from prefprune import __version__
 from prefprune._io import output_lock
-from prefprune.data.config import DataConfig, load_data
+from prefprune.data import pairs_digest
+from prefprune.data.config import DataConfig, absolute_source, load_data
 from prefprune.ensemble import member_path, score_ensemble
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
 from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
@@ -110,8 +111,8 @@ class TrainCommand:
     def _run(self) -> int:
         start = time.perf_counter()
         data = load_data(self.data)
-        held = load_data(self.data, source=self.eval_data) if self.eval_data is not None else None
-        train, held = split_for_eval(data, self.eval_fraction, seed=self.train.seed, held_out=held)
+        given = load_data(self.data, source=self.eval_data) if self.eval_data is not None else None
+        train, held = split_for_eval(data, self.eval_fraction, seed=self.train.seed, held_out=given)
         n_held = len(held) if held is not None else 0
         logger.info(
             "data: %s (%s), %d training pairs, %d held out",
@@ -121,15 +122,22 @@ class TrainCommand:
             n_held,
         )
         model, tokenizer = build_model(self.model, seed=self.train.seed)
-        metrics = train_reward_model(model, tokenizer, train, config=self.train, eval_data=held)
+        metrics = train_reward_model(model, tokenizer, train, config=self.train, eval_data=held,
+                                     checkpoint_dir=self.output)
+        # Absolute paths and the pairs' digests: validate reads the same files from anywhere, or says why not.
+        data_config = dataclasses.replace(self.data, source=absolute_source(self.data.source))
+        eval_source = absolute_source(self.eval_data) if self.eval_data is not None else None
         provenance = {
             "data": {
-                "source": self.data.source,
+                "source": data_config.source,
+                "digest": pairs_digest(data),
+                "eval_digest": pairs_digest(given) if given is not None else None,
                 "schema": data.schema,
                 "stats": data.stats,
                 "n_train": len(train),
                 "n_eval": n_held,
-                "eval_data": self.eval_data,
+                "n_eval_in_training_data": held.stats.get("dropped_in_training_data", 0) if held else 0,
+                "eval_data": eval_source,
                 "eval_fraction": None if self.eval_data else self.eval_fraction,
                 "split_seed": self.train.seed,
                 "synthetic": self.data.is_synthetic
@@ -145,7 +153,7 @@ class TrainCommand:
         out = Path(self.output)
         extra = {
             "train_config": dataclasses.asdict(self.train),
-            "data_config": dataclasses.asdict(self.data),
+            "data_config": dataclasses.asdict(data_config),
             "model_config": dataclasses.asdict(self.model),
             **provenance,
         }
@@ -156,7 +164,9 @@ class TrainCommand:
         summary = f"trained on {metrics['n_train']} pairs in {metrics['wall_time_s']:.0f} s"
         if ev:
             summary += f"; held-out accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}, mean margin "
-            summary += f"{ev['mean_margin']:.3f} (n={ev['n']})"
+            summary += f"{ev['mean_margin']:.3f} (n={ev['n']}"
+            dropped = held.stats.get("dropped_in_training_data", 0) if held is not None else 0
+            summary += f"; {dropped} pairs of --eval-data also in --data left out)" if dropped else ")"
         print(f"{summary}; saved to {out}")
         return 0
 
@@ -232,10 +242,13 @@ class ScoreCommand:
     train: str = _opt("training pairs to score (a file or hub dataset id)")
     val: str = _opt("validation pairs (never truncated)")
     output: str = _opt(
-        "score file: .parquet, .jsonl or .csv (its folder must exist); an earlier score file there is "
-        "replaced with its sidecar OUTPUT.json, any other existing file only with --overwrite"
+        "score file: .parquet, .jsonl or .csv (its folder must exist); written as one unit with its sidecar "
+        "OUTPUT.json (and OUTPUT.per_query.safetensors with --per-query); an earlier score file's unit there "
+        "is replaced whole, any other existing file only with --overwrite; never an input"
     )
-    overwrite: bool = _opt("replace an existing --output that is not a prefprune score file", default=False)
+    overwrite: bool = _opt(
+        "replace existing files at OUTPUT, OUTPUT.json or OUTPUT.per_query.safetensors that are not a "
+        "prefprune score file's", default=False)
     schema: Literal["auto", "tldr", "prompt_chosen_rejected", "hh"] = _opt(
         "record layout of both sources; auto = detect from the first record", default="auto"
     )
@@ -269,6 +282,7 @@ class ScoreCommand:
         print(
             f"scored {len(result)} pairs ({s.curvature}, damping {s.damping:g}, {solve}) in {total:.1f} s; "
             f"wrote {self.output} and {self.output}.json"
+            + (f" and {self.output}.per_query.safetensors" if result.per_query is not None else "")
         )
         return 0
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from prefprune.score import score_model
-from prefprune.scorefile import write_scores
+from prefprune.scorefile import check_output_path, write_scores
 
 __all__ = ["EnsembleResult", "average_tables", "member_path", "score_ensemble"]
 
@@ -82,14 +82,18 @@ def score_ensemble(model_dirs: Sequence[str], train: Any, val: Any, output: str 
     Returns:
         (EnsembleResult, list of the members' ScoreResults).
     """
+    inputs = {k: v for k, v in {"--train": train, "--val": val}.items() if isinstance(v, str | os.PathLike)}
+    overwrite = kw.get("overwrite", False)
+    check_output_path(output, overwrite=overwrite, inputs=inputs)  # before any member is scored
     members = [score_model(m, train, val, member_path(output, k), **kw) for k, m in enumerate(model_dirs)]
     result = average_tables(members, sources=[str(m) for m in model_dirs])
     first = members[0].metadata
     result.metadata.update(
         {
             "settings": first.get("settings"),
+            "sources": {**(first.get("sources") or {}), "model": [str(m) for m in model_dirs]},
             "members": [str(member_path(output, k)) for k in range(len(members))],
         }
     )
-    write_scores(result, output)
+    write_scores(result, output, overwrite=overwrite, inputs=inputs)
     return result, members

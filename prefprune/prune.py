@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from prefprune._io import atomic_write_bytes, commit_files, output_lock
-from prefprune.data import PreferenceDataset, load_preferences
+from prefprune._io import atomic_write_bytes, commit_files, output_lock, refuse_overlap
+from prefprune.data import PreferenceDataset, load_preferences, pairs_digest
 from prefprune.metrics import suspicion_order
-from prefprune.scorefile import ScoreTable, read_score_table
+from prefprune.scorefile import ScoreTable, read_score_table, unit_paths
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ __all__ = [
     "Selection",
     "check_fraction",
     "check_ids_match",
+    "check_same_data",
     "higher_is_suspect",
     "n_to_select",
     "prune_dataset",
@@ -90,6 +91,27 @@ def n_to_select(n: int, fraction: float) -> int:
             f"fraction {fraction} of {n} pairs selects {k} pairs; need at least 1 and fewer than {n}"
         )
     return k
+
+
+def check_same_data(dataset: PreferenceDataset, table: ScoreTable) -> None:
+    """Raise ValueError unless `dataset` holds the very pairs `table` was scored on.
+
+    The ids must match (`check_ids_match`), and when the score file's sidecar records the digest of its
+    training pairs (`prefprune.data.pairs_digest`), so must the texts and labels: a file with the same ids
+    and swapped labels is other data, and its scores say nothing about it.
+    """
+    check_ids_match(list(dataset.ids), table)
+    sources = table.metadata.get("sources") if isinstance(table.metadata, Mapping) else None
+    want = sources.get("train_digest") if isinstance(sources, Mapping) else None
+    if want is None:
+        return
+    have = pairs_digest(dataset)
+    if have != want:
+        raise ValueError(
+            f"the data {dataset.source!r} is not the data the score file {table.source} was computed on: the "
+            f"ids match but the texts or labels differ (pairs digest {have[:12]}…; the sidecar records "
+            f"{want[:12]}… for {sources.get('train')!r}); prune the data that was scored, or score this data"
+        )
 
 
 def check_ids_match(dataset_ids: Sequence[str], table: ScoreTable) -> None:
@@ -231,21 +253,6 @@ def write_ids(ids: Sequence[str], path: str | os.PathLike) -> None:
     atomic_write_bytes(p, data)
 
 
-def _refuse_inputs(option: str, target: Path, inputs: Mapping[str, Any]) -> None:
-    """An output path that names an input file would destroy it: refuse before any work."""
-    for what, src in inputs.items():
-        if not isinstance(src, str | os.PathLike) or not str(src):
-            continue
-        same = Path(src).resolve() == target.resolve()
-        if not same and target.exists() and Path(src).exists():
-            same = os.path.samefile(src, target)
-        if same:
-            raise ValueError(
-                f"{option} {str(target)!r} is the {what} {str(src)!r}; choose another path "
-                "(writing there would overwrite the input)"
-            )
-
-
 def prune_file(
     data: str | os.PathLike,
     scores: str | os.PathLike | None,
@@ -283,9 +290,10 @@ def prune_file(
     out = Path(output)
     ids_path = Path(removed_ids) if removed_ids is not None else out.with_name(out.name + ".removed.txt")
     src = data if isinstance(data, str | os.PathLike) else getattr(data, "source", None)
-    inputs = {"input data": src, "score file": scores}
-    _refuse_inputs("--output", out, inputs)
-    _refuse_inputs("--removed-ids", ids_path, {**inputs, "output": out})
+    # Neither output may land on an input or on any file of the score file's unit (its sidecar above all:
+    # the next prune would fail), nor on the other output.
+    inputs = {"the input data": src, **(unit_paths(scores) if scores is not None else {})}
+    refuse_overlap({"--output": out, "--removed-ids": ids_path}, inputs)
     table = None
     if method != "random":
         if scores is None:
@@ -297,6 +305,8 @@ def prune_file(
     else:
         dataset = data
         data = dataset.source or "<dataset>"
+    if table is not None:
+        check_same_data(dataset, table)
     pruned, sel = prune_dataset(
         dataset, table, method=method, fraction=fraction, mode=mode, keep=keep, seed=seed
     )

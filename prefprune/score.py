@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from prefprune import distributed, shards
-from prefprune.data import load_preferences
-from prefprune.influence.per_query import write_per_query_of
+from prefprune.data import load_preferences, pairs_digest
+from prefprune.data.config import absolute_source
 from prefprune.influence.scorer import InfluenceScorer
 from prefprune.influence.settings import ScoreConfig, ScoreResult
 from prefprune.model import load_reward_model
@@ -91,7 +91,8 @@ def score_model(
     device: str | None = None,
     overwrite: bool = False,
 ) -> ScoreResult:
-    """Load a saved reward model and the data, score, and write `output` plus its sidecar.
+    """Load a saved reward model and the data, score, and write `output`, its sidecar and any per-query
+    matrix as one unit (`prefprune.scorefile.write_scores`).
 
     Args:
         model_dir: folder written by `prefprune.model.save_reward_model` / `prefprune train`.
@@ -111,7 +112,9 @@ def score_model(
     """
     config = config or ScoreConfig()
     config.validate()
-    out = check_output_path(output, overwrite=overwrite)
+    inputs = {k: v for k, v in {"--train": train, "--val": val, "--model": model_dir}.items()
+              if isinstance(v, str | os.PathLike)}
+    out = check_output_path(output, overwrite=overwrite, inputs=inputs)
     if not Path(model_dir).is_dir():
         raise ValueError(f"model folder {str(model_dir)!r} does not exist")
     train_src = str(train) if isinstance(train, str | os.PathLike) else "<pairs>"
@@ -131,14 +134,15 @@ def score_model(
             raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
         result = score_pairs(model, tokenizer, train, val, config=config, work_dir=work)
         result.metadata["sources"] = {
-            "model": str(model_dir), "train": train_src, "val": val_src, "schema": schema,
-            "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
+            "model": absolute_source(model_dir), "train": absolute_source(train_src),
+            "val": absolute_source(val_src),
+            "schema": schema, "train_split": train_split, "val_split": val_split, "max_pairs": max_pairs,
+            "train_digest": pairs_digest(train), "val_digest": pairs_digest(val),
         }
         failure = None
         if distributed.rank() == 0:  # every rank holds the merged rows; one writes them
             try:
-                write_scores(result, out, overwrite=overwrite)
-                write_per_query_of(result, out)
+                write_scores(result, out, overwrite=overwrite, inputs=inputs)
             except Exception as err:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 failure = err
         told = distributed.broadcast_object(None if failure is None else f"{type(failure).__name__}: "

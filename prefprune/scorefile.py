@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from prefprune._io import commit_files, jsonable, output_lock, recover_commit, sha256_bytes
+from prefprune._io import commit_files, jsonable, output_lock, recover_commit, refuse_overlap, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,15 @@ __all__ = [
     "OUTPUT_EXTENSIONS",
     "ScoreTable",
     "check_output_path",
+    "encode_per_query",
     "encode_table",
     "is_score_file",
+    "per_query_path",
+    "read_per_query",
     "read_score_table",
     "read_sidecar",
     "sidecar_path",
+    "unit_paths",
     "write_scores",
 ]
 
@@ -51,6 +55,18 @@ _COS_TOL = 1e-9  # a cosine computed in floating point may pass 1 by rounding, n
 def sidecar_path(path: str | os.PathLike) -> Path:
     """``<score file>.json``."""
     return Path(str(path) + ".json")
+
+
+def per_query_path(path: str | os.PathLike) -> Path:
+    """``<score file>.per_query.safetensors``: the (train × validation) matrix of ``--per-query``."""
+    return Path(str(path) + ".per_query.safetensors")
+
+
+def unit_paths(path: str | os.PathLike, what: str = "the score file") -> dict[str, Path]:
+    """Every file of a score file's commit unit, by what it is: the file, its sidecar, its per-query matrix
+    (for `prefprune._io.refuse_overlap`: writing over any of them breaks the score file)."""
+    return {what: Path(path), f"{what}'s sidecar": sidecar_path(path),
+            f"{what}'s per-query matrix": per_query_path(path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,11 +83,31 @@ def is_score_file(path: str | os.PathLike) -> bool:
     return isinstance(meta, Mapping) and str(meta.get("format", "")).startswith("prefprune.scores")
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """The output path, checked: known extension, existing folder, not a folder itself.
+def _is_our_per_query(path: Path) -> bool:
+    """Whether `path` is a per-query matrix prefprune wrote (its safetensors header says so)."""
+    from safetensors import safe_open
 
-    An existing file is replaced only when it is a prefprune score file (it has our sidecar) or
-    `overwrite` is True; anything else there is an error, so a typo cannot destroy unrelated data.
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 -- anything unreadable is not ours
+        return False
+    return str(meta.get("format", "")).startswith("prefprune.per_query")
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+) -> Path:
+    """The output path, checked: known extension, existing folder, not a folder itself, no input.
+
+    The score file is written with its sidecar (and per-query matrix) as one unit (`unit_paths`). An
+    existing file of the unit is replaced only when it belongs to an earlier score file (the sidecar is
+    in the prefprune format; a per-query matrix says so in its header) or `overwrite` is True; anything
+    else there is an error, so a typo cannot destroy unrelated data. No file of the unit may be one of
+    `inputs` (what → path), whatever `overwrite` says.
     """
     p = Path(path)
     if p.suffix.lower() not in OUTPUT_EXTENSIONS:
@@ -79,13 +115,21 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"output {str(p)!r}: folder {str(parent)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"output {str(p)!r} is a folder")
-    if not overwrite and p.exists() and not is_score_file(p):
+    unit = unit_paths(p, "--output")
+    refuse_overlap(unit, inputs or {})
+    for what, f in unit.items():
+        if f.is_dir():
+            raise ValueError(f"{what} {str(f)!r} is a folder")
+    if overwrite:
+        return p
+    ours = is_score_file(p)
+    for what, f in unit.items():
+        if not f.exists() or (ours and (f != per_query_path(p) or _is_our_per_query(f))):
+            continue
+        why = (f"not a prefprune score file (no sidecar {str(sidecar_path(p))!r} in the {FORMAT} format)"
+               if f == p else "not part of an earlier prefprune score file")
         raise ValueError(
-            f"output {str(p)!r} exists and is not a prefprune score file (no sidecar "
-            f"{str(sidecar_path(p))!r} in the {FORMAT} format); pass --overwrite (overwrite=True) to "
-            "replace it"
+            f"{what} {str(f)!r} exists and is {why}; pass --overwrite (overwrite=True) to replace it"
         )
     return p
 
@@ -130,25 +174,61 @@ def encode_table(ids: Sequence[str], columns: Mapping[str, np.ndarray], suffix: 
     return buf.getvalue().encode()
 
 
-def write_scores(result: Any, path: str | os.PathLike, *, overwrite: bool = True) -> None:
-    """Write a score result (`ids`, `columns`, `metadata`) to `path` and its sidecar, as one unit.
+def encode_per_query(per_query: Mapping[str, Any]) -> bytes:
+    """The bytes of a per-query matrix file: one (n_train, n_val) float64 tensor per damping column.
 
-    The sidecar gets a ``content`` entry (SHA-256, bytes, rows, columns of the score file) that
-    `read_score_table` verifies. Both files are committed together under the output's lock: a crash
-    at any moment leaves the previous pair or the new one.
+    Args:
+        per_query: ``matrix`` (n_train, n_val, L), ``row_ids`` (training pairs), ``col_ids`` (validation
+            pairs), ``column_names`` (``influence`` or ``influence@<λ>``, the tensor names) and ``dampings``;
+            the ids and dampings go into the safetensors metadata as JSON, so the file describes itself.
+    """
+    from safetensors.numpy import save
+
+    matrix = np.asarray(per_query["matrix"], dtype=np.float64)
+    rows, cols = list(per_query["row_ids"]), list(per_query["col_ids"])
+    names = list(per_query["column_names"])
+    if matrix.shape != (len(rows), len(cols), len(names)):
+        raise ValueError(
+            f"per-query matrix shape {matrix.shape} does not match ({len(rows)}, {len(cols)}, {len(names)})"
+        )
+    tensors = {name: np.ascontiguousarray(matrix[:, :, i]) for i, name in enumerate(names)}
+    meta = {
+        "format": "prefprune.per_query/1",
+        "row_ids": json.dumps([str(i) for i in rows]),
+        "col_ids": json.dumps([str(i) for i in cols]),
+        "dampings": json.dumps([float(x) for x in per_query["dampings"]]),
+        "columns": json.dumps(names),
+        "sign_convention": "positive = training pair helps the validation pair",
+    }
+    return save(tensors, metadata=meta)
+
+
+def write_scores(result: Any, path: str | os.PathLike, *, overwrite: bool = True,
+                 inputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:
+    """Write a score result (`ids`, `columns`, `metadata`, optional `per_query`) as one unit: the score
+    file, its sidecar and, with a per-query matrix, ``<path>.per_query.safetensors``.
+
+    The sidecar gets a ``content`` entry (SHA-256, bytes, rows, columns of the score file; the per-query
+    file's SHA-256 and bytes, or None) that `read_score_table` and `read_per_query` verify. The files are
+    committed together under the output's lock (`prefprune._io.commit_files`): a crash at any moment
+    leaves the previous unit or the new one, and a per-query matrix of the previous unit that the new one
+    has not is removed with the commit, so no file outlives its unit.
 
     Args:
         result: a `prefprune.score.ScoreResult` (or anything with `ids`, `columns`, `metadata`).
         path: .parquet, .jsonl or .csv.
-        overwrite: also replace an existing file that is not a prefprune score file.
+        overwrite: also replace existing files of the unit that are not prefprune's (`check_output_path`).
+        inputs: files the run read (what → path); no file of the unit may be one of them.
     """
-    p = check_output_path(path, overwrite=overwrite)
+    p = check_output_path(path, overwrite=overwrite, inputs=inputs)
     ids = [str(i) for i in result.ids]
     for r, pid in enumerate(ids):
         if not pid or "\n" in pid or "\r" in pid:
             raise ValueError(f"{p}: row {r + 1}: pair id {pid!r} is empty or holds a line break")
     columns = {k: np.asarray(v, dtype=np.float64) for k, v in result.columns.items()}
     data = encode_table(ids, columns, p.suffix.lower())
+    pq = getattr(result, "per_query", None)
+    pq_data = encode_per_query(pq) if pq is not None else None
     meta = dict(jsonable(result.metadata, finite=True))
     meta.setdefault("format", FORMAT)
     meta["content"] = {
@@ -157,10 +237,54 @@ def write_scores(result: Any, path: str | os.PathLike, *, overwrite: bool = True
         "bytes": len(data),
         "rows": len(ids),
         "columns": ["id", *[c for c in COLUMNS if c in columns], *[c for c in columns if c not in COLUMNS]],
+        "per_query": None if pq_data is None else {
+            "file": per_query_path(p).name, "sha256": sha256_bytes(pq_data), "bytes": len(pq_data)},
     }
     sidecar = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    files = [(p, data), (sidecar_path(p), sidecar.encode())]
+    stale = []
+    if pq_data is not None:
+        files.append((per_query_path(p), pq_data))
+    elif per_query_path(p).exists() and _is_our_per_query(per_query_path(p)):
+        stale.append(per_query_path(p))
     with output_lock(p, what="prefprune score"):
-        commit_files([(p, data), (sidecar_path(p), sidecar.encode())])
+        commit_files(files, remove=stale)
+
+
+def read_per_query(path: str | os.PathLike) -> dict[str, Any]:
+    """The per-query matrix of the score file `path`, verified against the score file's sidecar.
+
+    Returns:
+        ``matrix`` (n_train, n_val, L) float64, ``row_ids``, ``col_ids``, ``column_names``, ``dampings``.
+
+    Raises:
+        ValueError: the sidecar records no per-query matrix, or the file is not the one it records (a
+            matrix from another run beside this score file).
+    """
+    from safetensors.numpy import load
+
+    p = Path(path)
+    recover_commit(p)
+    meta = read_sidecar(sidecar_path(p))
+    want = (meta.get("content") or {}).get("per_query")
+    f = per_query_path(p)
+    if not isinstance(want, Mapping):
+        raise ValueError(f"{sidecar_path(p)}: the score run wrote no per-query matrix (score --per-query)")
+    raw = f.read_bytes() if f.is_file() else b""
+    if sha256_bytes(raw) != want.get("sha256"):
+        raise ValueError(
+            f"{f}: not the per-query matrix the sidecar {sidecar_path(p)} records (sha256 "
+            f"{sha256_bytes(raw)[:16]}…, the sidecar says {str(want.get('sha256'))[:16]}…); score again"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="numpy") as fh:
+        info = fh.metadata() or {}
+    tensors = load(raw)
+    names = json.loads(info["columns"]) if "columns" in info else list(tensors)
+    return {"matrix": np.stack([tensors[n] for n in names], axis=-1), "row_ids": json.loads(info["row_ids"]),
+            "col_ids": json.loads(info["col_ids"]), "column_names": names,
+            "dampings": json.loads(info["dampings"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +389,19 @@ def _id_of(src: str, where: str, v: Any) -> str:
     return str(v)
 
 
+class _DuplicateField(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateField(key)
+        out[key] = value
+    return out
+
+
 def _parse_jsonl(src: str, data: bytes) -> tuple[list[str], dict[str, list[float]], list[str]]:
     ids: list[str] = []
     cols: dict[str, list[float]] | None = None
@@ -279,11 +416,13 @@ def _parse_jsonl(src: str, data: bytes) -> tuple[list[str], dict[str, list[float
         except UnicodeDecodeError as e:
             raise _utf8_error(src, data, e, start) from None
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(
                 f"{src}: line {line_no}: invalid JSON ({e.msg} at character {e.colno})"
             ) from None
+        except _DuplicateField as e:
+            raise ValueError(f"{src}: line {line_no}: field {e.args[0]!r} is given twice") from None
         here = f"line {line_no}, row {len(ids) + 1}"
         if not isinstance(rec, dict):
             raise ValueError(f"{src}: {here}: expected a JSON object, got {type(rec).__name__}")

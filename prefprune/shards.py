@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,13 +85,15 @@ def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score")
     rank touches the folder and keeps it until the block ends, the final file's commit included. The
     other ranks wait for rank 0's outcome, so a run whose output is taken stops on every rank with the
     same `OutputLocked` naming the holder's pid, and none hangs. On a normal exit every rank passes a
-    barrier before rank 0 lets go (no rank still removes the folder when the next run takes it); a
-    folder that a failed run left empty is removed (one with chunks stays, for ``--resume``).
+    barrier before rank 0 lets go (no rank still removes the folder when the next run takes it). A run
+    that fails removes the folder it created when it saved no solve and no chunk there (a bad setting
+    leaves nothing that would refuse the corrected run); one with work stays, for ``--resume``.
 
     Yields:
         The work folder.
     """
     path = work_dir_for(output)
+    fresh = not path.exists()  # a folder an earlier run left is that run's, whatever becomes of this one
     with contextlib.ExitStack() as held:
         failure: BaseException | None = None
         if distributed.rank() == 0:
@@ -110,10 +113,26 @@ def locked_work_dir(output: str | os.PathLike, *, what: str = "prefprune score")
             yield path
         except BaseException:
             if distributed.rank() == 0:
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # only when empty
+                if fresh:
+                    _discard_if_no_work(path)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.rmdir()  # only when empty
             raise
         distributed.barrier()
+
+
+def _discard_if_no_work(path: Path) -> None:
+    """Remove the work folder of a failed run that saved nothing worth resuming (no solve, no chunk): a run
+    stopped by a bad setting leaves nothing that would refuse the next run with corrected settings."""
+    if not path.is_dir():
+        return
+    if (path / "solve.safetensors").exists() or any((path / "chunks").glob("*")):
+        return
+    if any(f.name not in ("fingerprint.json", "chunks") and not f.name.startswith(".")
+           and not f.name.startswith("manifest-rank") for f in path.iterdir()):
+        return  # something this code did not write: leave it
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -178,7 +197,8 @@ class WorkFolder:
             if not resume:
                 raise ResumeMismatchError(
                     f"{str(self.path)!r} holds the score shards of an earlier, unfinished run; pass --resume "
-                    "(ScoreConfig.resume=True) to continue it, or remove the folder to start over"
+                    f"(ScoreConfig.resume=True) to continue it, or remove that folder (rm -r "
+                    f"{shlex.quote(str(self.path))}) to start over"
                 )
             try:
                 old = json.loads(record.read_text())
@@ -193,7 +213,8 @@ class WorkFolder:
                     detail = " (settings: " + "; ".join(_describe_change(old_settings, self.settings)) + ")"
                 raise ResumeMismatchError(
                     f"cannot resume from {str(self.path)!r}: {', '.join(changed)} changed since the run that "
-                    f"wrote it{detail}; rerun with the original inputs, or remove the folder to start over"
+                    f"wrote it{detail}; rerun with the original inputs, or remove that folder (rm -r "
+                    f"{shlex.quote(str(self.path))}) to start over"
                 )
             logger.info("resuming from %s", self.path)
             return

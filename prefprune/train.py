@@ -41,6 +41,7 @@ from prefprune.checkpoint import (
     training_fingerprint,
 )
 from prefprune.data import EncodedPair, PreferencePair, collate_pairs, encode_pairs
+from prefprune.data.encode import too_long_message
 from prefprune.model import reward_forward, save_reward_model
 
 __all__ = [
@@ -296,13 +297,42 @@ def split_for_eval(
     """(training pairs, held-out pairs or None): `held_out` when given (then all of `data` is trained on),
     else a `fraction` of `data` split off by pair id and `seed`; fraction 0 holds nothing out."""
     if held_out is not None:
-        return data, held_out
+        return data, _without_training_pairs(held_out, data)
     if fraction == 0:
         return data, None
     if not 0 < fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
     train, held = data.split([1 - fraction, fraction], seed=seed)
     return train, held
+
+
+def _without_training_pairs(held: Any, train: Any) -> Any:
+    """`held` less the pairs that are also in `train` (the same prompt and the same two responses, either
+    way round): accuracy on a pair the model was trained on measures memory, not generalisation."""
+
+    def key(p: PreferencePair) -> tuple:
+        return p.prompt, frozenset((p.chosen, p.rejected))
+
+    seen = {key(p) for p in train}
+    both = [p.id for p in held if key(p) in seen]
+    if not both:
+        return held
+    src, tsrc = getattr(held, "source", "") or "the evaluation data", getattr(train, "source", "") or "--data"
+    if len(both) == len(held):
+        raise ValueError(
+            f"evaluation data {src!r}: all {len(held)} pairs are also in the training data {tsrc!r}; a "
+            "held-out accuracy on them would measure memory, not generalisation. Give pairs that are not in "
+            "--data, or leave out --eval-data to hold out --eval-fraction of --data"
+        )
+    logger.warning(
+        "evaluation data %s: %d of its %d pairs are also in the training data %s and are left out of the "
+        "held-out evaluation (e.g. %s)", src, len(both), len(held), tsrc, ", ".join(both[:_LOG_IDS])
+    )
+    if not hasattr(held, "exclude"):  # a plain sequence of pairs
+        return [p for p in held if key(p) not in seen]
+    kept = held.exclude(both)
+    kept.stats["dropped_in_training_data"] = len(both)
+    return kept
 
 
 @torch.no_grad()
@@ -348,7 +378,7 @@ def evaluate(
         data, tokenizer, max_length=max_length, truncation=truncation, too_long=too_long
     )
     if not encoded:
-        raise ValueError(f"evaluate: none of the {len(data)} pairs fits max_length={max_length}")
+        raise ValueError("evaluate: " + too_long_message("pairs", data, tokenizer, max_length))
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     pad = _pad_id(tokenizer)
     side = getattr(tokenizer, "padding_side", "right")
@@ -396,6 +426,7 @@ def train_reward_model(
     config: TrainConfig | None = None,
     eval_data: Sequence[PreferencePair] | None = None,
     output_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of a reward model with the Bradley–Terry loss.
 
@@ -409,6 +440,8 @@ def train_reward_model(
         config: Settings; default ``TrainConfig()``.
         eval_data: Held-out pairs, evaluated after every epoch.
         output_dir: When given, the model is saved there (``save_reward_model``) with ``metrics.json``.
+        checkpoint_dir: Where ``checkpoint.pt`` goes with ``config.checkpoint_every`` / ``config.resume``
+            (default `output_dir`; the CLI saves the model itself, with its provenance, and gives this).
 
     Returns:
         Metrics: ``train_loss``/``train_accuracy`` (mean over the last epoch's pairs, as trained),
@@ -432,7 +465,7 @@ def train_reward_model(
         train, tokenizer, max_length=config.max_length, truncation=config.truncation, too_long=config.too_long
     )
     if not encoded:
-        raise ValueError(f"none of the {len(train)} training pairs fits max_length={config.max_length}")
+        raise ValueError(too_long_message("training pairs", train, tokenizer, config.max_length))
     pad = _pad_id(tokenizer)
     side = getattr(tokenizer, "padding_side", "right")
 
@@ -462,10 +495,11 @@ def train_reward_model(
     epoch_loss = epoch_correct = epoch_n = 0.0
     ckpt_path = fingerprint = resumed = None
     if config.checkpoint_every is not None or config.resume:
-        if output_dir is None:
+        ckpt_dir = checkpoint_dir if checkpoint_dir is not None else output_dir
+        if ckpt_dir is None:
             raise ValueError("checkpoint_every and resume need an output folder (output_dir / --output)")
-        ckpt_path = Path(output_dir) / CHECKPOINT_FILE
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        ckpt_path = Path(ckpt_dir) / CHECKPOINT_FILE
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
         fingerprint = training_fingerprint(model, asdict(config), encoded)
         resumed = load_checkpoint(ckpt_path, fingerprint) if config.resume else None
     start_epoch = start_window = 0

@@ -42,14 +42,15 @@ from tqdm.auto import tqdm
 
 from prefprune import score as score_mod
 from prefprune import train as train_mod
-from prefprune._io import atomic_write
+from prefprune._io import atomic_write, jsonable
 from prefprune.bootstrap import correlation_interval, pearson, spearman
+from prefprune.data import pairs_digest
 from prefprune.ensemble import average_tables
 from prefprune.experiment.results import score_result_table
-from prefprune.experiment.steps import StepStore, write_json
+from prefprune.experiment.steps import StepStore, read_json, write_json
 from prefprune.influence.curvature import CurvatureName
 from prefprune.influence.plan import damping_column_names
-from prefprune.prune import ScoreTable, check_ids_match, read_score_table
+from prefprune.prune import ScoreTable, check_ids_match, check_same_data, read_score_table
 from prefprune.score import ScoreConfig
 from prefprune.validation_setup import ValidationSetup, setup_from_experiment, setup_from_folder
 
@@ -60,6 +61,7 @@ __all__ = ["ValidateConfig", "ValidationSetup", "run_validation", "validation_su
 #: Score columns whose sign convention is "positive = helpful" (a prediction of the loss change).
 PREDICTIVE = ("grad_dot", "grad_cos")
 RESULTS_FILE = "validate.json"
+INPUTS_FILE = "inputs.json"  # digests of the data and settings every step file of the folder depends on
 SCATTER_PLOT = "validate_scatter.png"
 MIN_VALIDATION_PAIRS = 10
 MIN_SUBSETS = 5
@@ -92,7 +94,9 @@ class ValidateConfig:
     )
     output: str = field(
         default="runs/validate",
-        metadata={"help": "folder for validate.json, the scatter plot and the per-retrain step files"},
+        metadata={"help": "folder for validate.json, the scatter plot, the per-retrain step files and "
+                          "inputs.json (the digests of the data and settings those steps belong to: a rerun "
+                          "with other inputs is refused)"},
     )
     subsets: int = field(default=20, metadata={"help": "S: random subsets retrained for the LDS (>= 5)"})
     fraction: float = field(
@@ -153,6 +157,29 @@ class ValidateConfig:
             raise ValueError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
         if not 0 < self.interval_level < 1:
             raise ValueError(f"interval_level must be in (0, 1), got {self.interval_level}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the folder's retrains belong to
+
+
+def _check_inputs(out: Path, setup: ValidationSetup) -> None:
+    """Record what the retrains of `out` depend on; refuse a folder holding retrains of other inputs."""
+    settings = {k: v for k, v in dataclasses.asdict(setup.train_config).items()
+                if k not in ("progress", "device", "eval_batch_size")}
+    inputs = {"training data": pairs_digest(setup.train), "validation data": pairs_digest(setup.val),
+              "training settings": jsonable(settings)}
+    path = out / INPUTS_FILE
+    old = read_json(path)
+    if old is not None:
+        changed = [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
+        if changed:
+            raise ValueError(
+                f"{out} holds the retrains of a validation with other inputs ({', '.join(changed)} changed "
+                f"since {path} was written); choose another --output, or remove {out} to start over"
+            )
+    else:
+        write_json(path, inputs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,7 +274,8 @@ def _scored(
     return ScoreTable.from_json(rec, source=str(steps.root / rel))
 
 
-def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str]) -> dict[str, np.ndarray]:
+def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str], *, train: Any = None
+             ) -> dict[str, np.ndarray]:
     """Every validated column, aligned with `ids`: influence@λ, grad_dot, grad_cos (and their ensemble:
     means), then the extra files' columns."""
     cols: dict[str, np.ndarray] = {}
@@ -262,7 +290,10 @@ def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str]) -> dict[
                 cols[prefix + c] = table.columns[prefix + c][order]
     for path in vc.scores:
         tab = read_score_table(path)
-        check_ids_match(list(ids), tab)
+        if train is not None:  # the ids and, where its sidecar records them, the texts and labels
+            check_same_data(train, tab)
+        else:
+            check_ids_match(list(ids), tab)
         pos = {i: k for k, i in enumerate(tab.ids)}
         order = np.asarray([pos[i] for i in ids])
         for c, values in tab.columns.items():
@@ -420,6 +451,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     left_outs, loo_ids = _draws(vc, ids)
     out = Path(vc.output)
     out.mkdir(parents=True, exist_ok=True)
+    _check_inputs(out, setup)
     steps = StepStore(out)
     n_retrains = 1 + len(left_outs) + len(loo_ids) + len(vc.ensemble)
     logger.info(
@@ -449,7 +481,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
         (n_retrains - 1) * ref["seconds"] * (1 + vc.fraction) / 2 / 60,
     )
     table = _score_tables(vc, setup, rt, steps)
-    cols = _columns(vc, table, ids)
+    cols = _columns(vc, table, ids, train=setup.train)
     jobs = [(f"subsets/{k:03d}.json", lo) for k, lo in enumerate(left_outs)]
     jobs += [(f"loo/{k:03d}.json", [i]) for k, i in enumerate(loo_ids)]
     done = _retrain_all(rt, setup, steps, jobs, vc.progress)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from prefprune import train as train_mod
 from prefprune._config import from_mapping
-from prefprune.data.config import DataConfig, load_data
+from prefprune.data import pairs_digest
+from prefprune.data.config import SYNTHETIC, DataConfig, load_data
 from prefprune.experiment.config import load_config
 from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
 from prefprune.model import ModelConfig, build_model, training_metadata
 from prefprune.score import ScoreConfig
 from prefprune.train import TrainConfig, split_for_eval
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ValidationSetup", "setup_from_experiment", "setup_from_folder"]
 
@@ -44,6 +49,21 @@ class ValidationSetup:
     reseed: Callable[[int], ValidationSetup] | None = None
 
 
+def _recorded_data(model: str, data_cfg: DataConfig, source: str, digest: str | None, what: str) -> Any:
+    """The data a model folder records, checked against the digest `prefprune train` recorded with it."""
+    if source != SYNTHETIC and not Path(source).is_absolute() and Path(source).exists():
+        logger.warning("%s: the %s %r is recorded relative to the folder prefprune train ran in (an older "
+                       "prefprune); reading %s", model, what, source, Path(source).resolve())
+    data = load_data(data_cfg, source=source)
+    if digest is not None and pairs_digest(data) != digest:
+        raise ValueError(
+            f"{model}: the {what} {source!r} is not the data this model was trained on (pairs digest "
+            f"{pairs_digest(data)[:12]}…; prefprune.json records {digest[:12]}…): the file changed since "
+            "training; restore it, or train again on the changed data"
+        )
+    return data
+
+
 def setup_from_folder(model: str, *, val_source: str | None, device: str | None,
                       score: ScoreConfig) -> ValidationSetup:
     """The setup a model folder written by ``prefprune train`` records (its data, split and settings).
@@ -63,8 +83,10 @@ def setup_from_folder(model: str, *, val_source: str | None, device: str | None,
     data_cfg = from_mapping(DataConfig, meta["data_config"], section="data_config")
     model_cfg = from_mapping(ModelConfig, meta["model_config"], section="model_config")
     info = meta.get("data", {})
-    data = load_data(data_cfg)
-    held = load_data(data_cfg, source=info["eval_data"]) if info.get("eval_data") else None
+    # The files prefprune train read, checked against the digests it recorded (a changed file is refused).
+    data = _recorded_data(model, data_cfg, data_cfg.source, info.get("digest"), "training data")
+    held = (_recorded_data(model, data_cfg, info["eval_data"], info.get("eval_digest"), "evaluation data")
+            if info.get("eval_data") else None)
     train, held = split_for_eval(data, info.get("eval_fraction") or 0.0, seed=train_cfg.seed, held_out=held)
     val = load_data(data_cfg, source=val_source) if val_source is not None else held
     if val is None:

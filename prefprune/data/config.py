@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 from prefprune._config import cli_arg
@@ -10,7 +12,7 @@ from prefprune.data.loading import PreferenceDataset
 from prefprune.data.noise import plant_label_noise, plant_length_bias
 from prefprune.data.synthetic import load_or_generate
 
-__all__ = ["SYNTHETIC", "DataConfig", "SchemaChoice", "load_data"]
+__all__ = ["SYNTHETIC", "DataConfig", "SchemaChoice", "absolute_source", "load_data"]
 
 #: The `source` that generates TL;DR-style pairs instead of reading a file or hub dataset.
 SYNTHETIC = "synthetic"
@@ -78,6 +80,14 @@ class DataConfig:
     @property
     def is_synthetic(self) -> bool:
         return self.source == SYNTHETIC
+
+
+def absolute_source(source: str | os.PathLike) -> str:
+    """A local file or folder as an absolute path (a later stage reads it from any folder); the synthetic
+    generator, a hub id or ``<pairs>`` unchanged."""
+    if str(source) == SYNTHETIC or not Path(source).expanduser().exists():
+        return str(source)
+    return str(Path(source).expanduser().resolve())
 
 
 def load_data(cfg: DataConfig, *, source: str | None = None, plant_noise: bool = False) -> PreferenceDataset:

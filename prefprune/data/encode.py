@@ -154,6 +154,28 @@ def _fit_middle(
     return (mid[:room] if p.truncatable is not None else mid[len(mid) - room :]), True
 
 
+def needed_lengths(data: Sequence[PreferencePair], tokenizer: Any, *, add_eos: bool = False) -> list[int]:
+    """The smallest ``max_length`` each pair fits with its cuttable prompt cut away entirely: special
+    tokens + fixed prompt parts + the longer response (what `encode_pairs` can never cut)."""
+    pre_sp, post_sp = special_tokens_layout(tokenizer)
+    n_special = len(pre_sp) + len(post_sp) + int(add_eos)
+    heads, _, tails = _split_prompts(data)
+    n = len(heads)
+    toks = _tokenize(tokenizer, heads + tails + [p.chosen for p in data] + [p.rejected for p in data])
+    return [n_special + len(toks[i]) + len(toks[n + i]) + max(len(toks[2 * n + i]), len(toks[3 * n + i]))
+            for i in range(n)]
+
+
+def too_long_message(what: str, data: Sequence[PreferencePair], tokenizer: Any, max_length: int) -> str:
+    """"none of the N <what> fits max_length=L", with the setting to raise and to what."""
+    need = sorted(needed_lengths(data, tokenizer))
+    return (
+        f"none of the {len(data)} {what} fits max_length={max_length}, even with the prompt cut: raise "
+        f"max_length (--max-length) to {need[-1]} for all of them to fit ({need[len(need) // 2]}: half; "
+        f"{need[0]}: the shortest), or give shorter responses"
+    )
+
+
 def encode_pairs(
     data: Sequence[PreferencePair],
     tokenizer: Any,

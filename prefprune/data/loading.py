@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -44,6 +45,7 @@ __all__ = [
     "PreferencePair",
     "PreferenceDataset",
     "load_preferences",
+    "pairs_digest",
     "tldr_prompt",
 ]
 
@@ -272,6 +274,19 @@ class PreferenceDataset(Sequence[PreferencePair]):
             # mtime=0 keeps the bytes reproducible for identical content.
             data = gzip.compress(data, mtime=0)
         return data
+
+
+def pairs_digest(pairs: Iterable[PreferencePair]) -> str:
+    """SHA-256 of the pairs' ids and texts, in id order: what every stage that consumes another stage's
+    output compares to know that both read the same data (a changed label or text changes it; the file's
+    format, record order or path does not)."""
+    h = hashlib.sha256()
+    for p in sorted(pairs, key=lambda p: p.id):
+        for part in (p.id, p.prompt, p.chosen, p.rejected):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\x1f")
+        h.update(b"\x1e")
+    return h.hexdigest()
 
 
 def load_preferences(

@@ -48,6 +48,40 @@ def _read_bytes(path: Path) -> bytes:
 RecordStream = Iterator[tuple[int, "Mapping[str, Any] | Exception"]]
 
 
+class _Record(dict):
+    """A JSON object that remembers the first key given twice in it or in an object inside it."""
+
+    duplicate: str | None = None
+
+
+def _inner_duplicate(value: Any) -> str | None:
+    if isinstance(value, _Record):
+        return value.duplicate
+    if isinstance(value, list):
+        return next((d for d in map(_inner_duplicate, value) if d is not None), None)
+    return None
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _Record:
+    # `json` keeps the last of two equal keys without a word; a record with two "chosen" is ambiguous.
+    rec = _Record()
+    for key, value in pairs:
+        if rec.duplicate is None:
+            if key in rec:
+                rec.duplicate = key
+            elif (inner := _inner_duplicate(value)) is not None:
+                rec.duplicate = f"{key}.{inner}"
+        rec[key] = value
+    return rec
+
+
+def _duplicate_key(rec: Any) -> BadRecord | None:
+    dup = _inner_duplicate(rec)
+    if dup is None:
+        return None
+    return BadRecord(dup, f"field {dup!r} is given twice in the record; keep one")
+
+
 def _jsonl_records(data: bytes, path: Path) -> RecordStream:
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -58,17 +92,17 @@ def _jsonl_records(data: bytes, path: Path) -> RecordStream:
             yield lineno, BadRecord("", f"non-UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start} of the line")
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_json_object)
         except json.JSONDecodeError as e:
             yield lineno, BadRecord("", f"malformed JSON ({e.msg} at column {e.colno})")
             continue
-        yield lineno, rec
+        yield lineno, _duplicate_key(rec) or rec
 
 
 def _json_records(data: bytes, path: Path, split: str) -> RecordStream:
     text = data.decode("utf-8", "surrogateescape")
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             # Many ".json" files on the hub are JSON lines; `datasets` reads both, so do we.
@@ -89,7 +123,8 @@ def _json_records(data: bytes, path: Path, split: str) -> RecordStream:
             )
     if not isinstance(doc, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(doc).__name__}")
-    yield from enumerate(doc, start=1)
+    for num, rec in enumerate(doc, start=1):
+        yield num, _duplicate_key(rec) or rec
 
 
 def _csv_value(key: str, value: str | None) -> Any:
@@ -107,6 +142,15 @@ def _csv_value(key: str, value: str | None) -> Any:
 def _csv_records(data: bytes, path: Path) -> RecordStream:
     text = data.decode("utf-8", "surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as e:
+        raise ValueError(f"{path}: line 1: malformed CSV header ({e})") from None
+    dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+    if dup is not None:
+        raise ValueError(
+            f"{path}: line 1: column {dup!r} appears twice in the header (columns {header[:12]}); keep one"
+        )
     while True:
         try:
             row = next(reader)
@@ -167,15 +211,53 @@ def _looks_like_path(source: str) -> bool:
     return s.startswith((".", "/", "~")) or any(s.endswith(ext) for ext in FORMATS)
 
 
+_MODEL_FILES = ("config.json", "adapter_config.json", "prefprune.json", "tokenizer_config.json")
+_WEIGHT_SUFFIXES = (".safetensors",)
+
+
 def _check_data_folder(path: Path) -> None:
-    """A local folder goes to `datasets.load_dataset`: it must hold at least one data file."""
+    """A local folder goes to `datasets.load_dataset`: it must hold data files of one format, and not be a
+    model folder (whose JSON files `datasets` would try to read as records)."""
     files = [f for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
-    if any(f.name.lower().endswith((*FORMATS, ".arrow")) for f in files):
+    model = [f.name for f in files if f.name in _MODEL_FILES or f.suffix in _WEIGHT_SUFFIXES]
+    if model:
+        raise ValueError(
+            f"{path}: a model folder ({', '.join(sorted(set(model))[:4])}), not preference data; give the "
+            "data file (.jsonl, .json, .csv, .parquet) or a folder holding only data files"
+        )
+    kinds: dict[str, list[str]] = {}
+    for f in files:
+        name = f.name.lower()
+        ext = ".arrow" if name.endswith(".arrow") else next((e for e in FORMATS if name.endswith(e)), None)
+        if ext is not None:
+            kinds.setdefault(ext.removesuffix(".gz"), []).append(str(f.relative_to(path)))
+    if ".arrow" in kinds:  # a saved Arrow dataset: its JSON files are metadata (dataset_info, state)
+        kinds.pop(".json", None)
+    if len(kinds) > 1:
+        shown = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in sorted(kinds.items()))
+        raise ValueError(
+            f"{path}: the folder mixes data formats ({shown}); `datasets` would read one kind and ignore the "
+            "others. Give one file, or a folder of one format"
+        )
+    if kinds:
         return
     shown = ", ".join(str(f.relative_to(path)) for f in files[:5]) or "nothing"
     raise ValueError(
         f"{path}: the folder holds no preference data file ({', '.join(FORMATS)}); found: {shown}"
     )
+
+
+def _folder_records(path: Path, name: str | None, split: str) -> RecordStream:
+    """`datasets.load_dataset` of a local folder, its errors named with the folder."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(path), name, split=split)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise ValueError(f"{path}: `datasets` cannot read the folder as a dataset ({type(cause).__name__}: "
+                         f"{str(cause)[:300]})") from None
+    yield from enumerate(ds, start=1)
 
 
 def open_records(source: str, *, split: str, name: str | None) -> tuple[RecordStream, str, str]:
@@ -192,7 +274,8 @@ def open_records(source: str, *, split: str, name: str | None) -> tuple[RecordSt
     path = Path(source).expanduser()
     if path.is_dir():
         _check_data_folder(path)
-    if path.is_dir() or (not path.is_file() and not _looks_like_path(source)):
+        return _folder_records(path, name, split), "record", str(path)
+    if not path.is_file() and not _looks_like_path(source):
         where = source if name is None else f"{source} ({name}, {split})"
         return _hub_records(source, name, split), "record", where
     if not path.is_file():

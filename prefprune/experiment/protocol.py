@@ -36,8 +36,11 @@ switched off, because a memoised computation must be deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,7 +55,9 @@ from torch import Tensor, nn
 from prefprune import score as score_mod
 from prefprune import train as train_mod
 from prefprune._io import output_lock, sha256_file
+from prefprune.data import encode_pairs
 from prefprune.data.config import load_data
+from prefprune.data.encode import too_long_message
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import (
     ExperimentConfig,
@@ -172,9 +177,19 @@ class _SeedRun:
         """
         model, tok = self.ensure_model()
         _load_trainable(model, self.init_state)
+        config, ckpt = self.cfg.train_config(self.seed), None
+        if config.checkpoint_every is not None or config.resume:
+            # One checkpoint folder per training of the step; a rerun of the experiment resumes it (the
+            # checkpoint refuses other data or settings) and a finished step removes it.
+            ckpt = self.out / f"seed{self.seed}" / "checkpoints" / re.sub(r"[^\w.@-]+", "_", tag)
+            config = dataclasses.replace(config, resume=True)
         with _Timer() as tm:
-            stats = train_mod.train_reward_model(model, tok, data, config=self.cfg.train_config(self.seed))
+            stats = train_mod.train_reward_model(model, tok, data, config=config, checkpoint_dir=ckpt)
             result, margins = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last one out removes checkpoints/ too
+                ckpt.parent.rmdir()
         logger.info("seed %d %s: test accuracy %.4f (%.1fs)", self.seed, tag, result["accuracy"], tm.seconds)
         stats = {k: v for k, v in stats.items() if k != "history"} | {
             "final_step": (stats.get("history") or [{}])[-1]
@@ -254,7 +269,10 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     train, val, test = _split(cfg, dataset, steps)
     # Training pairs whose response alone exceeds max_length can be neither trained on nor scored: leave
     # them out of the experiment (counted in results.json) rather than let each stage treat them its own way.
-    fit_ids, too_long_ids = fitting_pairs(train, load_tokenizer(cfg), cfg.max_length, truncation="prompt")
+    tokenizer = load_tokenizer(cfg)
+    fit_ids, too_long_ids = fitting_pairs(train, tokenizer, cfg.max_length, truncation="prompt")
+    if not fit_ids:
+        raise ValueError(too_long_message("training pairs", train, tokenizer, cfg.max_length))
     if too_long_ids:
         logger.warning(
             "left out %d of %d training pairs whose responses exceed max_length=%d (e.g. %s)",
@@ -336,7 +354,10 @@ def _check_validation_fits(plan: _Plan, tokenizer: Any) -> None:
             cfg.max_length,
         )
         if not ok:
-            raise ValueError(f"no validation pair fits max_length={cfg.max_length}")
+            whole = encode_pairs(plan.val_scoring, tokenizer, max_length=1 << 30)
+            longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
+            raise ValueError(f"no validation pair fits max_length={cfg.max_length} uncut (validation pairs "
+                             f"are never cut); raise max_length (--max-length) to {longest} for all to fit")
         plan.val_scoring = plan.val_scoring.select(ok)
     plan.val_checked = True
 

@@ -4,37 +4,34 @@ Every validation pair j is its own query b_j = ∇ℓ_j. The queries are solved 
 system per tile of `tile` validation pairs (`prefprune.influence.solvers.solve`: direct, native multi-RHS
 CG or multi-shift CG), and each tile's q_j go through one streaming pass over the training pairs whose fused
 dots give ∇ℓ_iᵀ q_j for every (pair, query, damping value) at once, so memory is O(p · tile · L) whatever
-n_val is. The matrix goes to its own safetensors file with the row and column ids. Its mean over the
-columns is the `influence` column (the query is linear).
+n_val is. The matrix goes to its own safetensors file with the row and column ids
+(``<output>.per_query.safetensors``, `prefprune.scorefile.per_query_path`), committed in one unit with the
+score file and its sidecar (`prefprune.scorefile.write_scores`). Its mean over the columns is the
+`influence` column (the query is linear).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefprune._io import atomic_write_bytes
 from prefprune.data import PairBatches
 from prefprune.influence.curvature import Curvature
 from prefprune.influence.plan import SolvePlan
 from prefprune.influence.query import InfluenceQuery, refuse_nonfinite
 from prefprune.influence.reducers import pair_gradient_rows, stream_pair_dots
 from prefprune.influence.solvers import DirectFactors, solve
+from prefprune.scorefile import per_query_path
 
 __all__ = [
     "per_query_columns",
     "per_query_influence",
     "per_query_path",
-    "write_per_query",
-    "write_per_query_of",
 ]
 
 
@@ -121,56 +118,3 @@ def per_query_columns(curvature: Curvature, query: InfluenceQuery, train_batches
     meta = {"tiles": records, "tile": int(config.per_query_tile), "shape": list(rows.shape[:2]),
             "tensors": list(record.column_names)}
     return per_query, meta, time.perf_counter() - t0
-
-
-def per_query_path(output: str | os.PathLike) -> Path:
-    """Where the per-query matrix of a score file goes: ``<output>.per_query.safetensors``."""
-    return Path(str(output) + ".per_query.safetensors")
-
-
-def write_per_query(
-    path: str | os.PathLike,
-    matrix: np.ndarray,
-    *,
-    row_ids: Sequence[str],
-    col_ids: Sequence[str],
-    column_names: Sequence[str],
-    dampings: Sequence[float],
-) -> None:
-    """Write the (n_train, n_val, L) matrix as one (n_train, n_val) float64 tensor per damping column.
-
-    Tensor names are the influence column names (``influence`` or ``influence@<λ>``); the ids (rows:
-    training pairs, columns: validation pairs) and damping values are in the safetensors metadata as
-    JSON, so the file is self-describing. Written under a temporary name and renamed.
-    """
-    from safetensors.numpy import save
-
-    if matrix.shape != (len(row_ids), len(col_ids), len(column_names)):
-        raise ValueError(
-            f"per-query matrix shape {matrix.shape} does not match "
-            f"({len(row_ids)}, {len(col_ids)}, {len(column_names)})"
-        )
-    tensors = {name: np.ascontiguousarray(matrix[:, :, i]) for i, name in enumerate(column_names)}
-    meta = {
-        "format": "prefprune.per_query/1",
-        "row_ids": json.dumps(list(row_ids)),
-        "col_ids": json.dumps(list(col_ids)),
-        "dampings": json.dumps([float(x) for x in dampings]),
-        "sign_convention": "positive = training pair helps the validation pair",
-    }
-    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
-
-
-def write_per_query_of(result, output: str | os.PathLike) -> None:
-    """Write `result.per_query` beside the score file `output` (nothing when it has none)."""
-    pq = getattr(result, "per_query", None)
-    if pq is None:
-        return
-    write_per_query(
-        per_query_path(output),
-        pq["matrix"],
-        row_ids=pq["row_ids"],
-        col_ids=pq["col_ids"],
-        column_names=pq["column_names"],
-        dampings=pq["dampings"],
-    )

@@ -1,10 +1,10 @@
 """The influence query: the validation gradient and its solved queries, the one object from the solve onward.
 
 `InfluenceQuery.solve` takes pass 1's validation gradient ∇L_V, solves q_l = (H + λ_l I)⁻¹ ∇L_V for every
-damping value (`prefprune.influence.solvers.solve`), turns a non-finite solve into an error and
-non-positive curvature into an error or NaN columns, and keeps the direct inverse when self-influence or
-per-query influence will need it. Scoring, resume (`save`/`load` through the work folder) and the sidecar
-(`info`, `record`) read the same object.
+damping value (`prefprune.influence.solvers.solve`), turns a damping that means nothing in the working
+precision and a non-finite solve into errors and non-positive curvature into an error or NaN columns, and
+keeps the direct inverse when self-influence or per-query influence will need it. Scoring, resume
+(`save`/`load` through the work folder) and the sidecar (`info`, `record`) read the same object.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ from prefprune.influence.solvers import DirectFactors, solve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InfluenceQuery", "NonPositiveCurvatureError", "SolveInfo", "mean_gradient", "refuse_nonfinite"]
+__all__ = [
+    "InfluenceQuery",
+    "NonPositiveCurvatureError",
+    "SolveInfo",
+    "mean_gradient",
+    "refuse_meaningless_damping",
+    "refuse_nonfinite",
+]
 
 
 class NonPositiveCurvatureError(RuntimeError):
@@ -156,6 +163,46 @@ def refuse_nonfinite(rec: CurvatureSolve, curvature: str | None) -> None:
         )
 
 
+def refuse_meaningless_damping(Q: Tensor, g_val: Tensor, rec: CurvatureSolve, config, *, scale) -> None:
+    """A damping so large that the solve means nothing in the working precision is an error: the query
+    underflows (every influence would be 0), or H is lost below the rounding of λ (the query is ∇L_V/λ to
+    the last bit: influence = grad_dot/λ, whatever the curvature). `scale()` gives the curvature's scale
+    (trace/p) for the message; it may cost a pass, so it is only asked for here, on the way to the error."""
+    if rec.plan.get("method") == "none":
+        return
+    g = g_val.detach().double().reshape(-1)
+    g_norm = float(g.norm())
+    if not g_norm > 0:
+        return
+    info = torch.finfo(Q.dtype)
+    for i, lam in enumerate(rec.dampings):
+        q = Q[:, i].detach().double()
+        overflow = not lam <= info.max  # λ itself is inf in the working precision
+        if not overflow and not torch.isfinite(q).all():
+            continue  # a non-positive-curvature or non-finite column, refused or NaN-ed by its own rule
+        underflow = overflow or float(q.abs().max()) < info.tiny
+        lost = not underflow and float((lam * q - g).norm()) <= 8 * info.eps * g_norm
+        if not (underflow or lost):
+            continue
+        s = float(scale())
+        dtype = str(Q.dtype).replace("torch.", "")
+        if overflow:
+            why = f"λ overflows {dtype} (largest {info.max:.3g})"
+        elif underflow:
+            why = (f"the query (H + λI)⁻¹∇L_V underflows in {dtype} (largest entry "
+                   f"{float(q.abs().max()):.3g}; ‖∇L_V‖ = {g_norm:.3g}): every influence would read 0")
+        else:
+            why = (f"H is lost below the rounding of λ in {dtype} (eps {info.eps:.2g}): the query is ∇L_V/λ "
+                   "to the last bit, so influence would be grad_dot/λ whatever the curvature")
+        factor = f" (factor {rec.damping_factors[i]:g} of the scale)" if rec.damping_factors else ""
+        raise ValueError(
+            f"damping {lam:g}{factor} is meaningless against the curvature's scale trace/p = {s:.3g} "
+            f"(curvature={config.curvature!r}; λ is {lam / s if s > 0 else math.inf:.3g} times it): {why}. "
+            f"Use a damping below {s / info.eps:.3g} (relative damping: a factor below {1 / info.eps:.3g}; "
+            "validate recommends one), or --curvature identity for plain gradient similarity"
+        )
+
+
 def _nonpositive_columns(rec: CurvatureSolve, config) -> list[int]:
     """The damping columns stopped on non-positive curvature: raised, or logged (their queries become NaN)."""
     bad = [i for i, c in enumerate(rec.columns) if c["status"] == "nonpositive_curvature"]
@@ -219,6 +266,13 @@ class InfluenceQuery:
                     relative=config.damping_relative, tol=config.tol, max_iter=config.max_iter,
                     impl=config.impl, progress=config.progress)
         Q = sol.Q[:, :, 0].T.contiguous()  # (p, L)
+
+        def scale() -> float:  # trace/p: known for relative damping and the direct solve, else one more pass
+            if sol.record.damping_scale is not None:
+                return sol.record.damping_scale
+            return curvature.trace() / max(1, g_val.numel())
+
+        refuse_meaningless_damping(Q, g_val, sol.record, config, scale=scale)
         refuse_nonfinite(sol.record, config.curvature)
         bad = _nonpositive_columns(sol.record, config)
         Q[:, bad] = math.nan

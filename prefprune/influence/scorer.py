@@ -101,7 +101,9 @@ class InfluenceScorer:
         self.pad_id = getattr(self.tokenizer, "pad_token_id", None)
         if self.pad_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token")
-        side = self.config.padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
+        # Our own batches: right padding unless asked otherwise (rewards do not depend on the side, and eager
+        # attention turns fully masked left-padding rows into NaN: float64 exact HVPs on Llama-family models).
+        side = self.config.padding_side or "right"
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         model_type = getattr(getattr(base, "config", None), "model_type", None)
         if side == "left" and model_type in _FIRST_TOKEN_POOLING:

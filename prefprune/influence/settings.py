@@ -10,7 +10,6 @@ from typing import Any, Literal
 import numpy as np
 
 from prefprune.influence.curvature import CURVATURES, CurvatureName
-from prefprune.influence.per_query import write_per_query_of
 from prefprune.influence.plan import SOLVERS, Solver, check_dampings
 from prefprune.influence.query import SolveInfo
 from prefprune.ops.dispatch import Impl, requested_impl
@@ -102,7 +101,8 @@ class ScoreConfig:
                           "Validation pairs are never cut: a too-long one is an error."},
     )
     padding_side: Literal["right", "left"] | None = field(
-        default=None, metadata={"help": "'right' or 'left'; None: the tokenizer's own (else right)."}
+        default=None, metadata={"help": "'right' or 'left' padding of the scoring batches; None: right "
+                                        "(whatever the tokenizer's side; rewards do not depend on it)."}
     )
     on_nonpositive: Literal["raise", "nan"] = field(
         default="raise",
@@ -195,6 +195,6 @@ class ScoreResult:
         return len(self.ids)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the score file (format by extension) and its `<path>.json` sidecar."""
+        """Write the score file (format by extension), its `<path>.json` sidecar and any per-query matrix
+        as one unit (`prefprune.scorefile.write_scores`)."""
         write_scores(self, path)
-        write_per_query_of(self, path)

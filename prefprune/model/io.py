@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -137,15 +139,42 @@ def _adapter_shapes(path: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
             return weights, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     legacy = path / "adapter_model.bin"
     if legacy.is_file():
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise _pickle_refused(legacy) from None
         return legacy, {k: tuple(v.shape) for k, v in state.items()}
     raise FileNotFoundError(f"not a reward model: no adapter_model.safetensors in {path}")
 
 
+def _pickle_refused(where: Path) -> ValueError:
+    """The error for pickled weights that hold more than tensors (loading them could run code)."""
+    files = [where] if where.is_file() else sorted(
+        f for f in where.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    named = ", ".join(str(f) for f in files) or f"a pickled weight file in {where}"
+    return ValueError(
+        f"{named}: pickled weights holding more than tensors are refused (unpickling them can run code). "
+        "Convert the file to safetensors where you trust its source (transformers and peft: "
+        "save_pretrained(folder, safe_serialization=True) writes model.safetensors / "
+        "adapter_model.safetensors) and load that folder instead"
+    )
+
+
+def _rank_of(adapter_cfg: Mapping[str, Any], module: str) -> int | None:
+    """The LoRA rank adapter_config.json gives `module` (peft's rank_pattern matching), None if unsaid."""
+    for pattern, r in (adapter_cfg.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return int(r)
+    r = adapter_cfg.get("r")
+    return int(r) if isinstance(r, int) else None
+
+
 def _check_adapter_fits(
-    path: Path, shapes: Mapping[str, tuple[int, ...]], base: nn.Module, base_src: str
+    path: Path, shapes: Mapping[str, tuple[int, ...]], base: nn.Module, base_src: str,
+    adapter_cfg: Mapping[str, Any] | None = None,
 ) -> None:
-    """Check every adapter tensor has a home of the right shape in the base model."""
+    """Check every adapter tensor has a home of the right shape in the base model, and the rank that
+    adapter_config.json gives it."""
     modules = dict(base.named_modules())
     prefix = "base_model.model."
     for key, shape in shapes.items():
@@ -163,6 +192,14 @@ def _check_adapter_fits(
                 problem = f"{key} expects in_features {shape[-1]}, base {mod_name} has {module.in_features}"
             if kind == "lora_B" and shape[0] != module.out_features:
                 problem = f"{key} expects out_features {shape[0]}, base {mod_name} has {module.out_features}"
+            rank = shape[0] if kind == "lora_A" else shape[-1]
+            want = _rank_of(adapter_cfg or {}, mod_name)
+            if problem is None and kind in ("lora_A", "lora_B") and want is not None and rank != want:
+                raise ValueError(
+                    f"adapter in {path}: {key} has rank {rank}, but adapter_config.json gives {mod_name} "
+                    f"r={want}: the weights file and the config come from different adapters; put the "
+                    "adapter_config.json saved with these weights beside them"
+                )
         elif lora_at is None:
             param = dict(module.named_parameters(recurse=False)).get(parts[-1])
             if param is not None and tuple(param.shape) != tuple(shape):
@@ -261,8 +298,11 @@ def load_reward_model(
     if dtype is None:
         dtype = getattr(torch, meta.get("dtype", "float32"))
     with _quiet_loading():
-        model = AutoModelForSequenceClassification.from_pretrained(base_src, config=config, dtype=dtype)
-        _check_adapter_fits(path, shapes, model, base_src)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(base_src, config=config, dtype=dtype)
+        except pickle.UnpicklingError:
+            raise _pickle_refused(Path(base_src)) from None
+        _check_adapter_fits(path, shapes, model, base_src, adapter_cfg)
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
 
     tokenizer = None
