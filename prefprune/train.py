@@ -418,6 +418,196 @@ def _step_windows(n_batches: int, grad_accum: int) -> Iterator[range]:
         yield range(a, min(n_batches, a + grad_accum))
 
 
+def _total_steps(n_pairs: int, config: TrainConfig) -> int:
+    """Optimiser steps of the whole run (epochs × steps per epoch, capped by max_steps)."""
+    steps_per_epoch = math.ceil(math.ceil(n_pairs / config.batch_size) / config.grad_accum)
+    total = steps_per_epoch * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW (no weight decay on vectors: biases, norms) and the warm-up + decay schedule."""
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=config.schedule),
+    )
+    return optimizer, scheduler
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: what a checkpoint saves and the metrics report."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_loss: float = 0.0
+    epoch_correct: float = 0.0
+    epoch_n: float = 0.0
+
+
+@dataclass
+class _TrainRun:
+    """One training run's fixed parts (model, data, optimiser, checkpoint) and its loop, in steps."""
+
+    model: nn.Module
+    tokenizer: Any
+    encoded: list[EncodedPair]
+    config: TrainConfig
+    device: torch.device
+    params: list[nn.Parameter]
+    eval_data: Sequence[PreferencePair] | None
+    ckpt_path: Path | None = None
+    fingerprint: str | None = None
+    resumed: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.total_steps = _total_steps(len(self.encoded), self.config)
+        self.optimizer, self.scheduler = _optimizer(self.params, self.config, self.total_steps)
+        self.clip = self.config.max_grad_norm if self.config.max_grad_norm else None
+        self.use_bf16 = self.config.bf16 and self.device.type == "cuda"
+        self.pad = _pad_id(self.tokenizer)
+        self.side = getattr(self.tokenizer, "padding_side", "right")
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.progress = _Progress()
+
+    def open_checkpoint(self, checkpoint_dir: str | os.PathLike | None) -> None:
+        """Where checkpoints go, and the state to resume from (with `config.resume`)."""
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every and resume need an output folder (output_dir / --output)")
+        self.ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        self.fingerprint = training_fingerprint(self.model, asdict(self.config), self.encoded)
+        self.resumed = load_checkpoint(self.ckpt_path, self.fingerprint) if self.config.resume else None
+
+    def run(self) -> None:
+        """Every epoch (from the checkpoint's position when resuming), under the run's own RNG state."""
+        start_epoch = start_window = 0
+        if self.resumed is not None:
+            restore_checkpoint(self.resumed, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler)
+            pos = self.resumed["position"]
+            self.progress.step, start_epoch, start_window = pos["step"], pos["epoch"], pos["window"]
+            self.progress.history = list(pos["history"])
+            self.progress.eval_history = list(pos["eval_history"])
+            logger.info("resuming from %s at optimiser step %d (epoch %d)", self.ckpt_path,
+                        self.progress.step, start_epoch)
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            # Dropout draws from the global generators: seed them so the run is reproducible.
+            torch.manual_seed(self.config.seed)
+            if self.resumed is not None:
+                torch.set_rng_state(self.resumed["rng_cpu"])
+                if rng_devices and self.resumed["rng_cuda"]:
+                    torch.cuda.set_rng_state_all(self.resumed["rng_cuda"])
+            self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
+                            disable=not self.config.progress)
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            for epoch in range(start_epoch, self.config.epochs):
+                if self.progress.step >= self.total_steps:
+                    break
+                resuming = self.resumed is not None and epoch == start_epoch
+                self.epoch(epoch, start_window if resuming else 0, resuming)
+            self.bar.close()
+        self.model.eval()
+
+    def epoch(self, epoch: int, start_window: int, resuming: bool) -> None:
+        """One pass over the training pairs in this epoch's order, then the held-out evaluation."""
+        prog = self.progress
+        if resuming:
+            self.generator.set_state(self.resumed["position"]["epoch_generator"])
+        epoch_generator = self.generator.get_state()
+        batches = _batches(self.encoded, batch_size=self.config.batch_size, generator=self.generator,
+                           group_by_length=self.config.group_by_length)
+        prog.epoch_loss = prog.epoch_correct = prog.epoch_n = 0.0
+        if resuming:
+            prog.epoch_loss, prog.epoch_correct, prog.epoch_n = self.resumed["position"]["epoch_sums"]
+        for w_index, window in enumerate(_step_windows(len(batches), self.config.grad_accum)):
+            if w_index < start_window:
+                continue  # done before the checkpoint: same batches, same order
+            if prog.step >= self.total_steps:
+                break
+            self.optimiser_step(batches, window, epoch)
+            if self.config.checkpoint_every is not None and prog.step % self.config.checkpoint_every == 0:
+                position = {"step": prog.step, "epoch": epoch, "window": w_index + 1,
+                            "epoch_generator": epoch_generator, "history": prog.history,
+                            "eval_history": prog.eval_history,
+                            "epoch_sums": [prog.epoch_loss, prog.epoch_correct, prog.epoch_n]}
+                save_checkpoint(self.ckpt_path, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler, fingerprint=self.fingerprint, position=position)
+            self.bar.set_postfix(loss=f"{prog.epoch_loss / prog.epoch_n:.4f}",
+                                 acc=f"{prog.epoch_correct / prog.epoch_n:.3f}")
+        logger.info("epoch %d: train loss %.4f, accuracy %.4f over %d pairs", epoch,
+                    prog.epoch_loss / max(prog.epoch_n, 1), prog.epoch_correct / max(prog.epoch_n, 1),
+                    int(prog.epoch_n))
+        if self.eval_data is not None and len(self.eval_data) > 0:
+            self.evaluate(epoch)
+
+    def optimiser_step(self, batches: list[list[int]], window: range, epoch: int) -> None:
+        """The micro-batches of one optimiser step: forward, backward, clip, step; one history entry."""
+        prog = self.progress
+        n_window = sum(len(batches[k]) for k in window)
+        w_loss = w_correct = 0.0
+        for k in window:
+            items = [self.encoded[i] for i in batches[k]]
+            batch = collate_pairs(items, pad_token_id=self.pad, padding_side=self.side)
+            batch = _to_device(batch, self.device)
+            with _autocast(self.device, self.use_bf16):
+                rewards = reward_forward(self.model, batch)
+            b = len(items)
+            rewards = _at_least_fp32(rewards)
+            margins = rewards[:b] - rewards[b:]
+            loss = bradley_terry_loss(margins)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at optimiser step {prog.step} (epoch {epoch}, "
+                    f"micro-batch {k}); pair ids: {[e.id for e in items]}"
+                )
+            # Weight by the micro-batch's share of the step so the step's gradient is the
+            # mean over all its pairs, even when the last micro-batch is short.
+            (loss * (b / n_window)).backward()
+            w_loss += loss.item() * b
+            w_correct += (margins.detach() > 0).sum().item()
+        clip = self.clip if self.clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if not torch.isfinite(grad_norm):
+            ids = [self.encoded[i].id for k in window for i in batches[k]]
+            raise FloatingPointError(
+                f"non-finite gradient norm at optimiser step {prog.step} (epoch {epoch}); pair ids: {ids}"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        prog.epoch_loss += w_loss
+        prog.epoch_correct += w_correct
+        prog.epoch_n += n_window
+        prog.history.append({"step": prog.step, "epoch": epoch, "loss": w_loss / n_window,
+                             "accuracy": w_correct / n_window, "lr": lr, "grad_norm": float(grad_norm)})
+        prog.step += 1
+        self.bar.update(1)
+
+    def evaluate(self, epoch: int) -> None:
+        prog = self.progress
+        cfg = self.config
+        ev = evaluate(self.model, self.tokenizer, self.eval_data, batch_size=cfg.eval_batch_size,
+                      max_length=cfg.max_length, truncation=cfg.truncation, too_long=cfg.too_long,
+                      bf16=self.use_bf16)
+        prog.eval_history.append({"epoch": epoch, "step": prog.step, **ev})
+        logger.info("epoch %d: eval accuracy %.4f, loss %.4f (n=%d)", epoch, ev["accuracy"], ev["loss"],
+                    ev["n"])
+        self.bar.set_postfix(loss=f"{prog.epoch_loss / prog.epoch_n:.4f}",
+                             acc=f"{prog.epoch_correct / prog.epoch_n:.3f}", eval_acc=f"{ev['accuracy']:.3f}")
+
+
 def train_reward_model(
     model: nn.Module,
     tokenizer: Any,
@@ -466,175 +656,17 @@ def train_reward_model(
     )
     if not encoded:
         raise ValueError(too_long_message("training pairs", train, tokenizer, config.max_length))
-    pad = _pad_id(tokenizer)
-    side = getattr(tokenizer, "padding_side", "right")
-
-    n_batches = math.ceil(len(encoded) / config.batch_size)
-    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=config.schedule),
-    )
-    clip = config.max_grad_norm if config.max_grad_norm else None
-    use_bf16 = config.bf16 and device.type == "cuda"
-
-    history: list[dict[str, Any]] = []
-    eval_history: list[dict[str, Any]] = []
-    generator = torch.Generator().manual_seed(config.seed)
-    step = 0
-    epoch_loss = epoch_correct = epoch_n = 0.0
-    ckpt_path = fingerprint = resumed = None
+    run = _TrainRun(model, tokenizer, encoded, config, device, params, eval_data)
     if config.checkpoint_every is not None or config.resume:
-        ckpt_dir = checkpoint_dir if checkpoint_dir is not None else output_dir
-        if ckpt_dir is None:
-            raise ValueError("checkpoint_every and resume need an output folder (output_dir / --output)")
-        ckpt_path = Path(ckpt_dir) / CHECKPOINT_FILE
-        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        fingerprint = training_fingerprint(model, asdict(config), encoded)
-        resumed = load_checkpoint(ckpt_path, fingerprint) if config.resume else None
-    start_epoch = start_window = 0
-    if resumed is not None:
-        restore_checkpoint(resumed, model=model, optimizer=optimizer, scheduler=scheduler)
-        pos = resumed["position"]
-        step, start_epoch, start_window = pos["step"], pos["epoch"], pos["window"]
-        history, eval_history = list(pos["history"]), list(pos["eval_history"])
-        logger.info("resuming from %s at optimiser step %d (epoch %d)", ckpt_path, step, start_epoch)
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        # Dropout draws from the global generators: seed them so the run is reproducible.
-        torch.manual_seed(config.seed)
-        if resumed is not None:
-            torch.set_rng_state(resumed["rng_cpu"])
-            if rng_devices and resumed["rng_cuda"]:
-                torch.cuda.set_rng_state_all(resumed["rng_cuda"])
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not config.progress)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        for epoch in range(start_epoch, config.epochs):
-            if step >= total_steps:
-                break
-            resuming = resumed is not None and epoch == start_epoch
-            if resuming:
-                generator.set_state(resumed["position"]["epoch_generator"])
-            epoch_generator = generator.get_state()
-            batches = _batches(
-                encoded,
-                batch_size=config.batch_size,
-                generator=generator,
-                group_by_length=config.group_by_length,
-            )
-            epoch_loss = epoch_correct = epoch_n = 0.0
-            if resuming:
-                epoch_loss, epoch_correct, epoch_n = resumed["position"]["epoch_sums"]
-            for w_index, window in enumerate(_step_windows(len(batches), config.grad_accum)):
-                if resuming and w_index < start_window:
-                    continue  # done before the checkpoint: same batches, same order
-                if step >= total_steps:
-                    break
-                n_window = sum(len(batches[k]) for k in window)
-                w_loss = w_correct = 0.0
-                for k in window:
-                    idx = batches[k]
-                    items = [encoded[i] for i in idx]
-                    batch = _to_device(collate_pairs(items, pad_token_id=pad, padding_side=side), device)
-                    with _autocast(device, use_bf16):
-                        rewards = reward_forward(model, batch)
-                    b = len(idx)
-                    rewards = _at_least_fp32(rewards)
-                    margins = rewards[:b] - rewards[b:]
-                    loss = bradley_terry_loss(margins)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"non-finite loss {loss.item()} at optimiser step {step} (epoch {epoch}, "
-                            f"micro-batch {k}); pair ids: {[e.id for e in items]}"
-                        )
-                    # Weight by the micro-batch's share of the step so the step's gradient is the
-                    # mean over all its pairs, even when the last micro-batch is short.
-                    (loss * (b / n_window)).backward()
-                    w_loss += loss.item() * b
-                    w_correct += (margins.detach() > 0).sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
-                if not torch.isfinite(grad_norm):
-                    ids = [encoded[i].id for k in window for i in batches[k]]
-                    raise FloatingPointError(
-                        f"non-finite gradient norm at optimiser step {step} (epoch {epoch}); pair ids: {ids}"
-                    )
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                epoch_loss += w_loss
-                epoch_correct += w_correct
-                epoch_n += n_window
-                history.append(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": w_loss / n_window,
-                        "accuracy": w_correct / n_window,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                    }
-                )
-                step += 1
-                bar.update(1)
-                if config.checkpoint_every is not None and step % config.checkpoint_every == 0:
-                    position = {"step": step, "epoch": epoch, "window": w_index + 1,
-                                "epoch_generator": epoch_generator, "history": history,
-                                "eval_history": eval_history,
-                                "epoch_sums": [epoch_loss, epoch_correct, epoch_n]}
-                    save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    fingerprint=fingerprint, position=position)
-                bar.set_postfix(loss=f"{epoch_loss / epoch_n:.4f}", acc=f"{epoch_correct / epoch_n:.3f}")
-            logger.info(
-                "epoch %d: train loss %.4f, accuracy %.4f over %d pairs",
-                epoch,
-                epoch_loss / max(epoch_n, 1),
-                epoch_correct / max(epoch_n, 1),
-                int(epoch_n),
-            )
-            if eval_data is not None and len(eval_data) > 0:
-                ev = evaluate(
-                    model,
-                    tokenizer,
-                    eval_data,
-                    batch_size=config.eval_batch_size,
-                    max_length=config.max_length,
-                    truncation=config.truncation,
-                    too_long=config.too_long,
-                    bf16=use_bf16,
-                )
-                eval_history.append({"epoch": epoch, "step": step, **ev})
-                logger.info(
-                    "epoch %d: eval accuracy %.4f, loss %.4f (n=%d)",
-                    epoch,
-                    ev["accuracy"],
-                    ev["loss"],
-                    ev["n"],
-                )
-                bar.set_postfix(
-                    loss=f"{epoch_loss / epoch_n:.4f}",
-                    acc=f"{epoch_correct / epoch_n:.3f}",
-                    eval_acc=f"{ev['accuracy']:.3f}",
-                )
-        bar.close()
-    model.eval()
+        run.open_checkpoint(checkpoint_dir if checkpoint_dir is not None else output_dir)
+    run.run()
+    prog = run.progress
     metrics: dict[str, Any] = {
-        "train_loss": epoch_loss / epoch_n if epoch_n else None,
-        "train_accuracy": epoch_correct / epoch_n if epoch_n else None,
-        "eval": eval_history[-1] if eval_history else None,
-        "eval_history": eval_history,
-        "steps": step,
+        "train_loss": prog.epoch_loss / prog.epoch_n if prog.epoch_n else None,
+        "train_accuracy": prog.epoch_correct / prog.epoch_n if prog.epoch_n else None,
+        "eval": prog.eval_history[-1] if prog.eval_history else None,
+        "eval_history": prog.eval_history,
+        "steps": prog.step,
         "epochs": config.epochs,
         "n_train": len(encoded),
         "n_skipped": len(skipped),
@@ -643,7 +675,7 @@ def train_reward_model(
         "device": str(device),
         "wall_time_s": time.perf_counter() - start,
         "config": asdict(config),
-        "history": history,
+        "history": prog.history,
     }
     if output_dir is not None:
         save_reward_model(model, tokenizer, output_dir, extra={"train_config": asdict(config)})
