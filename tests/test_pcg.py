@@ -321,6 +321,7 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_pcg_equals_reference():
     """On CUDA the preconditioned iteration runs as ATen ops around M r; with host checks every few
