@@ -646,6 +646,41 @@ def test_huge_damping_is_an_error_naming_the_value_and_the_curvature_scale(score
     assert np.all(read_score_table(out).column("influence") != 0)
 
 
+def test_a_sweep_column_stopped_on_nonpositive_curvature_is_no_meaningless_damping():
+    """exact + a damping sweep whose small λ stops CG at its first iteration (x = 0 there): that column is
+    NaN-ed by on_nonpositive='nan', not refused as an underflowing query (the check once took the zero
+    iterate for underflow and refused the whole run)."""
+    import random
+
+    from prefprune.model import LoRASettings, build_reward_model
+    from prefprune.score import ScoreConfig, score_pairs
+    from prefprune.testing import tiny_config, tiny_tokenizer
+
+    def pairs(n, seed, prefix):
+        rng = random.Random(seed)
+
+        def text(k: int) -> str:
+            return "".join(rng.choice("abcdefgh ijklmnop") for _ in range(k))
+
+        return [PreferencePair(id=f"{prefix}{i}", prompt=text(rng.randrange(3, 23) | 1),
+                               chosen=text(rng.randrange(1, 12) | 1), rejected=text(rng.randrange(2, 13)))
+                for i in range(n)]
+
+    train, val = pairs(13, 1, "t"), pairs(4, 9, "v")
+    cfg = tiny_config("gpt_neox", hidden_size=16, intermediate_size=32, num_attention_heads=2)
+    model, _ = build_reward_model(cfg, lora=LoRASettings(r=2, alpha=2.0), dtype=torch.float64, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # far from an optimum: the exact Hessian is indefinite
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    config = ScoreConfig(curvature="exact", damping=[0.01, 10.0], on_nonpositive="nan", tol=1e-10,
+                         max_iter=200, batch_size=4, progress=False, self_influence=True)
+    result = score_pairs(model.eval(), tiny_tokenizer(), train, val, config=config)
+    assert np.isnan(result.columns["influence@0.01"]).all()
+    assert np.isfinite(result.columns["influence@10.0"]).all()
+
+
 def test_float64_eager_llama_with_a_left_padding_tokenizer_is_scored(tmp_path):
     from _pairs import easy_pairs
 

@@ -178,8 +178,11 @@ def refuse_meaningless_damping(Q: Tensor, g_val: Tensor, rec: CurvatureSolve, co
     for i, lam in enumerate(rec.dampings):
         q = Q[:, i].detach().double()
         overflow = not lam <= info.max  # λ itself is inf in the working precision
-        if not overflow and not torch.isfinite(q).all():
-            continue  # a non-positive-curvature or non-finite column, refused or NaN-ed by its own rule
+        stopped = rec.columns[i]["status"] in ("nonpositive_curvature", "nonfinite")
+        if not overflow and (stopped or not torch.isfinite(q).all()):
+            # Refused or NaN-ed by its own rule; a column CG stopped at its first iteration holds x = 0,
+            # which is no underflow.
+            continue
         underflow = overflow or float(q.abs().max()) < info.tiny
         lost = not underflow and float((lam * q - g).norm()) <= 8 * info.eps * g_norm
         if not (underflow or lost):
