@@ -86,7 +86,8 @@ class FactoredOperator:
         return (self.w.unsqueeze(1) * self.G.square()).sum(0) / self.G.shape[0] + float(self.damping)
 
 
-def native_reasons(operator: FactoredOperator | Callable[[Tensor], Tensor], B: Tensor) -> list[str]:
+def native_reasons(operator: FactoredOperator | Callable[[Tensor], Tensor], B: Tensor, *,
+                   precond: Callable[[Tensor], Tensor] | None = None) -> list[str]:
     """Why the native solver cannot run these inputs (empty list: it can)."""
     reasons: list[str] = []
     mod = _ext.native()
@@ -100,14 +101,17 @@ def native_reasons(operator: FactoredOperator | Callable[[Tensor], Tensor], B: T
         reasons.append(f"device {B.device} not supported (cpu, cuda)")
     if isinstance(operator, FactoredOperator) and operator.G.dtype != B.dtype:
         reasons.append(f"G dtype {operator.G.dtype} differs from B dtype {B.dtype}")
+    if isinstance(operator, FactoredOperator) and precond is not None:
+        reasons.append("the native factored solve takes a Jacobi diagonal, not a preconditioner operator")
     return reasons
 
 
-def _reference(operator, B, *, tol, max_iter, diag, record_history) -> CGResult:
-    return cg_reference(operator, B, tol=tol, max_iter=max_iter, diag=diag, record_history=record_history)
+def _reference(operator, B, *, tol, max_iter, diag, precond, record_history) -> CGResult:
+    return cg_reference(operator, B, tol=tol, max_iter=max_iter, diag=diag, precond=precond,
+                        record_history=record_history)
 
 
-def _native(operator, B, *, tol, max_iter, diag, record_history) -> CGResult:
+def _native(operator, B, *, tol, max_iter, diag, precond, record_history) -> CGResult:
     mod = _ext.require_native()
     if B.dim() == 1:
         B = B.unsqueeze(1)
@@ -124,14 +128,15 @@ def _native(operator, B, *, tol, max_iter, diag, record_history) -> CGResult:
                             history=None)
         out = mod.cg_factored(G, w, lam, B, diag, float(tol), int(max_iter), bool(record_history))
     else:
-        out = mod.cg_callable(operator, B, diag, float(tol), int(max_iter), bool(record_history))
+        out = mod.cg_callable(operator, B, diag, float(tol), int(max_iter), bool(record_history),
+                              precond=precond)
     x, status, iterations, residual, curvature, history = out
     return CGResult(
         x=x, status=status, iterations=iterations, residual=residual, curvature=curvature, history=history
     )
 
 
-def _check_args(B: Tensor, tol: float, max_iter: int, diag: Tensor | None) -> None:
+def _check_args(B: Tensor, tol: float, max_iter: int, diag: Tensor | None, precond) -> None:
     if not isinstance(B, Tensor) or B.dim() not in (1, 2):
         shape = tuple(B.shape) if isinstance(B, Tensor) else type(B).__name__
         raise ValueError(f"B must be a (k,) or (k, m) tensor, got {shape}")
@@ -141,6 +146,12 @@ def _check_args(B: Tensor, tol: float, max_iter: int, diag: Tensor | None) -> No
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     if diag is not None and tuple(diag.shape) != (B.shape[0],):
         raise ValueError(f"diag must have shape ({B.shape[0]},), got {tuple(diag.shape)}")
+    if precond is not None and not callable(precond):
+        raise ValueError(f"precond must be a callable mapping a (k, m) block R to M R, or None, got "
+                         f"{type(precond).__name__}")
+    if diag is not None and precond is not None:
+        raise ValueError(f"give one preconditioner, diag (a Jacobi diagonal, here of shape "
+                         f"{tuple(diag.shape)}) or precond (an operator, here {precond!r}), not both")
 
 
 def solve(
@@ -150,10 +161,11 @@ def solve(
     tol: float = 1e-6,
     max_iter: int = 100,
     diag: Tensor | None = None,
+    precond: Callable[[Tensor], Tensor] | None = None,
     record_history: bool = False,
     impl: str | None = None,
 ) -> CGResult:
-    """Solve A X = B by (Jacobi-preconditioned) conjugate gradient, every column on its own.
+    """Solve A X = B by (preconditioned) conjugate gradient, every column on its own.
 
     Args:
         operator: a `FactoredOperator` (solved entirely natively) or a callable mapping a (k, m)
@@ -162,6 +174,10 @@ def solve(
         tol: a column stops when ||r|| <= tol * ||b||.
         max_iter: at most this many A-products per column.
         diag: (k,) diagonal of A for the Jacobi preconditioner (None: none).
+        precond: a preconditioner operator instead: maps a (k, m) residual block R to M R, M symmetric
+            positive definite, column j may have its own M_j (e.g. `prefprune.ops.woodbury.damped_systems`).
+            Non-positive curvature is still tested on pᵀAp of the unpreconditioned A. Excludes diag; the
+            native path takes it with a callable operator (a `FactoredOperator` with one runs the reference).
         record_history: keep the relative residual after every iteration.
         impl: "auto", "native" or "reference" (default: `PREFPRUNE_IMPL`, else auto).
 
@@ -175,12 +191,13 @@ def solve(
         ValueError: malformed arguments.
         prefprune.ops.dispatch.ImplUnavailableError: impl="native" requested but not usable.
     """
-    _check_args(B, tol, max_iter, diag)
+    _check_args(B, tol, max_iter, diag, precond)
     if isinstance(operator, FactoredOperator) and operator.k != B.shape[0]:
         raise ValueError(f"operator is {operator.k}x{operator.k} but B has {B.shape[0]} rows")
     if not isinstance(operator, FactoredOperator) and not callable(operator):
         raise ValueError(f"operator must be a FactoredOperator or a callable, got {type(operator).__name__}")
-    native_path = dispatch.FastPath("native", lambda: native_reasons(operator, B), lambda: _native)
+    native_path = dispatch.FastPath("native", lambda: native_reasons(operator, B, precond=precond),
+                                     lambda: _native)
     sel = dispatch.select("cg", [native_path], _reference, impl=impl)
     # A NaN/inf right-hand side would stop CG at once as "converged" (its norm test is never true or
     # the native loop reads it as zero): such columns are solved as zero and marked, not trusted.
@@ -188,7 +205,8 @@ def solve(
     all_finite = bool(finite_rhs.all())
     B_in = B if all_finite else torch.where(finite_rhs if B.dim() == 2 else finite_rhs[0], B, 0)
     res = sel.fn(
-        operator, B_in, tol=float(tol), max_iter=int(max_iter), diag=diag, record_history=record_history
+        operator, B_in, tol=float(tol), max_iter=int(max_iter), diag=diag, precond=precond,
+        record_history=record_history,
     )
     return dataclasses.replace(_mark_nonfinite(res, finite_rhs), impl=sel.name)
 

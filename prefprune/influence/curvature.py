@@ -158,6 +158,14 @@ class ExactHessian(Curvature):
         self.passes += 1
         return sum_over_ranks(batches, out)
 
+    def gauss_newton_rows(self) -> tuple[Tensor, Tensor]:
+        """The rows and weights of H's Gauss–Newton part over the same sample (H = H_GN + the residual
+        term), from one pass counted in `passes`: the factors of the preconditioner (H_GN + λI)⁻¹."""
+        gauss_newton = GaussNewton(self.model, self.layout, self.batches, impl=self.impl)
+        rows, weights = gauss_newton.rows()
+        self.passes += gauss_newton.passes
+        return rows, weights
+
     def matrix(self) -> Tensor:
         """The explicit (p, p) Hessian from p product columns in one pass (self-influence, when it fits)."""
         eye = torch.eye(self.dim, dtype=self.layout.dtype, device=self.layout.device)

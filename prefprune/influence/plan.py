@@ -6,8 +6,12 @@ values, and checks the damping list and the memory budget:
 - ``direct`` (``ggn``, ``projected_ggn``): the curvature sample's margin-gradient rows (projected for
   ``projected_ggn``) from **one** pass, one eigendecomposition of the n_h×n_h Gram (Woodbury) or of the
   d×d matrix when d < n_h (`prefprune.influence.eigen`); every damping value and query from the same factors.
-- ``multishift`` (``exact``, or ``ggn`` when its rows do not fit the budget, with several damping
-  values): one Krylov space for all shifts, one pass per iteration (`prefprune.influence.multishift`).
+- ``pcg`` (``exact`` when the Gauss–Newton factors of the curvature sample fit the budget): one pass for
+  the Gauss–Newton rows and their eigendecomposition (the direct solve's), whose inverse (H_GN + λI)⁻¹
+  preconditions CG on the exact Hessian; every damping value is a column of one batched HVP pass per
+  iteration (`prefprune.ops.woodbury`: preconditioning breaks the shared Krylov space multi-shift needs).
+- ``multishift`` (``exact`` over the budget, or ``ggn`` when its rows do not fit the budget, with several
+  damping values): one Krylov space for all shifts, one pass per iteration (`prefprune.influence.multishift`).
 - ``cg``: the native multi-RHS CG (`prefprune.cg.solve`), one column per (query, damping value).
 - ``none`` (``identity``): Q = B.
 
@@ -36,7 +40,7 @@ __all__ = [
 ]
 
 #: How the curvature system is solved; "auto" picks per curvature and memory budget.
-Solver = Literal["auto", "direct", "cg", "multishift"]
+Solver = Literal["auto", "direct", "cg", "multishift", "pcg"]
 SOLVERS: tuple[str, ...] = typing.get_args(Solver)
 
 _MIB = 1 << 20
@@ -62,12 +66,12 @@ class SolvePlan:
 
     Attributes:
         curvature: "exact", "ggn", "projected_ggn" or "identity".
-        method: "direct", "cg", "multishift" or "none".
-        form: direct only: "gram" (n_h×n_h Woodbury) or "primal" (d×d).
+        method: "direct", "pcg", "cg", "multishift" or "none".
+        form: direct and pcg (the preconditioner's factors): "gram" (n_h×n_h Woodbury) or "primal" (d×d).
         space: "weights" (dimension p) or "projected" (dimension = the projection's).
         dim: dimension d of the solved system.
         n_curvature: pairs in the curvature sample.
-        bytes_needed: memory the direct factors take (0 for the iterative methods).
+        bytes_needed: memory the direct factors take (pcg: the preconditioner's; 0 for cg, multishift).
         budget_bytes: the memory budget.
         reason: why this method.
     """
@@ -137,8 +141,8 @@ def plan_solve(
         n_params: p, trainable parameters.
         n_curvature: n_h, pairs in the curvature sample.
         dampings: damping values (absolute, or factors of the mean eigenvalue when `relative`).
-        solver: "auto", "direct", "cg" or "multishift".
-        memory_budget_mb: memory the direct factors may take (MiB).
+        solver: "auto", "direct", "pcg", "cg" or "multishift".
+        memory_budget_mb: memory the direct factors (pcg: the preconditioner's) may take (MiB).
         itemsize: bytes per element of the gradient rows (4 for fp32/fp16/bf16 models, 8 for fp64).
         projection_dim: projected_ggn: dimension of the projected space.
     """
@@ -155,25 +159,23 @@ def plan_solve(
     space = "projected" if curvature == "projected_ggn" else "weights"
     d = int(projection_dim) if curvature == "projected_ggn" else int(n_params)
     iterative = "multishift" if len(vals) > 1 else "cg"
-    if curvature == "exact":
-        if solver == "direct":
-            raise ValueError("solver='direct' needs a Gauss–Newton curvature (ggn, projected_ggn); "
-                             "exact uses 'cg' or 'multishift'")
-        method = iterative if solver == "auto" else solver
-        why = ("several damping values: one Krylov space for all shifts" if method == "multishift"
-               else "exact Hessian: double-backward HVPs by CG")
-        return SolvePlan(curvature, method, None, space, d, n_curvature, 0, budget, why)
     need = _direct_bytes(n_curvature, d, itemsize)
     form = "gram" if n_curvature <= d else "primal"
     if need[form] > budget and need["gram" if form == "primal" else "primal"] <= budget:
         form = "gram" if form == "primal" else "primal"
     fits = need[form] <= budget
+    mib = need[form] / _MIB
+    if curvature == "exact":
+        return _plan_exact(solver, iterative, form, fits, need[form], d, n_curvature, budget,
+                           memory_budget_mb)
+    if solver == "pcg":
+        raise ValueError(f"solver='pcg' preconditions the exact Hessian with the Gauss–Newton inverse; with "
+                         f"curvature={curvature!r} that inverse is the solution: use 'direct' or 'auto'")
     if form == "gram" and 0.0 in vals and fits:
         raise ValueError(
             f"damping 0 with a direct {curvature} solve: the Gauss–Newton matrix of {n_curvature} pairs has "
             f"rank <= {n_curvature} < {d} dimensions, so H is singular; use a damping > 0"
         )
-    mib = need[form] / _MIB
     if solver == "auto":
         if fits:
             return SolvePlan(curvature, "direct", form, space, d, n_curvature, need[form], budget,
@@ -199,6 +201,34 @@ def plan_solve(
     return SolvePlan(curvature, solver, None, space, d, n_curvature, 0, budget, "requested")
 
 
+def _plan_exact(solver: str, iterative: str, form: str, fits: bool, need: int, d: int, n_curvature: int,
+                budget: int, memory_budget_mb: float) -> SolvePlan:
+    """exact: Gauss–Newton-preconditioned CG when its factors fit the budget, else plain CG (multi-shift)."""
+    mib = need / _MIB
+    if solver == "direct":
+        raise ValueError("solver='direct' needs a Gauss–Newton curvature (ggn, projected_ggn); "
+                         "exact uses 'pcg', 'cg' or 'multishift'")
+    if solver == "pcg" and not fits:
+        raise ValueError(
+            f"solver='pcg' needs {mib:.1f} MiB for the Gauss–Newton preconditioner's {form} factors of "
+            f"{n_curvature} rows x {d} dimensions, over memory_budget_mb={memory_budget_mb:g}; raise it, "
+            "lower hessian_samples or use solver='cg'"
+        )
+    if solver == "pcg" or (solver == "auto" and fits):
+        why = ("requested" if solver == "pcg" else
+               f"the Gauss–Newton {form} factors ({mib:.1f} MiB) fit the {memory_budget_mb:g} MiB budget: "
+               "CG on the exact Hessian preconditioned by (H_GN + λI)⁻¹, every damping value a column")
+        return SolvePlan("exact", "pcg", form, "weights", d, n_curvature, need, budget, why)
+    method = iterative if solver == "auto" else solver
+    if solver != "auto":
+        why = "requested"
+    else:
+        why = (f"the Gauss–Newton {form} factors ({mib:.1f} MiB) exceed the {memory_budget_mb:g} MiB budget: "
+               "no preconditioner; exact Hessian " + ("by multi-shift CG, one Krylov space for all shifts"
+                                                       if method == "multishift" else "by CG"))
+    return SolvePlan("exact", method, None, "weights", d, n_curvature, 0, budget, why)
+
+
 @dataclass
 class CurvatureSolve:
     """The record of one solve (it goes into the sidecar).
@@ -210,12 +240,16 @@ class CurvatureSolve:
         damping_scale: trace(H)/d used by relative damping (None when not computed).
         column_names: influence column per damping value.
         columns: per damping value: status (worst over the queries), iterations, residual,
-            nonpositive_value, nonpositive_iteration.
-        curvature_passes: forward+backward passes over the curvature sample.
+            nonpositive_value, nonpositive_iteration, nonpositive_queries, and passes (the passes over the
+            curvature sample this damping value needed: setup passes — Gauss–Newton rows, trace — plus
+            one per iteration that takes a pass).
+        curvature_passes: forward+backward passes over the curvature sample (all damping values together:
+            a batched product serves every column in one pass).
         n_queries: right-hand sides solved per damping value.
         impl: the iterative solver's implementation ("native", "reference", "multishift", "eigh", "none").
         seconds: wall time.
         projection_dim: projected_ggn: dimension of the projected space.
+        preconditioner: "gauss_newton_woodbury" (pcg) or None.
     """
 
     plan: dict
@@ -230,6 +264,7 @@ class CurvatureSolve:
     seconds: float
     projection_dim: int | None = None
     extra: dict = field(default_factory=dict)
+    preconditioner: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

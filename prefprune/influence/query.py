@@ -108,10 +108,11 @@ class SolveInfo:
         impl: the implementation that ran ("native", "reference", "multishift", "eigh"; "none" for identity).
         seconds: wall time of the solve.
         projection_dim: size of the projected space (projected_ggn only).
-        method: "cg", "direct", "multishift" or "none" (see `prefprune.influence.plan.plan_solve`).
+        method: "cg", "pcg", "direct", "multishift" or "none" (see `prefprune.influence.plan.plan_solve`).
         curvature_passes: forward+backward passes over the curvature sample (direct ggn: 1).
         damping_factor: the factor given with relative damping (None for absolute damping).
         damping_scale: trace(H)/d that relative damping multiplies (None when not computed).
+        preconditioner: "gauss_newton_woodbury" (method pcg) or None.
     """
 
     curvature: str
@@ -131,6 +132,7 @@ class SolveInfo:
     curvature_passes: int = 0
     damping_factor: float | None = None
     damping_scale: float | None = None
+    preconditioner: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,7 +150,7 @@ class SolveInfo:
             seconds=rec.seconds, projection_dim=rec.projection_dim, method=plan.method,
             curvature_passes=rec.curvature_passes,
             damping_factor=None if rec.damping_factors is None else rec.damping_factors[0],
-            damping_scale=rec.damping_scale,
+            damping_scale=rec.damping_scale, preconditioner=rec.preconditioner,
         )
 
 

@@ -103,6 +103,8 @@ def damping_columns(cols: dict[str, np.ndarray], record: CurvatureSolve) -> dict
     return {
         "solve_plan": record.plan,
         "damping_scale": record.damping_scale,
+        "preconditioner": record.preconditioner,
+        "curvature_passes": record.curvature_passes,
         "damping_columns": [
             {
                 "column": name,

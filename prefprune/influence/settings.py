@@ -47,13 +47,16 @@ class ScoreConfig:
         default="auto",
         metadata={"help": "auto: direct for ggn/projected_ggn when the factors fit memory_budget_mb (one "
                           "pass over the curvature sample, one eigendecomposition of the n_h×n_h Gram), else "
-                          "CG; exact by CG, or multi-shift CG for a damping list. direct, cg or multishift "
-                          "force one."},
+                          "CG; exact by pcg (CG preconditioned by the Gauss–Newton inverse from those "
+                          "same factors, every damping value a column of one batched HVP pass) when they "
+                          "fit, else CG, or multi-shift CG for a damping list. direct, pcg, cg or "
+                          "multishift force one."},
     )
     memory_budget_mb: float = field(
         default=2048.0,
-        metadata={"help": "Memory (MiB) the direct solve's factors may take: the curvature sample's gradient "
-                          "rows and the Gram (ggn: n_h·p rows; projected_ggn: projected rows)."},
+        metadata={"help": "Memory (MiB) the direct solve's factors (or pcg's preconditioner) may take: the "
+                          "curvature sample's gradient rows and the Gram (ggn, exact: n_h·p rows; "
+                          "projected_ggn: projected rows)."},
     )
     self_influence: bool = field(
         default=False,

@@ -8,12 +8,17 @@ The methods (chosen beforehand by `prefprune.influence.plan.plan_solve`):
   (query, damping value), on the curvature's products — or on its stored rows (a factored operator, solved
   entirely natively) for a factored curvature (`projected_ggn`);
 - ``multishift``: one Krylov space for every damping value, one product per iteration;
+- ``pcg`` (exact): one pass for the Gauss–Newton rows of the curvature sample and their eigendecomposition
+  (the direct solve's `GaussNewtonEigen`), whose inverse (H_GN + λI)⁻¹ (`GaussNewtonWoodbury`) preconditions
+  CG on the exact Hessian; every (damping value, query) is a column of one CG call, so one batched HVP pass
+  per iteration serves them all (`prefprune.ops.woodbury.damped_systems` says why not multi-shift);
 - ``none`` (identity): Q = B.
 
 Relative damping (Kronfluence's convention) sets λ_l = factor_l × trace(H)/d, the mean eigenvalue: from the
 eigendecomposition (direct) or from the curvature's trace (one extra pass). Every `Solution` records the
 implementation that ran ("eigh", "native", "reference", "multishift" or "none"), read from the call that
-ran it. Adding a solver is one function here, registered in `METHODS`, plus its test.
+ran it, and every damping column the passes over the curvature sample it needed. Adding a solver is one
+function here, registered in `METHODS`, plus its test.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from prefprune.influence.eigen import GaussNewtonEigen
 from prefprune.influence.multishift import multishift_cg
 from prefprune.influence.plan import CurvatureSolve, SolvePlan, check_dampings, damping_column_names
 from prefprune.ops.reference import CG_STATUS_NAMES
+from prefprune.ops.woodbury import GaussNewtonWoodbury, damped_systems
 
 __all__ = ["METHODS", "DirectFactors", "Solution", "solve"]
 
@@ -62,11 +68,17 @@ class Solution:
 
 @dataclass
 class _Outcome:
+    """A solver's answer. A damping column needed ``setup_passes + passes_per_iteration * iterations``
+    passes over the curvature sample."""
+
     Q: Tensor
     columns: list[dict]
     impl: str
     scale: float | None = None
     factors: DirectFactors | None = None
+    setup_passes: int = 0
+    passes_per_iteration: int = 0
+    preconditioner: str | None = None
 
 
 def _column_record(status: Sequence, iterations: Sequence, residual: Sequence, curvature: Sequence) -> dict:
@@ -99,7 +111,8 @@ def _solve_none(curvature, B, lam, **_) -> _Outcome:
 
 
 def _solve_direct(curvature, B, vals, *, plan, relative, factors, **_) -> _Outcome:
-    if factors is None:
+    fresh = factors is None
+    if fresh:
         rows, weights = curvature.rows()
         eigen = GaussNewtonEigen.from_rows(rows, weights, form=plan.form or "auto")
         factors = DirectFactors(eigen, curvature)
@@ -109,7 +122,8 @@ def _solve_direct(curvature, B, vals, *, plan, relative, factors, **_) -> _Outco
     lam = [v * scale for v in vals] if relative else vals
     Qs = eigen.solve(space.to_space(B), lam)  # (L, d, m) float64
     Q = torch.stack([space.from_space(Qs[i], B.dtype) for i in range(len(lam))])
-    return _Outcome(Q, _exact_columns(len(lam), B.shape[1]), "eigh", scale, factors)
+    return _Outcome(Q, _exact_columns(len(lam), B.shape[1]), "eigh", scale, factors,
+                    setup_passes=int(fresh))
 
 
 def _counted(curvature: Curvature, plan: SolvePlan, max_iter: int, progress: bool):
@@ -133,7 +147,7 @@ def _solve_factored_cg(curvature, B, lam, *, tol, max_iter, impl) -> _Outcome:
         name = res.impl
         Qs.append(curvature.from_space(res.x, B.dtype))
         cols.append(_column_record(res.status_names(), res.iterations, res.residual, res.curvature))
-    return _Outcome(torch.stack(Qs), cols, name)
+    return _Outcome(torch.stack(Qs), cols, name, setup_passes=1)
 
 
 def _solve_cg(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) -> _Outcome:
@@ -153,7 +167,38 @@ def _solve_cg(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) ->
     st = res.status_names()
     block = [slice(i * m, (i + 1) * m) for i in range(L)]
     cols = [_column_record(st[b], res.iterations[b], res.residual[b], res.curvature[b]) for b in block]
-    return _Outcome(res.x.reshape(p, L, m).permute(1, 0, 2), cols, res.impl)
+    return _Outcome(res.x.reshape(p, L, m).permute(1, 0, 2), cols, res.impl, passes_per_iteration=1)
+
+
+def _woodbury(eigen: GaussNewtonEigen) -> GaussNewtonWoodbury:
+    """The preconditioner from the direct solve's factors (no second decomposition): the gram form's
+    (s, W) as they are; a primal H_GN = Eᵀ diag(s) E as W = diag(√s) E (so H_GN = Wᵀ W either way)."""
+    if eigen.form == "gram":
+        return GaussNewtonWoodbury(eigen.evals, eigen.basis)
+    return GaussNewtonWoodbury(eigen.evals, eigen.evals.sqrt().unsqueeze(1) * eigen.basis)
+
+
+def _solve_pcg(curvature, B, vals, *, plan, relative, tol, max_iter, impl, progress, **_) -> _Outcome:
+    """Exact Hessian by CG preconditioned with (H_GN + λ_l I)⁻¹, every (damping, query) one column."""
+    rows, weights = curvature.gauss_newton_rows()  # one pass, counted in curvature.passes
+    eigen = GaussNewtonEigen.from_rows(rows, weights, form=plan.form or "auto")
+    del rows
+    scale = eigen.mean_eigenvalue  # relative damping's trace(H_GN)/d, free from the factors
+    lam = [v * scale for v in vals] if relative else vals
+    product, bar = _counted(curvature, plan, max_iter, progress)
+    systems = damped_systems(product, B, lam, preconditioner=_woodbury(eigen))
+    try:
+        with curvature.context():
+            res = cg.solve(systems.apply_A, systems.B, precond=systems.precond, tol=tol, max_iter=max_iter,
+                           impl=impl)
+    finally:
+        bar.close()
+    blocks = systems.split(torch.arange(len(lam) * B.shape[1]))  # (L, m) column indices
+    st = res.status_names()
+    cols = [_column_record([st[c] for c in block.tolist()], res.iterations[block], res.residual[block],
+                           res.curvature[block]) for block in blocks]
+    return _Outcome(systems.split(res.x), cols, res.impl, scale, setup_passes=1, passes_per_iteration=1,
+                    preconditioner="gauss_newton_woodbury")
 
 
 def _solve_multishift(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) -> _Outcome:
@@ -168,7 +213,7 @@ def _solve_multishift(curvature, B, lam, *, plan, tol, max_iter, impl, progress,
     names = res.status_names()
     cols = [_column_record(names[i], res.iterations[i], res.residual[i], res.curvature[i])
             for i in range(len(lam))]
-    return _Outcome(res.x, cols, "multishift")
+    return _Outcome(res.x, cols, "multishift", passes_per_iteration=1)
 
 
 #: method name (`SolvePlan.method`) → its solver.
@@ -177,6 +222,7 @@ METHODS: dict[str, Callable[..., _Outcome]] = {
     "direct": _solve_direct,
     "cg": _solve_cg,
     "multishift": _solve_multishift,
+    "pcg": _solve_pcg,
 }
 
 
@@ -211,19 +257,23 @@ def solve(
     passes0 = curvature.passes
     scale = None
     lam = vals
+    trace_passes = 0
     if relative and plan.method in ("cg", "multishift"):
         scale = curvature.trace() / plan.dim
+        trace_passes = 1
         lam = [v * scale for v in vals]
     out = METHODS[plan.method](curvature, B, lam, plan=plan, relative=relative, factors=factors, tol=tol,
                                max_iter=max_iter, impl=impl, progress=progress)
-    if plan.method == "direct":
+    if plan.method in ("direct", "pcg"):  # the scale came from the factors
         scale = out.scale
         lam = [v * scale for v in vals] if relative else vals
+    for col in out.columns:
+        col["passes"] = trace_passes + out.setup_passes + out.passes_per_iteration * col["iterations"]
     record = CurvatureSolve(
         plan=asdict(plan), dampings=[float(x) for x in lam], damping_factors=vals if relative else None,
         damping_scale=scale, column_names=damping_column_names(vals, relative=relative),
         columns=out.columns, curvature_passes=curvature.passes - passes0, n_queries=B.shape[1],
         impl=out.impl, seconds=time.perf_counter() - t0,
-        projection_dim=plan.dim if plan.space == "projected" else None,
+        projection_dim=plan.dim if plan.space == "projected" else None, preconditioner=out.preconditioner,
     )
     return Solution(out.Q, record, out.factors)
