@@ -256,8 +256,9 @@ def test_plan_choices_and_bad_input_before_any_pass():
     far = _plan("ggn", 10**7, 100, [1.0, 0.1], memory_budget_mb=1)
     assert far.method == "multishift" and "exceed" in far.reason
     assert _plan("ggn", 10**7, 100, [1.0], memory_budget_mb=1).method == "cg"
-    assert _plan("exact", 100, 10, [1.0]).method == "cg"
-    assert _plan("exact", 100, 10, [1.0, 2.0]).method == "multishift"
+    assert _plan("exact", 100, 10, [1.0]).method == "pcg"  # the Gauss–Newton factors fit: preconditioned
+    assert _plan("exact", 10**7, 100, [1.0], memory_budget_mb=1).method == "cg"
+    assert _plan("exact", 10**7, 100, [1.0, 2.0], memory_budget_mb=1).method == "multishift"
     assert _plan("identity", 100, 0, [0.0]).method == "none"
     with pytest.raises(ValueError, match=r"> 0 with curvature='exact'.*0.0"):
         _plan("exact", 100, 10, [1.0, 0.0])

@@ -105,10 +105,11 @@ def test_exact_sweep_flags_the_indefinite_column_and_matches_the_others():
     assert lo < -0.1, lo
     dampings = [1e-3, -lo + 0.5, -lo + 2.0]
     with pytest.raises(NonPositiveCurvatureError, match=r"non-positive curvature for damping 0\.001 "):
-        score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(curvature="exact", damping=dampings))
+        score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(curvature="exact", damping=dampings,
+                                                                 solver="multishift"))
     res = score_pairs(model, tokenizer(), TRAIN, VAL,
                       config=_cfg(curvature="exact", damping=dampings, on_nonpositive="nan",
-                                  self_influence=True))
+                                  self_influence=True, solver="multishift"))
     cols = res.metadata["damping_columns"]
     assert res.metadata["solve"]["method"] == "multishift"
     assert cols[0]["status"] == "nonpositive_curvature" and cols[0]["nonpositive_value"] <= 0
