@@ -11,9 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _scoring_helpers import PAD, exact_hessian, make_pairs, rel_err, tiny_model, tokenizer
+from _scoring_helpers import PAD, make_pairs, rel_err, tiny_model, tokenizer
+from test_solve import _hessian as solve_hessian
+from test_solve import _setup as solve_setup
 
-from prefprune.data import PairBatches, encode_pairs
+from prefprune.data import PairBatches
 from prefprune.influence import NonPositiveCurvatureError
 from prefprune.influence.curvature import make_curvature
 from prefprune.influence.layout import ParameterLayout
@@ -28,14 +30,13 @@ _SIDE = {"gpt_neox": "left", "llama": "left", "bert": "right"}  # BERT pools the
 
 def _setup(family: str):
     """Tiny float64 model, 6 training pairs, the validation gradients (p, 3), per-pair training gradients
-    (6, p) and the explicit exact Hessian (built once per family)."""
+    (6, p) and the explicit exact Hessian: test_solve's (the brute-force Hessian is the costly part, so one
+    pytest run builds it once per family for both files)."""
     if family not in _CACHE:
-        model = tiny_model(family)
-        enc = encode_pairs(make_pairs(6, seed=1), tokenizer(), max_length=512)
-        val = encode_pairs(make_pairs(3, seed=9, prefix="v"), tokenizer(), max_length=512)
+        model, enc, val = solve_setup(family)
         Gv, _ = oracle_pair_gradients(model, val, pad_token_id=PAD)
         G, _ = oracle_pair_gradients(model, enc, pad_token_id=PAD)
-        _CACHE[family] = (model, enc, Gv.T.contiguous(), G, exact_hessian(model, enc))
+        _CACHE[family] = (model, enc, Gv.T.contiguous(), G, solve_hessian(family))
     return _CACHE[family]
 
 
@@ -56,7 +57,8 @@ def _inv(H, lam, X):
     return torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=H.dtype), X)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "llama", "bert"])
+@pytest.mark.parametrize("family", ["gpt_neox", pytest.param("llama", marks=pytest.mark.slow),
+                                    pytest.param("bert", marks=pytest.mark.slow)])
 def test_pcg_influence_equals_cg_and_brute_force(family):
     """Every (damping, validation query) column; reference and native PCG take the same iterations."""
     _, enc, B, G, H = _setup(family)
@@ -116,6 +118,7 @@ def test_auto_picks_pcg_for_exact_within_budget_and_cg_over_it():
         plan_solve(curvature="ggn", n_params=p, n_curvature=n, dampings=[1.0], solver="pcg")
 
 
+@pytest.mark.slow
 def test_pcg_primal_factors_match_brute_force():
     """More curvature pairs than dimensions would pick the d×d form: its W = diag(√s) E preconditions too."""
     import dataclasses
