@@ -15,9 +15,10 @@ TRAIN = make_pairs(5, seed=1)
 VAL = make_pairs(2, seed=2, prefix="v")
 
 
-@pytest.mark.parametrize("curvature", ["projected_ggn", "ggn", "exact"])
+@pytest.mark.parametrize("curvature,solver", [("projected_ggn", "cg"), ("ggn", "cg"), ("exact", "cg"),
+                                               ("exact", "pcg")])
 @pytest.mark.parametrize("impl", ["reference", "native", "triton"])
-def test_sidecar_names_the_cg_implementation_that_ran(tmp_path, monkeypatch, curvature, impl):
+def test_sidecar_names_the_cg_implementation_that_ran(tmp_path, monkeypatch, curvature, solver, impl):
     """PREFPRUNE_IMPL=triton has no CG fast path, so the reference runs and the sidecar must say so."""
     if impl == "native" and _ext.native() is None:
         pytest.skip(_ext.native_error())
@@ -32,7 +33,7 @@ def test_sidecar_names_the_cg_implementation_that_ran(tmp_path, monkeypatch, cur
         monkeypatch.setattr(cg, name, spy)
     monkeypatch.setenv("PREFPRUNE_IMPL", impl)
     model = tiny_model("gpt_neox", dtype=torch.float32)
-    cfg = ScoreConfig(curvature=curvature, solver="cg", damping=5.0, projection_k=3, batch_size=3, tol=1e-8,
+    cfg = ScoreConfig(curvature=curvature, solver=solver, damping=5.0, projection_k=3, batch_size=3, tol=1e-8,
                       max_iter=200, progress=False)
     out = tmp_path / "scores.csv"
     score_pairs(model, tokenizer(), TRAIN, VAL, config=cfg).save(out)
