@@ -163,3 +163,22 @@ def test_score_pairs_records_the_preconditioner_iterations_and_passes(tmp_path):
                                                                                      cg.columns[name]))
     with pytest.raises(NonPositiveCurvatureError, match=r"non-positive curvature for damping 0\.001 "):
         score_pairs(model, tokenizer(), train, val, config=ScoreConfig(**{**cfg, "on_nonpositive": "raise"}))
+
+
+def test_pcg_relative_damping_takes_its_scale_from_the_preconditioner_factors():
+    """Relative damping needs trace(H_GN)/p: pcg reads it off its Gauss–Newton factors (no trace pass)."""
+    model, enc, B, _, H = _setup("gpt_neox")
+    Gm, m = oracle_pair_gradients(model, enc, pad_token_id=PAD, of="margin")
+    w = torch.sigmoid(m) * torch.sigmoid(-m)
+    scale = float((w * Gm.square().sum(1)).sum()) / len(enc) / H.shape[0]
+    lo = float(torch.linalg.eigvalsh(H)[0])
+    factor = (-lo + 0.5) / scale
+    batches = PairBatches(enc, batch_size=4, pad_token_id=PAD, padding_side="left")
+    curvature = make_curvature("exact", model, ParameterLayout.of(model), batches, impl="native")
+    plan = _plan(H.shape[0], len(enc), [factor], relative=True, solver="pcg")
+    sol = solve(curvature, B[:, :1], [factor], plan=plan, relative=True, impl="native", tol=1e-11,
+                max_iter=400)
+    rec = sol.record
+    assert abs(rec.damping_scale - scale) <= 1e-9 * scale, (rec.damping_scale, scale)
+    assert rec.curvature_passes == 1 + rec.columns[0]["iterations"]  # no extra trace pass
+    assert rel_err(sol.Q[0], _inv(H, factor * scale, B[:, :1])) <= 1e-6
