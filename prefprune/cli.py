@@ -277,7 +277,12 @@ class ScoreCommand:
             return 0
         result = score_model(self.model[0], self.train, self.val, self.output, **kw)
         s = result.solve
-        solve = "no solve" if s.curvature == "identity" else f"CG {s.status} after {s.iterations} iterations"
+        if s.method == "none":
+            solve = "no solve"
+        elif s.method == "direct":
+            solve = "direct solve (eigendecomposition)"  # no iterations to report
+        else:
+            solve = f"{s.method.upper()} {s.status} after {s.iterations} iterations"
         total = result.metadata["timings_s"]["total"]
         print(
             f"scored {len(result)} pairs ({s.curvature}, damping {s.damping:g}, {solve}) in {total:.1f} s; "

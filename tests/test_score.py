@@ -241,6 +241,12 @@ def test_cli_score(tmp_path, capsys):
     for c in SCORED:
         assert rel_err(table.column(c), direct.columns[c]) <= 1e-4, c
 
+    # A direct solve has no iterations to report (it read "CG iterations 0" before).
+    direct_out = str(tmp_path / "d.csv")
+    assert main([*common, "--curvature", "ggn", "--solver", "direct", "--output", direct_out]) == 0
+    said = capsys.readouterr().out
+    assert "direct solve (eigendecomposition)" in said and "after 0 iterations" not in said, said
+
     assert main([*common, "--output", str(tmp_path / "nope" / "s.csv")]) == 2
     assert "folder" in capsys.readouterr().err
     assert main([*common, "--curvature", "exact", "--damping", "0", "--output", str(tmp_path / "s.csv")]) == 2

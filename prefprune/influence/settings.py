@@ -34,8 +34,9 @@ class ScoreConfig:
         default=1.0,
         metadata={"help": "λ added to the Hessian, or a list of values (a sweep: one influence column per "
                           "value, influence@<λ>, from one run; `influence` is the first value's). Not a "
-                          "detail: on a tiny LoRA model λ=1 tracked leave-one-out retraining far better than "
-                          "0.1 or 0.01 (DESIGN §2). Must be > 0 for exact; no duplicates."},
+                          "detail, and no value suits every model: the right λ depends on how the model was "
+                          "trained (docs/method.md); choose it with `prefprune validate`. Absolute unless "
+                          "--damping-relative. Must be > 0 for exact; no duplicates."},
     )
     damping_relative: bool = field(
         default=False,
