@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import tempfile
 from pathlib import Path
 
 import torch
 
-from prefprune.data import PreferencePair
 from prefprune.model import LoRASettings, build_reward_model
 from prefprune.score import ScoreConfig, score_pairs
-from prefprune.testing import tiny_config, tiny_tokenizer
+from prefprune.testing import random_pairs, tiny_config, tiny_tokenizer
 
 RUNS: dict[str, tuple[str, dict]] = {
     "ggn_direct_fp32": ("float32", {}),
@@ -48,17 +46,6 @@ RUNS: dict[str, tuple[str, dict]] = {
 }
 
 _VOLATILE = {"timings_s", "seconds", "versions"}
-
-
-def _pairs(n: int, seed: int, prefix: str) -> list[PreferencePair]:
-    rng = random.Random(seed)
-
-    def text(k: int) -> str:
-        return "".join(rng.choice("abcdefgh ijklmnop") for _ in range(k))
-
-    return [PreferencePair(id=f"{prefix}{i}", prompt=text(rng.randrange(3, 23) | 1),
-                           chosen=text(rng.randrange(1, 12) | 1), rejected=text(rng.randrange(2, 13)))
-            for i in range(n)]
 
 
 def _model(dtype: str):
@@ -86,7 +73,7 @@ def _sha(data: bytes) -> str:
 
 def fingerprint(name: str, out: Path) -> dict[str, str]:
     dtype, settings = RUNS[name]
-    train, val = _pairs(13, seed=1, prefix="t"), _pairs(4, seed=9, prefix="v")
+    train, val = random_pairs(13, seed=1, prefix="t"), random_pairs(4, seed=9, prefix="v")
     config = ScoreConfig(**{"batch_size": 4, "progress": False, **settings})
     result = score_pairs(_model(dtype), tiny_tokenizer(), train, val, config=config)
     path = out / f"{name}.parquet"

@@ -129,3 +129,20 @@ def tiny_config(family: str, **overrides: Any):
         raise ValueError(f"unknown tiny model family {family!r}; choose gpt_neox, llama, bert or gpt2")
     kwargs = {**common, **kw, **overrides}
     return cls(**kwargs)
+
+
+def random_pairs(n: int, *, seed: int, prefix: str) -> list:
+    """`n` seeded pairs of random short texts (prompt 3–21, chosen 1–11, rejected 2–12 characters) with ids
+    `<prefix><i>`: data with no pattern, for checks that depend only on the numbers (refactor guards)."""
+    import random
+
+    from prefprune.data import PreferencePair
+
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return "".join(rng.choice("abcdefgh ijklmnop") for _ in range(k))
+
+    return [PreferencePair(id=f"{prefix}{i}", prompt=text(rng.randrange(3, 23) | 1),
+                           chosen=text(rng.randrange(1, 12) | 1), rejected=text(rng.randrange(2, 13)))
+            for i in range(n)]

@@ -650,23 +650,11 @@ def test_a_sweep_column_stopped_on_nonpositive_curvature_is_no_meaningless_dampi
     """exact + a damping sweep whose small λ stops CG at its first iteration (x = 0 there): that column is
     NaN-ed by on_nonpositive='nan', not refused as an underflowing query (the check once took the zero
     iterate for underflow and refused the whole run)."""
-    import random
-
     from prefprune.model import LoRASettings, build_reward_model
     from prefprune.score import ScoreConfig, score_pairs
-    from prefprune.testing import tiny_config, tiny_tokenizer
+    from prefprune.testing import random_pairs, tiny_config, tiny_tokenizer
 
-    def pairs(n, seed, prefix):
-        rng = random.Random(seed)
-
-        def text(k: int) -> str:
-            return "".join(rng.choice("abcdefgh ijklmnop") for _ in range(k))
-
-        return [PreferencePair(id=f"{prefix}{i}", prompt=text(rng.randrange(3, 23) | 1),
-                               chosen=text(rng.randrange(1, 12) | 1), rejected=text(rng.randrange(2, 13)))
-                for i in range(n)]
-
-    train, val = pairs(13, 1, "t"), pairs(4, 9, "v")
+    train, val = random_pairs(13, seed=1, prefix="t"), random_pairs(4, seed=9, prefix="v")
     cfg = tiny_config("gpt_neox", hidden_size=16, intermediate_size=32, num_attention_heads=2)
     model, _ = build_reward_model(cfg, lora=LoRASettings(r=2, alpha=2.0), dtype=torch.float64, seed=0)
     gen = torch.Generator().manual_seed(1)
