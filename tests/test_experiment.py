@@ -168,6 +168,7 @@ def counted(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_tiny_experiment_end_to_end_bookkeeping_and_resume(tmp_path, counted):
     torch.set_num_threads(1)
     cfg = _tiny_config(tmp_path)

@@ -646,6 +646,7 @@ def test_huge_damping_is_an_error_naming_the_value_and_the_curvature_scale(score
     assert np.all(read_score_table(out).column("influence") != 0)
 
 
+@pytest.mark.slow
 def test_a_sweep_column_stopped_on_nonpositive_curvature_is_no_meaningless_damping():
     """exact + a damping sweep whose small λ stops CG at its first iteration (x = 0 there): that column is
     NaN-ed by on_nonpositive='nan', not refused as an underflowing query (the check once took the zero

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_import_is_cheap_and_every_public_name_resolves():
     code = (
         "import sys, prefprune; "
