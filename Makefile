@@ -37,7 +37,7 @@ LOCK_TRITON ?= triton==3.7.1
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip setuptools wheel ninja "$(TORCH_SPEC)" "$(LOCK_TRITON)"
-	PREFPRUNE_SKIP_EXT=1 .venv-lock/bin/python -m pip install --quiet --no-build-isolation "$(LOCK_TRITON)" -e ".[dev]"
+	PREFPRUNE_SKIP_EXT=1 .venv-lock/bin/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	{ echo "# Known-good dependency set of prefprune (every package but torch, which TORCH_SPEC picks)."; \
 	  echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) with $$(.venv-lock/bin/python -V); installed by"; \
 	  echo "# \`make test\`/\`make demo\`, or: pip install -c constraints.txt -e '.[dev]' --no-build-isolation"; \

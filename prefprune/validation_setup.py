@@ -55,10 +55,11 @@ def _recorded_data(model: str, data_cfg: DataConfig, source: str, digest: str | 
         logger.warning("%s: the %s %r is recorded relative to the folder prefprune train ran in (an older "
                        "prefprune); reading %s", model, what, source, Path(source).resolve())
     data = load_data(data_cfg, source=source)
-    if digest is not None and pairs_digest(data) != digest:
+    have = pairs_digest(data) if digest is not None else None
+    if have is not None and have != digest:
         raise ValueError(
             f"{model}: the {what} {source!r} is not the data this model was trained on (pairs digest "
-            f"{pairs_digest(data)[:12]}…; prefprune.json records {digest[:12]}…): the file changed since "
+            f"{have[:12]}…; prefprune.json records {digest[:12]}…): the file changed since "
             "training; restore it, or train again on the changed data"
         )
     return data
