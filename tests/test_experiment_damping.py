@@ -16,7 +16,7 @@ import prefprune.train as train_mod
 from prefprune._io import sha256_file
 from prefprune.cli import main
 from prefprune.experiment import arm_step_name, run_experiment
-from prefprune.experiment.protocol import _load_trainable
+from prefprune.experiment.seedrun import load_trainable as _load_trainable
 from prefprune.experiment.setup import build_seed_model
 from prefprune.experiment.steps import load_state
 from prefprune.prune import ScoreTable, select_pairs

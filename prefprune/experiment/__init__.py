@@ -1,8 +1,10 @@
 """Pruning experiments end to end: split, train, score, prune, retrain, test — over seeds, resumable.
 
 The package is split by job: `config` (the settings, the demo's, YAML loading), `protocol` (the seed
-protocol, `run_experiment`), `steps` (the resumable store of finished steps), `results` (gathering the
-steps into results.json: accuracies, deltas, noise detection) and `report` (report.md and plots).
+protocol, `run_experiment`), `seedrun` (one seed's model and its retrains), `steps` (the resumable store of
+finished steps), `scoresteps` (the score steps that fit the settings, merged per curvature), `results`
+(gathering the steps into results.json: accuracies, deltas, noise detection) and `report` (report.md and
+plots).
 """
 
 from prefprune.experiment.config import BASE_METHODS, DEMO_CONFIG, ExperimentConfig, demo_config, load_config

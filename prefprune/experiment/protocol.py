@@ -36,170 +36,42 @@ switched off, because a memoised computation must be deterministic.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import re
-import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from prefprune import score as score_mod
-from prefprune import train as train_mod
 from prefprune._io import output_lock, sha256_file
 from prefprune.data import encode_pairs
 from prefprune.data.config import load_data
 from prefprune.data.encode import too_long_message
 from prefprune.data.noise import restore_labels
-from prefprune.experiment.config import (
-    ExperimentConfig,
-    damping_tag,
-)
+from prefprune.experiment.config import ExperimentConfig, damping_tag
 from prefprune.experiment.report import write_report
-from prefprune.experiment.results import (
-    collect_results,
+from prefprune.experiment.results import collect_results
+from prefprune.experiment.resume import check_resume
+from prefprune.experiment.scoresteps import (
     find_score_steps,
     merge_tables,
     needs_influence,
     score_result_table,
     with_ensemble_columns,
 )
-from prefprune.experiment.resume import check_resume
-from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
+from prefprune.experiment.seedrun import SeedRun, Timer, load_trainable, trainable_state
+from prefprune.experiment.setup import fitting_pairs, load_tokenizer, prefix_cache
 from prefprune.experiment.steps import StepStore, arm_step_name, load_state, save_state, write_json
-from prefprune.prefix_cache import InstalledCache, PrefixCache
+from prefprune.prefix_cache import PrefixCache
 from prefprune.prune import ScoreTable, check_ids_match, n_to_select, select_pairs
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_experiment"]
-
-
-class _Timer:
-    """Wall time and this process's CPU time (all threads) of a block."""
-
-    def __enter__(self) -> _Timer:
-        self.t0 = time.perf_counter()
-        self.c0 = time.process_time()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        self.cpu_seconds = time.process_time() - self.c0
-
-
-def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_trainable(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise ValueError(f"saved state has parameters the model lacks: {missing[:3]}")
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v)
-
-
-def _evaluate(
-    model, tokenizer, data, cfg: ExperimentConfig, *, clean_ids: set[str] | None = None
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """(test metrics, margin of every test pair); with `clean_ids`, the metrics also hold accuracy/loss on
-    those pairs (from the same margins). The margins let the report bootstrap over test pairs."""
-    out = dict(
-        train_mod.evaluate(
-            model,
-            tokenizer,
-            data,
-            batch_size=cfg.eval_batch_size,
-            max_length=cfg.max_length,
-            return_margins=True,
-        )
-    )
-    margins = out.pop("margins")
-    if clean_ids is not None:
-        m = torch.tensor([v for k, v in margins.items() if k in clean_ids], dtype=torch.float64)
-        out["clean"] = {
-            "accuracy": float((m > 0).double().mean()),
-            "mean_margin": float(m.mean()),
-            "loss": float(F.softplus(-m).mean()),
-            "n": int(m.numel()),
-        }
-    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}, margins
-
-
-class _SeedRun:
-    """The model of one seed, built lazily (a fully finished seed never loads it), and its retrains."""
-
-    def __init__(
-        self, cfg: ExperimentConfig, seed: int, out: Path, cache: PrefixCache | None, test, clean_ids
-    ):
-        self.cfg, self.seed, self.out, self.cache = cfg, seed, out, cache
-        self.test, self.clean_ids = test, clean_ids
-        self.model: nn.Module | None = None
-        self.tokenizer: Any = None
-        self.installed: InstalledCache | None = None
-        self.init_state: dict[str, Tensor] | None = None
-
-    def ensure_model(self) -> tuple[nn.Module, Any]:
-        if self.model is None:
-            model, tok = build_seed_model(self.cfg, self.seed)
-            model.to(train_mod.resolve_device(None if self.cfg.device == "auto" else self.cfg.device))
-            if self.cache is not None:
-                self.installed = self.cache.install(model)
-            self.model, self.tokenizer = model, tok
-            init_path = self.out / f"seed{self.seed}" / "init_state.pt"
-            if init_path.is_file():
-                # The initialisation this seed's finished steps started from (builds are seeded, so this
-                # is the same values; loading it guards against library changes between invocations).
-                _load_trainable(model, load_state(init_path))
-            else:
-                save_state(_trainable_state(model), init_path)
-            self.init_state = _trainable_state(model)
-        return self.model, self.tokenizer
-
-    def train_and_test(
-        self, data, tag: str
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], _Timer]:
-        """Restore the seed's initial weights, train on `data`, evaluate on the test split.
-
-        Returns:
-            (training stats, test metrics, test margins by pair id, timer).
-        """
-        model, tok = self.ensure_model()
-        _load_trainable(model, self.init_state)
-        config, ckpt = self.cfg.train_config(self.seed), None
-        if config.checkpoint_every is not None or config.resume:
-            # One checkpoint folder per training of the step; a rerun of the experiment resumes it (the
-            # checkpoint refuses other data or settings) and a finished step removes it.
-            ckpt = self.out / f"seed{self.seed}" / "checkpoints" / re.sub(r"[^\w.@-]+", "_", tag)
-            config = dataclasses.replace(config, resume=True)
-        with _Timer() as tm:
-            stats = train_mod.train_reward_model(model, tok, data, config=config, checkpoint_dir=ckpt)
-            result, margins = _evaluate(model, tok, self.test, self.cfg, clean_ids=self.clean_ids)
-        if ckpt is not None:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the last one out removes checkpoints/ too
-                ckpt.parent.rmdir()
-        logger.info("seed %d %s: test accuracy %.4f (%.1fs)", self.seed, tag, result["accuracy"], tm.seconds)
-        stats = {k: v for k, v in stats.items() if k != "history"} | {
-            "final_step": (stats.get("history") or [{}])[-1]
-        }
-        return stats, result, margins, tm
-
-    def close(self) -> None:
-        if self.installed is not None:
-            self.installed.remove()
-        self.model = None
 
 
 @dataclass
@@ -317,14 +189,14 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     return plan
 
 
-def _baseline(plan: _Plan, run: _SeedRun) -> None:
+def _baseline(plan: _Plan, run: SeedRun) -> None:
     seed = run.seed
     rel = f"seed{seed}/baseline.json"
     state_path = plan.out / f"seed{seed}" / "baseline_state.pt"
     if plan.steps.get(rel) is not None and state_path.is_file():
         return
     stats, result, margins, tm = run.train_and_test(plan.train, "baseline")
-    save_state(_trainable_state(run.model), state_path)
+    save_state(trainable_state(run.model), state_path)
     plan.steps.put(
         rel,
         {
@@ -362,7 +234,7 @@ def _check_validation_fits(plan: _Plan, tokenizer: Any) -> None:
     plan.val_checked = True
 
 
-def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
+def _scores(plan: _Plan, run: SeedRun) -> ScoreTable | None:
     """The seed's merged score table (one pass per curvature, each a step), or None without scores.
 
     A pass gives every damping value's column; on a resume, values that no usable step holds are scored in
@@ -383,8 +255,8 @@ def _scores(plan: _Plan, run: _SeedRun) -> ScoreTable | None:
                 config = dataclasses.replace(want, damping=missing if len(missing) > 1 else missing[0])
             model, tok = run.ensure_model()
             _check_validation_fits(plan, tok)
-            _load_trainable(model, load_state(state_path))
-            with _Timer() as tm:
+            load_trainable(model, load_state(state_path))
+            with Timer() as tm:
                 res = score_mod.score_pairs(model, tok, plan.train, plan.val_scoring, config=config)
             table = score_result_table(res, source=f"seed {seed} scores ({curv})")
             check_ids_match(plan.train.ids, table)
@@ -453,7 +325,7 @@ def _finished_arm(plan: _Plan, seed: int, method: str, mode: str, fraction: floa
     return False
 
 
-def _arms(plan: _Plan, run: _SeedRun, merged: ScoreTable | None) -> None:
+def _arms(plan: _Plan, run: SeedRun, merged: ScoreTable | None) -> None:
     """Every prune-and-retrain arm of the seed that has no finished step for the pairs it removes now."""
     seed, flipped = run.seed, set(plan.flipped_train)
     for method, mode, fraction in plan.arms:
@@ -545,7 +417,7 @@ def _run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     ensemble = any(m.startswith("ensemble_") for m, _, _ in plan.arms)
     merged: dict[int, ScoreTable | None] = {}
     for seed in cfg.seeds:
-        run = _SeedRun(cfg, seed, plan.out, plan.cache, plan.test, plan.clean_ids)
+        run = SeedRun(cfg, seed, plan.out, plan.cache, plan.test, plan.clean_ids)
         _baseline(plan, run)
         merged[seed] = _scores(plan, run)
         if not ensemble:  # without ensemble arms a seed is finished here (its model is built once)
@@ -555,7 +427,7 @@ def _run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         # The ensemble of the seeds' baselines needs every seed's scores before any seed prunes by it.
         tables = with_ensemble_columns(merged, plan.curvatures)
         for seed in cfg.seeds:
-            run = _SeedRun(cfg, seed, plan.out, plan.cache, plan.test, plan.clean_ids)
+            run = SeedRun(cfg, seed, plan.out, plan.cache, plan.test, plan.clean_ids)
             _arms(plan, run, tables[seed])
             run.close()
     if plan.cache is not None:
