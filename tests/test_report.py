@@ -160,11 +160,59 @@ def test_interval_table_and_plain_verdicts():
     assert "| random | 10% | -1.0 [-2.0, +0.0] | — |" in table
     text = distinguishable(res)
     assert (
-        "- influence_ggn (harmful arm, 10% removed) is better than the unpruned baseline: Δ +5.0 [+4.0, +6.0]"
-        in text
+        "- influence_ggn (removing the 10% it ranks most harmful) is better than the unpruned baseline: "
+        "Δ +5.0 [+4.0, +6.0] points. *Provisional: 2 seed(s).*" in text
     )
-    assert "random pruning" not in text  # every vs-random interval contains 0
+    assert "than random pruning" not in text  # every vs-random interval contains 0
     for a in arms:
         a["delta_interval"] = _iv(0.0, -0.01, 0.01)
         a.pop("delta_vs_random_interval", None)
     assert distinguishable(res).startswith("No difference is distinguishable from zero")
+
+
+def test_helpful_arm_flags_say_a_loss_confirms_the_ranking_and_a_gain_is_unexpected():
+    """Pins issue 23: the helpful arm's expected "worse than random" was listed among the flags as if it were
+    a failure (the same "is worse than" sentence as a harmful-arm loss); a gain there, the surprising
+    outcome, was not marked."""
+    res = _results()
+    for a in res["summary"]["arms"]:
+        a["n_seeds"] = 3
+        a["delta_interval"] = _iv(a["delta_mean"], -0.01, 0.01)
+        if a["mode"] == "helpful":
+            a["delta_vs_random_interval"] = _iv(-0.14, -0.2, -0.08)
+    text = distinguishable(res)
+    assert "Helpful arm (removing the most helpful pairs; expected: worse):" in text, text
+    assert (
+        "- As expected, influence_ggn (removing the 10% it ranks most helpful) is worse than random pruning: "
+        "Δ -14.0 [-20.0, -8.0] points. This confirms the ranking" in text
+    ), text
+    assert "it is not a failure" in text and "Provisional" not in text  # 3 seeds: not provisional
+    helpful = next(a for a in res["summary"]["arms"] if a["mode"] == "helpful")
+    helpful["delta_vs_random_interval"] = _iv(0.05, 0.01, 0.09)
+    text = distinguishable(res)
+    assert "**Unexpected direction**: influence_ggn (removing the 10% it ranks most helpful) is better" in (
+        text
+    )
+    assert "As expected" not in text
+
+
+def test_one_seed_shows_no_zero_std_and_warns():
+    """Pins issue 23: with one seed the std column read "± 0.0" and nothing warned that the intervals hold
+    no seed-to-seed variance; now the std is n/a (1 seed), report.md carries the warning and the flags say
+    they are provisional."""
+    from prefprune.experiment.certainty import interval_note
+
+    res = _results()
+    res["config"]["seeds"] = [0]
+    res["baseline"].update(accuracy_std=None, n_seeds=1)
+    for a in res["summary"]["arms"]:
+        a.update(n_seeds=1, accuracy_std=None, delta_std=None)
+        a["delta_interval"] = {**_iv(a["delta_mean"], 0.01, 0.09), "n_seeds": 1}
+    for d in res["summary"]["noise_detection"]:
+        d.update(n_seeds=1, auc_std=None, precision_at_k_std=None)
+    res["intervals"] = interval_note(1)
+    text = render_markdown(res)
+    assert "± 0.0" not in text and "std over seeds: n/a (1 seed)" in text, text
+    assert "> **Warning:** 1 seed: the intervals hold test-pair sampling only" in text
+    assert "*Provisional: 1 seed(s).*" in text
+    assert "| influence_ggn | 80.0 (Δ +5.0) | 82.0 (Δ +7.0) |" in accuracy_table(res)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefprune._io import atomic_write, atomic_write_text
+from prefprune.experiment.certainty import arm_flags
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,20 @@ def _pct(x: float | None, *, signed: bool = False) -> str:
 
 
 def _pm(mean: float | None, std: float | None, *, signed: bool = False) -> str:
+    """"mean ± std" in %; the mean alone when there is no std (one seed: the tables say so above them)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
+    if std is None:
+        return _pct(mean, signed=signed)
     return f"{_pct(mean, signed=signed)} ± {_pct(std)}"
+
+
+def _spread_note(results: Mapping[str, Any]) -> str:
+    """What the ± in the tables is, or why there is none."""
+    n = (results.get("intervals") or {}).get("n_seeds", results["baseline"].get("n_seeds", 0))
+    if n == 1:
+        return "Test accuracy in %; std over seeds: n/a (1 seed)."
+    return f"Test accuracy in %, mean ± sample std over {n} seeds."
 
 
 def _fractions(rows: Sequence[Mapping[str, Any]]) -> list[float]:
@@ -105,30 +117,46 @@ def interval_table(results: Mapping[str, Any], *, mode: str = "harmful") -> str:
     return "\n".join(lines)
 
 
+def _flag_line(flag: Mapping[str, Any]) -> str:
+    """One flag as a plain sentence that says what the difference means."""
+    against = "the unpruned baseline" if flag["against"] == "unpruned" else "random pruning"
+    end = "harmful" if flag["mode"] == "harmful" else "helpful"
+    what = f"{flag['method']} (removing the {100 * flag['fraction']:g}% it ranks most {end})"
+    if flag["method"] == "random":
+        what = f"random pruning ({100 * flag['fraction']:g}% removed)"
+    delta = f"Δ {_ci(flag['interval']).rstrip(' *')} points"
+    if flag["expected"] is None:
+        line = f"- {what} is {flag['direction']} than {against}: {delta}."
+    elif flag["expected"]:
+        line = (f"- As expected, {what} is worse than {against}: {delta}. This confirms the ranking (the "
+                "pairs it calls helpful do help); it is not a failure.")
+    else:
+        line = (f"- **Unexpected direction**: {what} is better than {against}: {delta}. Removing the pairs "
+                "it ranks most helpful should not raise accuracy: its ranking points the wrong way here.")
+    if flag["provisional"]:
+        line += f" *Provisional: {flag['n_seeds']} seed(s).*"
+    return line
+
+
 def distinguishable(results: Mapping[str, Any]) -> str:
-    """One plain sentence per arm whose Δ interval excludes zero, or a sentence saying none does."""
-    said = []
-    for r in results["summary"]["arms"]:
-        for key, what in (
-            ("delta_interval", "the unpruned baseline"),
-            ("delta_vs_random_interval", "random pruning"),
-        ):
-            iv = r.get(key)
-            if iv and iv["excludes_zero"]:
-                word = "better" if iv["value"] > 0 else "worse"
-                said.append(
-                    f"- {r['method']} ({r['mode']} arm, {100 * r['fraction']:g}% removed) is {word} than "
-                    f"{what}: "
-                    f"Δ {_ci(iv).rstrip(' *')} points."
-                )
-    if not any(r.get("delta_interval") for r in results["summary"]["arms"]):
+    """The arms whose Δ interval excludes zero as sentences grouped by arm, or a sentence saying none does."""
+    arms = results["summary"]["arms"]
+    if not any(r.get("delta_interval") for r in arms):
         return "No intervals: the step files hold no per-pair test margins (a run from an older version)."
-    if not said:
+    flags = results["summary"].get("flags")
+    flags = arm_flags(arms) if flags is None else flags
+    if not flags:
         return (
             "No difference is distinguishable from zero: every interval, against the unpruned baseline and "
             "against random pruning, contains 0."
         )
-    return "Distinguishable from zero (the interval excludes 0):\n\n" + "\n".join(said)
+    out = ["Distinguishable from zero (the interval excludes 0):"]
+    for mode, title in (("harmful", "Pruning the most harmful pairs"),
+                        ("helpful", "Helpful arm (removing the most helpful pairs; expected: worse)")):
+        lines = [_flag_line(f) for f in flags if f["mode"] == mode]
+        if lines:
+            out += ["", f"{title}:", "", *lines]
+    return "\n".join(out)
 
 
 def detection_table(results: Mapping[str, Any]) -> str:
@@ -149,8 +177,10 @@ def detection_table(results: Mapping[str, Any]) -> str:
         for f in fracs:
             r = next((x for x in arms if x["method"] == d["method"] and float(x["fraction"]) == f), None)
             cells.append("—" if r is None else _pct(r["flipped_share_of_removed"]))
-        auc = "n/a" if d["auc_mean"] is None else f"{d['auc_mean']:.3f} ± {d['auc_std']:.3f}"
-        prec = f"{_pct(d['precision_at_k_mean'])} ± {_pct(d['precision_at_k_std'])}"
+        auc = "n/a" if d["auc_mean"] is None else f"{d['auc_mean']:.3f}"
+        if d["auc_mean"] is not None and d.get("auc_std") is not None:
+            auc += f" ± {d['auc_std']:.3f}"
+        prec = _pm(d["precision_at_k_mean"], d.get("precision_at_k_std"))
         name = d["method"] + (" (chance)" if d["method"] == "random" else "")
         lines.append(f"| {name} | {auc} | {prec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -160,6 +190,17 @@ def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "n/a"
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def _interval_lines(results: Mapping[str, Any]) -> list[str]:
+    """How the intervals were computed and, with fewer than 3 seeds, the warning (old results: neither)."""
+    note = results.get("intervals")
+    if not note:
+        return []
+    out = [f"Intervals: {note['method']}."]
+    if note.get("warning"):
+        out += ["", f"> **Warning:** {note['warning']}"]
+    return out
 
 
 def _header(results: Mapping[str, Any]) -> list[str]:
@@ -186,9 +227,9 @@ def _header(results: Mapping[str, Any]) -> list[str]:
     out.append(
         f"Seeds {cfg['seeds']} (initialisation and data order; every retrain starts from its seed's initial "
         "weights with the same hyperparameters). Accuracy is pairwise test accuracy in %, mean ± sample std "
-        "over seeds; Δ is the paired difference to the same seed's unpruned baseline. Intervals: paired "
-        "bootstrap over seeds and test pairs (both drawn with replacement, the same draw for both arms)."
+        "over seeds; Δ is the paired difference to the same seed's unpruned baseline."
     )
+    out += _interval_lines(results)
     machine = results.get("machine", {})
     gpu = f", {machine['cuda_device']}" if machine.get("cuda_device") else ""
     out.append(
@@ -215,7 +256,8 @@ def _pruning_sections(results: Mapping[str, Any]) -> list[str]:
         "",
         "## Pruning the most harmful pairs",
         "",
-        "Removed: lowest influence / grad_dot / grad_cos, highest train_loss, or a random draw.",
+        "Removed: lowest influence / grad_dot / grad_cos, highest train_loss, or a random draw. "
+        + _spread_note(results),
         "",
         accuracy_table(results, mode="harmful"),
     ]
@@ -342,7 +384,8 @@ def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[s
                 )
                 xs = [0.0] + [100 * r["fraction"] for r in rows]
                 ys = [100 * base["accuracy_mean"]] + [100 * r["accuracy_mean"] for r in rows]
-                es = [100 * (base.get("accuracy_std") or 0.0)] + [100 * r["accuracy_std"] for r in rows]
+                stds = [base.get("accuracy_std")] + [r["accuracy_std"] for r in rows]
+                es = [100 * (s or 0.0) for s in stds]  # no bar for one seed (its std is None)
                 ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=f"{method} ({mode})", alpha=0.85)
         ax.set_xlabel("training pairs removed (%)")
         ax.set_ylabel("test accuracy (%)")

@@ -13,6 +13,7 @@ import torch
 
 from prefprune._io import package_versions, sha256_file
 from prefprune.bootstrap import paired_delta
+from prefprune.experiment.certainty import arm_flags, interval_note
 from prefprune.experiment.config import ExperimentConfig
 from prefprune.experiment.scoresteps import (
     ScoreSteps,
@@ -125,6 +126,13 @@ def _detection_rows(
     return rows, hist
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std over seeds; the std is None for one seed (a sample std needs two values, and 0.0
+    would read as certainty)."""
+    m, s = mean_std(values)
+    return m, (s if len(values) > 1 else None)
+
+
 def _arm_row(rec: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """One retrain's results row: its accuracy and the difference to its seed's baseline."""
     row = {k: rec[k] for k in _ARM_KEYS}
@@ -144,8 +152,8 @@ def _summarise_arms(keys: Sequence[tuple[str, str, float]], arms: Sequence[Mappi
         rows = [r for r in arms if (r["method"], r["mode"], r["fraction"]) == (method, mode, fraction)]
         if not rows:
             continue
-        acc_m, acc_s = mean_std([r["accuracy"] for r in rows])
-        d_m, d_s = mean_std([r["delta"] for r in rows])
+        acc_m, acc_s = _mean_std([r["accuracy"] for r in rows])
+        d_m, d_s = _mean_std([r["delta"] for r in rows])
         entry = {
             "method": method,
             "mode": mode,
@@ -161,10 +169,10 @@ def _summarise_arms(keys: Sequence[tuple[str, str, float]], arms: Sequence[Mappi
             ),
         }
         if "clean_accuracy" in rows[0]:
-            entry["clean_accuracy_mean"], entry["clean_accuracy_std"] = mean_std(
+            entry["clean_accuracy_mean"], entry["clean_accuracy_std"] = _mean_std(
                 [r["clean_accuracy"] for r in rows]
             )
-            entry["clean_delta_mean"], entry["clean_delta_std"] = mean_std([r["clean_delta"] for r in rows])
+            entry["clean_delta_mean"], entry["clean_delta_std"] = _mean_std([r["clean_delta"] for r in rows])
         out.append(entry)
     return out
 
@@ -208,8 +216,8 @@ def _summarise_detection(detection: Sequence[Mapping[str, Any]]) -> list[dict[st
         rows = [d for d in detection if d["method"] == method and d["auc"] is not None]
         if not rows:
             continue
-        am, as_ = mean_std([d["auc"] for d in rows])
-        pm, ps = mean_std([d["precision_at_k"] for d in rows])
+        am, as_ = _mean_std([d["auc"] for d in rows])
+        pm, ps = _mean_std([d["precision_at_k"] for d in rows])
         out.append(
             {
                 "method": method,
@@ -225,10 +233,10 @@ def _summarise_detection(detection: Sequence[Mapping[str, Any]]) -> list[dict[st
 
 
 def _baseline_summary(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    bm, bs = mean_std([b["accuracy"] for b in per_seed.values()])
+    bm, bs = _mean_std([b["accuracy"] for b in per_seed.values()])
     summary = {"accuracy_mean": bm, "accuracy_std": bs, "n_seeds": len(per_seed)}
     if per_seed and "clean" in next(iter(per_seed.values()))["test"]:
-        cm, cs = mean_std([b["test"]["clean"]["accuracy"] for b in per_seed.values()])
+        cm, cs = _mean_std([b["test"]["clean"]["accuracy"] for b in per_seed.values()])
         summary.update(clean_accuracy_mean=cm, clean_accuracy_std=cs)
     return summary
 
@@ -364,8 +372,10 @@ def collect_results(
         "baseline": {"per_seed": c.per_seed_baseline, **_baseline_summary(c.per_seed_baseline)},
         "arms": c.arms,
         "skipped_arms": c.skipped,
+        "intervals": interval_note(len(c.per_seed_baseline)),
         "summary": {
             "arms": summary_arms,
+            "flags": arm_flags(summary_arms),
             "noise_detection": _summarise_detection(c.detection),
         },
         "noise_detection": c.detection,
