@@ -86,7 +86,11 @@ def _results() -> dict:
             ],
         },
         "scores": {
-            "metadata": {"seed0/ggn": {"solve": {"status": "converged", "iterations": 4, "residual": 1e-5}}},
+            "metadata": {
+                "seed0/ggn": {
+                    "solve": {"method": "cg", "status": "converged", "iterations": 4, "residual": 1e-5}
+                }
+            },
             "seconds": {"seed0/ggn": 1.5},
         },
         "histograms": {"influence_ggn": {"flipped": [-1.0, -0.5, -0.7], "clean": [0.1, 0.3, 0.2, 0.5]}},
@@ -120,9 +124,8 @@ def test_write_report_from_results_file(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
         assert f"]({png})" in text
-    assert (
-        "## Helpful arm" in text and "## Noise detection" in text and "| seed0/ggn | converged | 4 |" in text
-    )
+    assert "## Helpful arm" in text and "## Noise detection" in text
+    assert "| seed0/ggn | CG | converged | 4 | 1e-05 |" in text
     assert "12 flipped training pairs" in text
 
 
@@ -216,3 +219,14 @@ def test_one_seed_shows_no_zero_std_and_warns():
     assert "> **Warning:** 1 seed: the intervals hold test-pair sampling only" in text
     assert "*Provisional: 1 seed(s).*" in text
     assert "| influence_ggn | 80.0 (Δ +5.0) | 82.0 (Δ +7.0) |" in accuracy_table(res)
+
+
+def test_direct_solve_shows_as_direct_without_cg_numbers():
+    """Pins issue 23: a direct (eigendecomposition) solve read "CG iterations 0, residual 0" in the scoring
+    table."""
+    res = _results()
+    res["scores"]["metadata"]["seed0/ggn"]["solve"] = {
+        "method": "direct", "status": "converged", "iterations": 0, "residual": 0.0
+    }
+    text = render_markdown(res)
+    assert "| seed0/ggn | direct (eigendecomposition) | converged | — | — | 1.5 |" in text, text

@@ -309,7 +309,7 @@ def _status_cell(meta: Any) -> str:
     return str((meta.get("solve") or {}).get("status", "n/a"))
 
 
-def _detection_and_solves(results: Mapping[str, Any]) -> list[str]:
+def _detection_section(results: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     det = detection_table(results)
     if det:
@@ -324,30 +324,49 @@ def _detection_and_solves(results: Mapping[str, Any]) -> list[str]:
             "",
             det,
         ]
+    return out
+
+
+#: How each solve method reads in the scoring table (CG iterations and residual only for iterative ones).
+_SOLVERS = {"direct": "direct (eigendecomposition)", "none": "no solve (identity)", "cg": "CG",
+            "pcg": "preconditioned CG", "multishift": "multi-shift CG"}
+
+
+def _solve_cells(meta: Any) -> str:
+    """Solver, status, iterations, residual of one score run: a direct solve has no CG numbers to show."""
+    s = meta.get("solve", {}) if isinstance(meta, Mapping) else {}
+    method = s.get("method")
+    if method in ("direct", "none"):
+        return f"{_SOLVERS[method]} | {_status_cell(meta)} | — | —"
+    res = s.get("residual")
+    name = _SOLVERS.get(method, method or "n/a")
+    return (f"{name} | {_status_cell(meta)} | {s.get('iterations', 'n/a')} | "
+            f"{'n/a' if res is None else f'{res:.2g}'}")
+
+
+def _solves_section(results: Mapping[str, Any]) -> list[str]:
     solves = results.get("scores", {}).get("metadata", {})
-    if solves:
-        out += [
-            "",
-            "## Scoring runs",
-            "",
-            "| seed/curvature | solve status | CG iterations | residual | seconds | damping |",
-            "|---|---|---|---|---|---|",
-        ]
-        secs = results["scores"].get("seconds", {})
-        for key, meta in solves.items():
-            s = meta.get("solve", {}) if isinstance(meta, Mapping) else {}
-            res = s.get("residual")
-            out.append(
-                f"| {key} | {_status_cell(meta)} | {s.get('iterations', 'n/a')} | "
-                f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} | "
-                f"{_damping_cell(meta)} |"
-            )
+    if not solves:
+        return []
+    out = [
+        "",
+        "## Scoring runs",
+        "",
+        "| seed/curvature | solver | solve status | CG iterations | residual | seconds | damping |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    secs = results["scores"].get("seconds", {})
+    for key, meta in solves.items():
+        out.append(
+            f"| {key} | {_solve_cells(meta)} | {secs.get(key, float('nan')):.1f} | {_damping_cell(meta)} |"
+        )
     return out
 
 
 def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
     """The full report.md text."""
-    out = _header(results) + _pruning_sections(results) + _detection_and_solves(results)
+    out = _header(results) + _pruning_sections(results) + _detection_section(results)
+    out += _solves_section(results)
     if plots:
         out += ["", "## Plots", ""]
         out += [f"![{Path(p).stem}]({p})" for p in plots]
