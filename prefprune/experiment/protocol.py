@@ -48,11 +48,10 @@ import torch
 
 from prefprune import score as score_mod
 from prefprune._io import output_lock, sha256_file
-from prefprune.data import encode_pairs
 from prefprune.data.config import load_data
-from prefprune.data.encode import too_long_message
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import ExperimentConfig, damping_tag
+from prefprune.experiment.counts import data_counts
 from prefprune.experiment.report import write_report
 from prefprune.experiment.results import collect_results
 from prefprune.experiment.resume import check_resume
@@ -64,7 +63,13 @@ from prefprune.experiment.scoresteps import (
     with_ensemble_columns,
 )
 from prefprune.experiment.seedrun import SeedRun, Timer, load_trainable, trainable_state
-from prefprune.experiment.setup import fitting_pairs, load_tokenizer, prefix_cache
+from prefprune.experiment.setup import (
+    fit_training,
+    fit_validation,
+    load_tokenizer,
+    prefix_cache,
+    too_long_test_pairs,
+)
 from prefprune.experiment.steps import StepStore, arm_step_name, load_state, save_state, write_json
 from prefprune.prefix_cache import PrefixCache
 from prefprune.prune import ScoreTable, check_ids_match, n_to_select, select_pairs
@@ -91,7 +96,7 @@ class _Plan:
     curvatures: list[str]
     cache: PrefixCache | None
     val_scoring: Any
-    val_checked: bool = False
+    counts: dict[str, Any]
     arms: list[tuple[str, str, float]] = field(default_factory=list)
 
 
@@ -139,21 +144,8 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
         _, val0, test0 = dataset.split(cfg.split, seed=cfg.split_seed)
         dataset = restore_labels(dataset, set(val0.ids) | set(test0.ids))
     train, val, test = _split(cfg, dataset, steps)
-    # Training pairs whose response alone exceeds max_length can be neither trained on nor scored: leave
-    # them out of the experiment (counted in results.json) rather than let each stage treat them its own way.
     tokenizer = load_tokenizer(cfg)
-    fit_ids, too_long_ids = fitting_pairs(train, tokenizer, cfg.max_length, truncation="prompt")
-    if not fit_ids:
-        raise ValueError(too_long_message("training pairs", train, tokenizer, cfg.max_length))
-    if too_long_ids:
-        logger.warning(
-            "left out %d of %d training pairs whose responses exceed max_length=%d (e.g. %s)",
-            len(too_long_ids),
-            len(train),
-            cfg.max_length,
-            too_long_ids[:3],
-        )
-        train = train.select(fit_ids)
+    train, too_long_ids = fit_training(train, tokenizer, cfg.max_length)
     for f in cfg.fractions + cfg.helpful_arm_fractions():
         n_to_select(len(train), f)
     for c in cfg.curvatures:
@@ -169,6 +161,19 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
             )
         # A clean validation set: the assumption of noisy-label methods that rely on trusted data.
         val_scoring = val.exclude(flipped & set(val.ids))
+    curvatures = _score_curvatures(cfg)
+    val_left_out = {"untrusted": len(val) - len(val_scoring)} if cfg.trusted_validation else {}
+    if curvatures:
+        val_scoring, val_too_long = fit_validation(val_scoring, tokenizer, cfg.max_length)
+        val_left_out["too_long"] = len(val_too_long)
+    else:
+        val_left_out["not_scored"] = len(val_scoring)  # no method needs scores
+    counts = data_counts(
+        dataset.stats,
+        {"train": len(train) + len(too_long_ids), "validation": len(val), "test": len(test)},
+        {"train": {"too_long": len(too_long_ids)}, "validation": val_left_out,
+         "test": {"too_long": len(too_long_test_pairs(test, tokenizer, cfg.max_length))}},
+    )
     plan = _Plan(
         cfg=cfg,
         out=out,
@@ -180,9 +185,10 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
         too_long_ids=too_long_ids,
         flipped_train=sorted(flipped & set(train.ids)),
         clean_ids=set(test.ids) - flipped if flipped & set(test.ids) else None,
-        curvatures=_score_curvatures(cfg),
+        curvatures=curvatures,
         cache=prefix_cache(cfg),
         val_scoring=val_scoring,
+        counts=counts,
     )
     plan.arms = [(m, "harmful", f) for m in cfg.arm_methods() for f in cfg.fractions]
     plan.arms += [(m, "helpful", f) for m in cfg.helpful_arm_methods() for f in cfg.helpful_arm_fractions()]
@@ -211,29 +217,6 @@ def _baseline(plan: _Plan, run: SeedRun) -> None:
     )
 
 
-def _check_validation_fits(plan: _Plan, tokenizer: Any) -> None:
-    """Drop (with a warning) validation pairs that do not fit max_length uncut; once per experiment."""
-    if plan.val_checked:
-        return
-    cfg = plan.cfg
-    ok, too_long = fitting_pairs(plan.val_scoring, tokenizer, cfg.max_length)
-    if too_long:
-        logger.warning(
-            "scoring uses %d of %d validation pairs: %d do not fit max_length=%d uncut",
-            len(ok),
-            len(plan.val_scoring),
-            len(too_long),
-            cfg.max_length,
-        )
-        if not ok:
-            whole = encode_pairs(plan.val_scoring, tokenizer, max_length=1 << 30)
-            longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
-            raise ValueError(f"no validation pair fits max_length={cfg.max_length} uncut (validation pairs "
-                             f"are never cut); raise max_length (--max-length) to {longest} for all to fit")
-        plan.val_scoring = plan.val_scoring.select(ok)
-    plan.val_checked = True
-
-
 def _scores(plan: _Plan, run: SeedRun) -> ScoreTable | None:
     """The seed's merged score table (one pass per curvature, each a step), or None without scores.
 
@@ -254,7 +237,6 @@ def _scores(plan: _Plan, run: SeedRun) -> ScoreTable | None:
             if need:  # only the values no step holds yet
                 config = dataclasses.replace(want, damping=missing if len(missing) > 1 else missing[0])
             model, tok = run.ensure_model()
-            _check_validation_fits(plan, tok)
             load_trainable(model, load_state(state_path))
             with Timer() as tm:
                 res = score_mod.score_pairs(model, tok, plan.train, plan.val_scoring, config=config)
@@ -381,6 +363,7 @@ def _finish(plan: _Plan, t_start: float) -> dict[str, Any]:
     results["timings"]["this_invocation_seconds"] = time.perf_counter() - t_start
     results["data"]["train_left_out_too_long"] = plan.too_long_ids
     results["data"]["n_validation_used_for_scoring"] = len(plan.val_scoring)
+    results["data"]["counts"] = plan.counts
     if cache is not None:
         results["prefix_cache"] = {
             "sequences": len(cache),

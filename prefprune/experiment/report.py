@@ -1,19 +1,18 @@
-"""Turn an experiment's results.json into report.md tables and PNG plots (matplotlib Agg, imported lazily)."""
+"""Turn an experiment's results.json into report.md (tables, flags, profile) and its PNG plots (`plots`)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefprune._io import atomic_write, atomic_write_text
+from prefprune._io import atomic_write_text
 from prefprune.experiment.certainty import arm_flags
-
-logger = logging.getLogger(__name__)
+from prefprune.experiment.counts import LOAD_DROPS
+from prefprune.experiment.plots import write_plots
 
 __all__ = [
     "accuracy_table",
@@ -25,8 +24,6 @@ __all__ = [
     "write_report",
 ]
 
-ACCURACY_PLOT = "accuracy_vs_fraction.png"
-HISTOGRAM_PLOT = "score_histograms.png"
 
 
 def _pct(x: float | None, *, signed: bool = False) -> str:
@@ -192,6 +189,57 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
 
+#: Why pairs of a split were left out, as the counts table says it.
+_LEFT_OUT = {"too_long": "too long for max_length", "untrusted": "flipped (trusted_validation)",
+             "not_scored": "not scored (no method needs scores)"}
+#: What "used" means per split.
+_USED = {"train": "trained on", "validation": "scored against", "test": "evaluated"}
+
+
+def _data_lines(results: Mapping[str, Any]) -> list[str]:
+    """Where the data came from, what loading dropped, and per split the pairs in it, left out and used."""
+    cfg, data = results["config"], results["data"]
+    counts = data.get("counts")
+    split = (f"one split (seed {cfg['split_seed']}) shared by all seeds; validation is used only for "
+             "scoring, test only for accuracy")
+    if not counts:  # results.json of an older version: the split's sizes only
+        return [f"Data: `{data['source']}` ({data['schema']}), {data['n_pairs']} pairs → train "
+                f"{data['n_train']} / validation {data['n_validation']} / test {data['n_test']} ({split})."]
+    loaded = counts["loaded"]
+    drops = ", ".join(f"{k.replace('_', ' ')} {loaded[k]}" for k in LOAD_DROPS if k in loaded)
+    read = f"{loaded['records']} records read → " if "records" in loaded else ""
+    out = [f"Data: `{data['source']}` ({data['schema']}): {read}{loaded['pairs']} pairs"
+           + (f" (dropped on loading: {drops})" if drops else "") + f"; {split}.", ""]
+    out += ["| split | in split | left out | used |", "|---|---|---|---|"]
+    for name in ("train", "validation", "test"):
+        c = counts[name]
+        why = [f"{c[k]} {_LEFT_OUT.get(k, k)}" for k in c if k not in ("in_split", "used") and c[k]]
+        out.append(f"| {name} | {c['in_split']} | {'; '.join(why) or '0'} | {c['used']} ({_USED[name]}) |")
+    return out + [""]
+
+
+def _kv(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+
+def _settings_lines(results: Mapping[str, Any]) -> list[str]:
+    """The settings every step ran with, read from the step files (not the config's defaults)."""
+    run, cfg = results.get("settings_as_run"), results["config"]
+    if not run:  # results.json of an older version: the config as given
+        return [f"Settings (config): max_length {cfg['max_length']}; training "
+                f"{cfg.get('train') or 'defaults'}; scoring {cfg.get('score') or 'defaults'}."]
+    out = []
+    parts = [("Training", run.get("train"))]
+    parts += [(f"Scoring ({c})", s) for c, s in run.get("score", {}).items()]
+    for what, s in parts:
+        if s:
+            differ = s.get("differs_between_steps")
+            note = f" (differs between steps: {', '.join(differ)})" if differ else ""
+            out.append(f"{what} as run, from the step files: {_kv(s['settings'])}{note}.")
+    out.append(f"Evaluation as run: {_kv(run['evaluation'])}.")
+    return out
+
+
 def _interval_lines(results: Mapping[str, Any]) -> list[str]:
     """How the intervals were computed and, with fewer than 3 seeds, the warning (old results: neither)."""
     note = results.get("intervals")
@@ -207,11 +255,7 @@ def _header(results: Mapping[str, Any]) -> list[str]:
     cfg, data = results["config"], results["data"]
     t = results.get("timings", {})
     out = [f"# Pruning experiment: {Path(cfg['output']).name}", ""]
-    out.append(
-        f"Data: `{data['source']}` ({data['schema']}), {data['n_pairs']} pairs → train {data['n_train']} / "
-        f"validation {data['n_validation']} / test {data['n_test']} (one split, seed {cfg['split_seed']}, "
-        "shared by all seeds; validation is used only for scoring, test only for accuracy)."
-    )
+    out += _data_lines(results)
     if data.get("n_flipped", 0) > 0:
         out.append(
             f"Planted label noise: {data['n_flipped']} flipped pairs ({data['n_flipped_train']} in train, "
@@ -221,9 +265,9 @@ def _header(results: Mapping[str, Any]) -> list[str]:
     out.append(
         f"Model: `{cfg['model']}`, LoRA {cfg.get('lora') or 'defaults'}"
         + (f", adapters on the top {lora_layers} layer(s) only" if lora_layers else "")
-        + f"; max_length {cfg['max_length']}; training {cfg.get('train') or 'defaults'}; "
-        f"scoring {cfg.get('score') or 'defaults'}; curvatures {cfg['curvatures']}."
+        + f"; curvatures {cfg['curvatures']}."
     )
+    out += _settings_lines(results)
     out.append(
         f"Seeds {cfg['seeds']} (initialisation and data order; every retrain starts from its seed's initial "
         "weights with the same hyperparameters). Accuracy is pairwise test accuracy in %, mean ± sample std "
@@ -372,73 +416,6 @@ def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) ->
         out += [f"![{Path(p).stem}]({p})" for p in plots]
     out.append("")
     return "\n".join(out)
-
-
-def write_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[str]:
-    """Accuracy vs pruned fraction per method, and score histograms split by flipped/clean.
-
-    Returns:
-        The PNG file names written (relative to `folder`); empty when matplotlib is missing.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install 'prefprune[plots]')")
-        return []
-    folder = Path(folder)
-    written = []
-    arms = results["summary"]["arms"]
-    base = results["baseline"]
-    if arms and base.get("accuracy_mean") is not None:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for mode, style in (("harmful", "-o"), ("helpful", "--s")):
-            for method in dict.fromkeys(r["method"] for r in arms if r["mode"] == mode):
-                rows = sorted(
-                    (r for r in arms if r["mode"] == mode and r["method"] == method),
-                    key=lambda r: r["fraction"],
-                )
-                xs = [0.0] + [100 * r["fraction"] for r in rows]
-                ys = [100 * base["accuracy_mean"]] + [100 * r["accuracy_mean"] for r in rows]
-                stds = [base.get("accuracy_std")] + [r["accuracy_std"] for r in rows]
-                es = [100 * (s or 0.0) for s in stds]  # no bar for one seed (its std is None)
-                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=f"{method} ({mode})", alpha=0.85)
-        ax.set_xlabel("training pairs removed (%)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Accuracy after pruning and retraining (mean ± std over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        atomic_write(folder / ACCURACY_PLOT, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
-        plt.close(fig)
-        written.append(ACCURACY_PLOT)
-    hists = results.get("histograms") or {}
-    if hists:
-        names = list(hists)
-        ncol = min(3, len(names))
-        nrow = math.ceil(len(names) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
-        for ax, name in zip(axes.flat, names, strict=False):
-            groups = hists[name]
-            every = [v for values in groups.values() for v in values]
-            # Shared bin edges, so the flipped and clean histograms are comparable bar for bar.
-            edges = np.histogram_bin_edges(every, bins=30) if every else 30
-            for label, values in groups.items():
-                if values:
-                    ax.hist(values, bins=edges, alpha=0.6, label=f"{label} ({len(values)})", density=True)
-            ax.set_title(name, fontsize=9)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(names) :]:
-            ax.axis("off")
-        fig.suptitle("Score distributions (first seed)", fontsize=10)
-        fig.tight_layout()
-        atomic_write(folder / HISTOGRAM_PLOT, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
-        plt.close(fig)
-        written.append(HISTOGRAM_PLOT)
-    return written
 
 
 def write_report(

@@ -232,6 +232,43 @@ def _summarise_detection(detection: Sequence[Mapping[str, Any]]) -> list[dict[st
     return out
 
 
+#: Settings that differ by design between steps (or only show progress): not part of "as run".
+_PER_STEP = ("seed", "progress", "resume")
+
+
+def _as_run(configs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The settings the steps ran with (the first one's), and the keys in which the steps differ."""
+    first = {k: v for k, v in configs[0].items() if k not in _PER_STEP}
+    differ = sorted({k for c in configs[1:] for k in first if c.get(k) != first[k]})
+    return {"settings": first, "differs_between_steps": differ}
+
+
+def settings_as_run(
+    cfg: ExperimentConfig, per_seed: Mapping[int, Mapping[str, Any]], score_meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The effective settings read from the step files: training (each baseline's TrainConfig with the device
+    it ran on and bf16 as applied: only on CUDA), scoring per curvature (each score step's ScoreConfig) and
+    evaluation (what `SeedRun` passes)."""
+    out: dict[str, Any] = {"source": "step files"}
+    train = []
+    for b in per_seed.values():
+        stats = b["train_stats"]
+        conf = dict(stats.get("config") or {})
+        device = str(stats.get("device", conf.get("device")))
+        conf.update(device=device, bf16=bool(conf.get("bf16")) and device.startswith("cuda"))
+        train.append(conf)
+    if train:
+        out["train"] = _as_run(train)
+    by_curvature: dict[str, list[dict]] = {}
+    for meta in score_meta.values():
+        conf = (meta or {}).get("config") or {}
+        if conf:
+            by_curvature.setdefault(str(conf.get("curvature")), []).append(conf)
+    out["score"] = {c: _as_run(confs) for c, confs in by_curvature.items()}
+    out["evaluation"] = {"max_length": cfg.max_length, "batch_size": cfg.eval_batch_size}
+    return out
+
+
 def _baseline_summary(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     bm, bs = _mean_std([b["accuracy"] for b in per_seed.values()])
     summary = {"accuracy_mean": bm, "accuracy_std": bs, "n_seeds": len(per_seed)}
@@ -372,6 +409,7 @@ def collect_results(
         "baseline": {"per_seed": c.per_seed_baseline, **_baseline_summary(c.per_seed_baseline)},
         "arms": c.arms,
         "skipped_arms": c.skipped,
+        "settings_as_run": settings_as_run(cfg, c.per_seed_baseline, c.score_meta),
         "intervals": interval_note(len(c.per_seed_baseline)),
         "summary": {
             "arms": summary_arms,
