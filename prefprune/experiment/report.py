@@ -13,6 +13,7 @@ from prefprune._io import atomic_write_text
 from prefprune.experiment.certainty import arm_flags
 from prefprune.experiment.counts import LOAD_DROPS
 from prefprune.experiment.plots import write_plots
+from prefprune.experiment.profile import profile_section
 
 __all__ = [
     "accuracy_table",
@@ -247,7 +248,7 @@ def _interval_lines(results: Mapping[str, Any]) -> list[str]:
         return []
     out = [f"Intervals: {note['method']}."]
     if note.get("warning"):
-        out += ["", f"> **Warning:** {note['warning']}"]
+        out += ["", f"> **Warning:** {note['warning']}", ""]
     return out
 
 
@@ -410,7 +411,7 @@ def _solves_section(results: Mapping[str, Any]) -> list[str]:
 def render_markdown(results: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
     """The full report.md text."""
     out = _header(results) + _pruning_sections(results) + _detection_section(results)
-    out += _solves_section(results)
+    out += profile_section(results) + _solves_section(results)
     if plots:
         out += ["", "## Plots", ""]
         out += [f"![{Path(p).stem}]({p})" for p in plots]

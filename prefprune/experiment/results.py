@@ -15,6 +15,7 @@ from prefprune._io import package_versions, sha256_file
 from prefprune.bootstrap import paired_delta
 from prefprune.experiment.certainty import arm_flags, interval_note
 from prefprune.experiment.config import ExperimentConfig
+from prefprune.experiment.profile import removed_profile
 from prefprune.experiment.scoresteps import (
     ScoreSteps,
     ensemble_table,
@@ -295,6 +296,8 @@ class _Collector:
         #: (seed, "baseline") or (seed, method, mode, fraction) -> {test pair id: margin}
         self.margins: dict[tuple, dict[str, float]] = {}
         self.merged: dict[int, ScoreTable] = {}
+        #: (seed, method, mode, fraction) -> the ids that retrain removed
+        self.removed: dict[tuple, list[str]] = {}
 
     def _count(self, rec: Mapping[str, Any]) -> None:
         self.seconds += rec["seconds"]
@@ -323,6 +326,8 @@ class _Collector:
                 continue
             self._count(rec)
             self.arms.append(_arm_row(rec, base))
+            if "removed_ids" in rec:
+                self.removed[(seed, method, mode, fraction)] = rec["removed_ids"]
             if "test_margins" in rec:
                 self.margins[(seed, method, mode, fraction)] = rec["test_margins"]
 
@@ -417,6 +422,7 @@ def collect_results(
             "noise_detection": _summarise_detection(c.detection),
         },
         "noise_detection": c.detection,
+        "removed_profile": removed_profile(train, test, c.removed, set(dataset.flipped_ids) or None),
         "scores": {"metadata": c.score_meta, "seconds": c.score_seconds},
         "histograms": c.histograms,
         "timings": {"sum_of_step_seconds": c.seconds, "sum_of_step_cpu_seconds": c.cpu_seconds},
