@@ -35,8 +35,9 @@ RESUME_FREE = ("output", "num_threads", "progress", "device", "bootstrap_samples
 #: Keys that may change on resume because they change neither the baselines nor a finished step: new damping
 #: values only add score columns (and a score pass for the values no score step holds yet).
 RESUME_CHANGEABLE = ("score.damping",)
-#: List keys that may grow on resume (the old entries kept): new arms or score passes; baselines unchanged.
-RESUME_GROWS = ("methods", "fractions", "helpful_methods", "helpful_fractions", "curvatures")
+#: List keys that may grow on resume (the old entries kept): new arms, score passes or seeds; the finished
+#: seeds' baselines and steps are reused (ensemble arms, which average over the seeds, are redone).
+RESUME_GROWS = ("methods", "fractions", "helpful_methods", "helpful_fractions", "curvatures", "seeds")
 #: Fields of the train / score sections that the experiment sets itself (from the top-level fields).
 MANAGED = {
     "train": {"seed": "seeds", "max_length": "max_length", "device": "device", "progress": "progress"},

@@ -17,12 +17,14 @@
    precision@k (k = number of flipped training pairs).
 
 Every finished step is one small JSON file under the output folder (`steps.StepStore`); a rerun with
-the same folder skips them. `results.json`, `report.md` and PNG plots are rebuilt at the end.
+the same folder skips them. Before the first retrain the run logs how many retrains there are and how many
+are done, and once one is timed, the estimated time of the rest (`announce.RetrainPlan`). `results.json`,
+`report.md` and PNG plots are rebuilt at the end.
 
 With a list of `score.damping` values, one score pass per curvature gives every value's influence
 column, and each value is its own method (``influence_<curvature>@<λ>``). A resume may change the damping
-values and add methods, fractions and curvatures (`experiment.resume.check_resume`): the baselines are
-kept, a score step is reused for exactly the values it was computed with (its settings and its baseline's
+values and add methods, fractions, curvatures and seeds (`experiment.resume.check_resume`): the baselines
+are kept, a score step is reused for exactly the values it was computed with (its settings and its baseline's
 SHA-256 are checked; values no step holds get one score pass of their own), and a retrain step is reused
 when it removed exactly the pairs that the current scores select (so a step is never reused for other
 scores).
@@ -50,6 +52,7 @@ from prefprune import score as score_mod
 from prefprune._io import output_lock, sha256_file
 from prefprune.data.config import load_data
 from prefprune.data.noise import restore_labels
+from prefprune.experiment.announce import RetrainPlan
 from prefprune.experiment.config import ExperimentConfig, damping_tag
 from prefprune.experiment.counts import data_counts
 from prefprune.experiment.report import write_report
@@ -98,6 +101,7 @@ class _Plan:
     val_scoring: Any
     counts: dict[str, Any]
     arms: list[tuple[str, str, float]] = field(default_factory=list)
+    retrains: RetrainPlan | None = None
 
 
 def _split(cfg: ExperimentConfig, dataset, steps: StepStore):
@@ -195,6 +199,21 @@ def _prepare(cfg: ExperimentConfig) -> _Plan:
     return plan
 
 
+def _retrain_plan(plan: _Plan) -> RetrainPlan:
+    """The retrains of every seed (baseline, then each arm) with the training pairs of each; those with a step
+    file are done (an arm is redone when the current scores select other pairs: found only as it runs)."""
+    n, pending, done = len(plan.train), [], 0
+    for seed in plan.cfg.seeds:
+        jobs = [(f"seed{seed}/baseline.json", n)]
+        jobs += [(arm_step_name(seed, m, mode, f), n - n_to_select(n, f)) for m, mode, f in plan.arms]
+        for rel, size in jobs:
+            if (plan.out / rel).is_file():
+                done += 1
+            else:
+                pending.append(size)
+    return RetrainPlan("experiment", pending, done)
+
+
 def _baseline(plan: _Plan, run: SeedRun) -> None:
     seed = run.seed
     rel = f"seed{seed}/baseline.json"
@@ -202,6 +221,7 @@ def _baseline(plan: _Plan, run: SeedRun) -> None:
     if plan.steps.get(rel) is not None and state_path.is_file():
         return
     stats, result, margins, tm = run.train_and_test(plan.train, "baseline")
+    plan.retrains.timed(tm.seconds, len(plan.train))
     save_state(trainable_state(run.model), state_path)
     plan.steps.put(
         rel,
@@ -330,6 +350,7 @@ def _arms(plan: _Plan, run: SeedRun, merged: ScoreTable | None) -> None:
             continue
         pruned = plan.train.exclude(sel.ids)
         stats, result, margins, tm = run.train_and_test(pruned, f"{method} {mode} {fraction:g}")
+        plan.retrains.timed(tm.seconds, len(pruned))
         plan.steps.put(
             rel,
             {
@@ -397,6 +418,8 @@ def _run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     plan = _prepare(cfg)
+    plan.retrains = _retrain_plan(plan)
+    plan.retrains.announce(f"{len(cfg.seeds)} seed(s) x (1 baseline + {len(plan.arms)} pruned)")
     ensemble = any(m.startswith("ensemble_") for m, _, _ in plan.arms)
     merged: dict[int, ScoreTable | None] = {}
     for seed in cfg.seeds:

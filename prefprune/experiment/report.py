@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prefprune._io import atomic_write_text
+from prefprune.experiment.announce import format_duration
 from prefprune.experiment.certainty import arm_flags
 from prefprune.experiment.counts import LOAD_DROPS
 from prefprune.experiment.plots import write_plots
@@ -184,12 +185,6 @@ def detection_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "n/a"
-    return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
-
-
 #: Why pairs of a split were left out, as the counts table says it.
 _LEFT_OUT = {"too_long": "too long for max_length", "untrusted": "flipped (trusted_validation)",
              "not_scored": "not scored (no method needs scores)"}
@@ -280,8 +275,8 @@ def _header(results: Mapping[str, Any]) -> list[str]:
     out.append(
         f"Machine: {machine.get('processor', '?')}, {machine.get('cpu_count', '?')} CPUs, torch threads "
         f"{machine.get('torch_threads', '?')}{gpu}. "
-        f"Compute time of all steps: {_fmt_seconds(t.get('sum_of_step_seconds'))}; this invocation: "
-        f"{_fmt_seconds(t.get('this_invocation_seconds'))}."
+        f"Compute time of all steps: {format_duration(t.get('sum_of_step_seconds'))}; this invocation: "
+        f"{format_duration(t.get('this_invocation_seconds'))}."
     )
     return out
 
