@@ -11,7 +11,6 @@ from test_experiment import _tiny_config, _write_short_data
 
 from prefprune.data.config import load_data
 from prefprune.experiment import arm_step_name, run_experiment
-from prefprune.experiment.profile import removed_profile
 
 
 def _data_with_drops(tmp_path) -> str:
@@ -54,6 +53,9 @@ def test_counts_are_the_counts_used(one_seed_run):
     when 111 / 379 were scored / evaluated) and loading drops (duplicates, identical, bad) appeared nowhere.
     Each "used" count must equal what the steps record they trained on, scored against and evaluated."""
     cfg, res, out = one_seed_run
+    report = (out / "report.md").read_text()
+    assert "64 records read → 60 pairs (dropped on loading: skipped bad 1, dropped identical 1, dropped " \
+        "duplicate 2)" in report
     counts = res["data"]["counts"]
     assert counts["loaded"] == {
         "records": 64, "skipped_bad": 1, "dropped_identical": 1, "dropped_duplicate": 2, "pairs": 60
@@ -68,9 +70,6 @@ def test_counts_are_the_counts_used(one_seed_run):
     for split in ("train", "validation", "test"):
         c = counts[split]
         assert c["used"] == c["in_split"] - c.get("too_long", 0) - c.get("untrusted", 0), split
-    report = (out / "report.md").read_text()
-    assert "64 records read → 60 pairs (dropped on loading: skipped bad 1, dropped identical 1, dropped " \
-        "duplicate 2)" in report
     t = counts["test"]
     left = f"{t['too_long']} too long for max_length" if t["too_long"] else "0"
     assert f"| test | {t['in_split']} | {left} | {t['used']} (evaluated) |" in report
@@ -80,13 +79,13 @@ def test_report_prints_the_settings_as_run(one_seed_run):
     """Pins issue 23: the report printed the config's dataclass defaults ('max_length': 512, bf16: True on a
     CPU run at 64) instead of what the steps ran with."""
     cfg, res, out = one_seed_run
+    report = (out / "report.md").read_text()
+    assert "'max_length': 512" not in report and "bf16 True" not in report
     train = res["settings_as_run"]["train"]["settings"]
     assert train["max_length"] == cfg.max_length == 64 and train["device"] == "cpu" and train["bf16"] is False
     assert train["epochs"] == 1 and train["batch_size"] == 8
     score = res["settings_as_run"]["score"]["identity"]["settings"]
     assert score["max_length"] == 64 and score["max_iter"] == 5
-    report = (out / "report.md").read_text()
-    assert "'max_length': 512" not in report and "bf16 True" not in report
     assert "Training as run, from the step files: epochs 1, batch_size 8" in report
     assert "max_length 64" in report and "bf16 False, device cpu" in report
 
@@ -94,12 +93,12 @@ def test_report_prints_the_settings_as_run(one_seed_run):
 def test_one_seed_run_warns_and_shows_no_zero_std(one_seed_run):
     """Pins issue 23: a one-seed run showed "± 0.0" stds and flagged differences without a warning."""
     _, res, out = one_seed_run
-    assert res["intervals"]["n_seeds"] == 1 and not res["intervals"]["seed_variance"]
-    assert "no seed-to-seed variance" in res["intervals"]["warning"]
-    assert all(a["accuracy_std"] is None and a["delta_std"] is None for a in res["summary"]["arms"])
     report = (out / "report.md").read_text()
     assert "± 0.0 " not in report and "± 0.0)" not in report and "n/a (1 seed)" in report
     assert "> **Warning:** 1 seed" in report
+    assert res["intervals"]["n_seeds"] == 1 and not res["intervals"]["seed_variance"]
+    assert "no seed-to-seed variance" in res["intervals"]["warning"]
+    assert all(a["accuracy_std"] is None and a["delta_std"] is None for a in res["summary"]["arms"])
     assert all(f["provisional"] for f in res["summary"]["flags"])
 
 
@@ -108,6 +107,8 @@ def test_removed_pair_profile_matches_the_step_files(one_seed_run):
     flips) or how much two methods' removed sets overlap; the profile is recomputed here from the step
     files and the data."""
     cfg, res, out = one_seed_run
+    report = (out / "report.md").read_text()
+    assert "## What each method removes" in report and "| *training set (base rate)* |" in report
     prof = res["removed_profile"]
     data = load_data(cfg.data, plant_noise=True)
     by_id = {p.id: p for p in data}
@@ -127,8 +128,6 @@ def test_removed_pair_profile_matches_the_step_files(one_seed_run):
     assert got["jaccard"] == pytest.approx(want) and got["mode"] == "harmful"
     base = prof["base_rate"]
     assert base["n"] == res["data"]["counts"]["train"]["used"] and 0 < base["flipped"] < 1
-    report = (out / "report.md").read_text()
-    assert "## What each method removes" in report and "| *training set (base rate)* |" in report
     assert f"| harmful | 20% | grad_dot vs random | {want:.2f} |" in report
     assert 0 < base["chosen_shorter"] < 1  # the data has both length orders
 
@@ -137,6 +136,7 @@ def test_profile_shares_ties_and_no_noise():
     """The profile's shares on hand-made pairs: a tie counts half for the "longer wins" rule; without planted
     noise the flipped share is None (not 0)."""
     from prefprune.data import PreferencePair
+    from prefprune.experiment.profile import removed_profile
 
     pairs = [
         PreferencePair(id="a", prompt="p", chosen="xx", rejected="xxxx"),  # chosen shorter

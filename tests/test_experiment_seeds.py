@@ -35,15 +35,22 @@ def _said(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "prefprune.experiment.announce")
 
 
-def test_adding_seeds_reuses_the_finished_ones_and_announces_the_plan(tmp_path, trained, caplog):
-    """Pins issue 23: adding seeds to a finished experiment was refused (so the user recomputed the finished
-    seed in a new folder), and no run said how many retrains it would do or how long they would take."""
+def test_a_run_announces_its_retrains_and_their_time(tmp_path, trained, caplog):
+    """Pins issue 23: an experiment never said how many retrains it would run or how long they would take."""
     torch.set_num_threads(1)
     caplog.set_level(logging.INFO, logger="prefprune.experiment.announce")
     run_experiment(_cfg(tmp_path, [0]))
     said = _said(caplog)
     assert "experiment: 2 retrains (1 seed(s) x (1 baseline + 1 pruned)); 0 already done, 2 to run" in said
-    assert "the 1 left take about" in said
+    assert "the 1 left take about" in said and len(trained) == 2
+
+
+def test_adding_seeds_reuses_the_finished_ones(tmp_path, trained, caplog):
+    """Pins issue 23: adding seeds to a finished experiment was refused (so the user recomputed the finished
+    seed in a new folder); now only the new seed runs, and the announcement counts the finished steps."""
+    torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="prefprune.experiment.announce")
+    run_experiment(_cfg(tmp_path, [0]))
     first = list(trained)
     assert len(first) == 2
     trained.clear()

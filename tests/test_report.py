@@ -203,8 +203,6 @@ def test_one_seed_shows_no_zero_std_and_warns():
     """Pins issue 23: with one seed the std column read "± 0.0" and nothing warned that the intervals hold
     no seed-to-seed variance; now the std is n/a (1 seed), report.md carries the warning and the flags say
     they are provisional."""
-    from prefprune.experiment.certainty import interval_note
-
     res = _results()
     res["config"]["seeds"] = [0]
     res["baseline"].update(accuracy_std=None, n_seeds=1)
@@ -213,9 +211,12 @@ def test_one_seed_shows_no_zero_std_and_warns():
         a["delta_interval"] = {**_iv(a["delta_mean"], 0.01, 0.09), "n_seeds": 1}
     for d in res["summary"]["noise_detection"]:
         d.update(n_seeds=1, auc_std=None, precision_at_k_std=None)
-    res["intervals"] = interval_note(1)
     text = render_markdown(res)
     assert "± 0.0" not in text and "std over seeds: n/a (1 seed)" in text, text
+    from prefprune.experiment.certainty import interval_note
+
+    res["intervals"] = interval_note(1)
+    text = render_markdown(res)
     assert "> **Warning:** 1 seed: the intervals hold test-pair sampling only" in text
     assert "*Provisional: 1 seed(s).*" in text
     assert "| influence_ggn | 80.0 (Δ +5.0) | 82.0 (Δ +7.0) |" in accuracy_table(res)
