@@ -62,7 +62,9 @@ def paired_delta(
     Args:
         a, b: (S, N) per-seed, per-test-pair values of two arms (e.g. 1.0 = pair ranked correctly), rows
             the same seeds and columns the same pairs in both.
-        n_boot: resamples; each draws S seeds and N pairs with replacement, the same draw for a and b.
+        n_boot: resamples; each draws S seeds and N pairs with replacement, the same draw for a and b
+            (crossed: the pairs are shared by the seeds, so one draw of pairs serves every drawn seed). With
+            S = 1 there is no seed level: the interval holds test-pair sampling only.
         level: coverage of the percentile interval.
         seed: seed of the resampling (results are reproducible).
 
