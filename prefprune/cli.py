@@ -34,7 +34,13 @@ from prefprune.data import pairs_digest
 from prefprune.data.config import DataConfig, absolute_source, load_data
 from prefprune.ensemble import member_path, score_ensemble
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
-from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
+from prefprune.experiment.report import (
+    accuracy_table,
+    detection_table,
+    distinguishable,
+    interval_table,
+    spread_note,
+)
 from prefprune.model import ModelConfig, build_model, load_reward_model, max_length_of, save_reward_model
 from prefprune.prune import PruneConfig, prune_with_config
 from prefprune.score import ScoreConfig, score_model
@@ -322,7 +328,10 @@ class PruneCommand:
 
 
 def _print_summary(results: dict, folder: Path) -> None:
-    print("\nTest accuracy (%), mean ± std over seeds; Δ = difference to the unpruned baseline:\n")
+    warning = (results.get("intervals") or {}).get("warning")
+    if warning:
+        print(f"\nWarning: {warning}")
+    print(f"\n{spread_note(results)} Δ = difference to the unpruned baseline:\n")
     print(accuracy_table(results, mode="harmful"))
     intervals = interval_table(results, mode="harmful")
     if intervals:

@@ -404,6 +404,8 @@ def test_experiment_cli_prints_the_table(tmp_path, capsys):
     assert main(["experiment", "--config", str(cfg), "--output", str(out), "--seeds", "3"]) == 0
     printed = capsys.readouterr().out
     assert "| random | " in printed and "*unpruned baseline*" in printed
+    # One seed: the printed summary warns and shows no "± 0.0" std (issue 23).
+    assert "Warning: 1 seed" in printed and "± 0.0" not in printed and "n/a (1 seed)" in printed
     assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [3]
     assert main(["experiment", "--config", str(cfg), "--output", str(out), "--fractions", "0", "5"]) == 2
     assert "fractions entry must be in the open interval (0, 1), got 0" in capsys.readouterr().err

@@ -22,6 +22,7 @@ __all__ = [
     "distinguishable",
     "interval_table",
     "render_markdown",
+    "spread_note",
     "write_plots",
     "write_report",
 ]
@@ -43,7 +44,7 @@ def _pm(mean: float | None, std: float | None, *, signed: bool = False) -> str:
     return f"{_pct(mean, signed=signed)} ± {_pct(std)}"
 
 
-def _spread_note(results: Mapping[str, Any]) -> str:
+def spread_note(results: Mapping[str, Any]) -> str:
     """What the ± in the tables is, or why there is none."""
     n = (results.get("intervals") or {}).get("n_seeds", results["baseline"].get("n_seeds", 0))
     if n == 1:
@@ -297,7 +298,7 @@ def _pruning_sections(results: Mapping[str, Any]) -> list[str]:
         "## Pruning the most harmful pairs",
         "",
         "Removed: lowest influence / grad_dot / grad_cos, highest train_loss, or a random draw. "
-        + _spread_note(results),
+        + spread_note(results),
         "",
         accuracy_table(results, mode="harmful"),
     ]
