@@ -2,9 +2,10 @@
 
 The package is split by job: `config` (the settings, the demo's, YAML loading), `protocol` (the seed
 protocol, `run_experiment`), `seedrun` (one seed's model and its retrains), `steps` (the resumable store of
-finished steps), `scoresteps` (the score steps that fit the settings, merged per curvature), `results`
-(gathering the steps into results.json: accuracies, deltas, noise detection) and `report` (report.md and
-plots).
+finished steps), `scoresteps` (the score steps that fit the settings, merged per curvature), `announce` (the
+retrain plan and its time estimate), `results` (gathering the steps into results.json: accuracies, deltas,
+noise detection) with `certainty` (interval method, few-seeds warning, flags), `counts` (counts as used)
+and `profile` (what each method removes), and `report` (report.md) with `plots`.
 """
 
 from prefprune.experiment.config import BASE_METHODS, DEMO_CONFIG, ExperimentConfig, demo_config, load_config
