@@ -31,19 +31,30 @@ as well (it is an ``nn.Linear``), otherwise the head sits on a fixed, nearly-deg
 from prefprune.model.build import build_model, build_reward_model, resolve_backbone
 from prefprune.model.config import DEFAULT_BACKBONE, LoRASettings, ModelConfig, default_target_modules
 from prefprune.model.forward import LinearSite, eager_attention, reward_forward, trainable_linears
-from prefprune.model.io import load_reward_model, max_length_of, save_reward_model, training_metadata
+from prefprune.model.io import (
+    CARRIED_SETTINGS,
+    carry_settings,
+    load_reward_model,
+    max_length_of,
+    recorded_settings,
+    save_reward_model,
+    training_metadata,
+)
 
 __all__ = [
+    "CARRIED_SETTINGS",
     "DEFAULT_BACKBONE",
     "LinearSite",
     "LoRASettings",
     "ModelConfig",
     "build_model",
     "build_reward_model",
+    "carry_settings",
     "default_target_modules",
     "eager_attention",
     "load_reward_model",
     "max_length_of",
+    "recorded_settings",
     "resolve_backbone",
     "reward_forward",
     "save_reward_model",

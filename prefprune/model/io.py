@@ -8,6 +8,7 @@ A saved folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (pe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -33,7 +34,17 @@ from prefprune.model.build import (
 from prefprune.model.config import BACKBONE_PACKAGES
 from prefprune.model.forward import trainable_linears
 
-__all__ = ["BASE_SUBFOLDER", "META_FILE", "load_reward_model", "save_reward_model"]
+__all__ = [
+    "BASE_SUBFOLDER",
+    "CARRIED_SETTINGS",
+    "META_FILE",
+    "carry_settings",
+    "load_reward_model",
+    "recorded_settings",
+    "save_reward_model",
+]
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "prefprune.json"
 BASE_SUBFOLDER = "base"
@@ -337,4 +348,62 @@ def training_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def max_length_of(path: str | os.PathLike, default: int = 512) -> int:
     """The ``max_length`` a saved reward model was trained with (`default` when not recorded)."""
-    return int(training_metadata(path).get("train_config", {}).get("max_length", default))
+    return int(recorded_settings(path).get("max_length", (default, ""))[0])
+
+
+#: The settings a saved folder records that a command loading it takes over unless given explicitly: the
+#: sequence length and prompt truncation it was trained with, its tokenizer's padding side, its dtype.
+CARRIED_SETTINGS = ("max_length", "truncation", "padding_side", "dtype")
+_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def recorded_settings(path: str | os.PathLike) -> dict[str, tuple[Any, str]]:
+    """The `CARRIED_SETTINGS` a saved model folder records: name → (value, where it is recorded).
+
+    ``max_length`` and ``truncation`` come from the training settings in ``prefprune.json`` (``prefprune
+    train`` writes them), ``dtype`` from ``prefprune.json``, ``padding_side`` from the saved tokenizer's
+    ``tokenizer_config.json``. A setting the folder does not record is absent.
+    """
+    path = Path(path)
+    meta_file, tok_file = path / META_FILE, path / _TOKENIZER_CONFIG
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    train_config = (meta.get("extra") or {}).get("train_config") or {}
+    found: dict[str, tuple[Any, str]] = {}
+    for name in ("max_length", "truncation"):
+        if train_config.get(name) is not None:
+            found[name] = (train_config[name], f"{META_FILE} extra.train_config.{name}")
+    side = json.loads(tok_file.read_text()).get("padding_side") if tok_file.is_file() else None
+    if side in ("left", "right"):
+        found["padding_side"] = (side, f"{_TOKENIZER_CONFIG} padding_side")
+    if meta.get("dtype"):
+        found["dtype"] = (meta["dtype"], f"{META_FILE} dtype")
+    return found
+
+
+def carry_settings(
+    path: str | os.PathLike, given: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each setting of `given` as a command loading the model folder `path` should use it, and from where.
+
+    Args:
+        path: A saved model folder.
+        given: name → the value given explicitly (a flag, a config), or ``None`` when not given.
+        defaults: name → the value to use when neither `given` nor the folder has one.
+
+    Returns:
+        name → ``{"value": ..., "from": "given" | "<file> <key>" | "default"}`` (what a sidecar records,
+        "<file>" inside `path`);
+        the choices are also logged in one INFO line.
+    """
+    recorded = recorded_settings(path)
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in given.items():
+        if value is not None:
+            out[name] = {"value": value, "from": "given"}
+        elif name in recorded:
+            out[name] = {"value": recorded[name][0], "from": recorded[name][1]}
+        else:
+            out[name] = {"value": defaults.get(name), "from": "default"}
+    logger.info("settings for model %s: %s", path, ", ".join(
+        f"{name}={entry['value']} ({entry['from']})" for name, entry in out.items()))
+    return out
