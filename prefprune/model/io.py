@@ -109,8 +109,7 @@ def _save_into(
             fresh.save_pretrained(base_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(base_dir)
-        # The adapter names the base by the folder it will have, not the temporary one it is written to.
-        stored_base, adapter_base = BASE_SUBFOLDER, str((final / BASE_SUBFOLDER).resolve())
+        stored_base, adapter_base = BASE_SUBFOLDER, str((path / BASE_SUBFOLDER).resolve())
     elif str(base_ref) in BACKBONE_PACKAGES:
         # Keep the alias: the package folder differs from machine to machine.
         stored_base, adapter_base = str(base_ref), resolve_backbone(base_ref)
@@ -123,6 +122,11 @@ def _save_into(
         model.save_pretrained(path)
     finally:
         peft_config.base_model_name_or_path = old
+    if stored_base == BASE_SUBFOLDER:
+        # The adapter names the base by the folder it will have, not the temporary one it was written to
+        # (peft reads the base's config while saving, so the temporary one was named until now).
+        adapter_base = str((final / BASE_SUBFOLDER).resolve())
+    _tidy_adapter_config(path / "adapter_config.json", inner, adapter_base)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     meta = {
@@ -137,6 +141,22 @@ def _save_into(
         "prefprune_version": __version__,
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _tidy_adapter_config(file: Path, inner: nn.Module, base: str) -> None:
+    """Rewrite peft's adapter_config.json with `base` and a ``modules_to_save`` list without repeats or
+    names `inner` does not have.
+
+    peft's sequence-classification wrapper adds every head name it knows ("classifier", "score",
+    "pre_classifier") to the list, again on each load, so a re-saved model lists them twice and names
+    heads the model lacks; plain peft loading works either way, but the file should say what is trained.
+    """
+    cfg = json.loads(file.read_text())
+    names = [n for n, _ in inner.named_modules()]
+    listed = dict.fromkeys(cfg.get("modules_to_save") or [])
+    cfg["modules_to_save"] = [m for m in listed if any(n == m or n.endswith("." + m) for n in names)] or None
+    cfg["base_model_name_or_path"] = base
+    file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _has_tokenizer(folder: Path) -> bool:
