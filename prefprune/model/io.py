@@ -242,12 +242,16 @@ def _check_adapter_fits(
             )
 
 
-def _read_folder(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict[str, Any]]:
-    """(adapter tensor shapes, adapter_config.json, prefprune.json or {}) of a saved folder, checked."""
+def _check_folder(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"reward model folder not found: {path}")
     if not path.is_dir():
         raise NotADirectoryError(f"reward model path is not a folder: {path}")
+
+
+def _read_folder(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict[str, Any]]:
+    """(adapter tensor shapes, adapter_config.json, prefprune.json or {}) of a saved folder, checked."""
+    _check_folder(path)
     adapter_cfg_file = path / "adapter_config.json"
     if not adapter_cfg_file.is_file():
         raise FileNotFoundError(
@@ -383,8 +387,12 @@ def recorded_settings(path: str | os.PathLike) -> dict[str, tuple[Any, str]]:
     ``max_length`` and ``truncation`` come from the training settings in ``prefprune.json`` (``prefprune
     train`` writes them), ``dtype`` from ``prefprune.json``, ``padding_side`` from the saved tokenizer's
     ``tokenizer_config.json``. A setting the folder does not record is absent.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: `path` is not a folder.
     """
     path = Path(path)
+    _check_folder(path)
     meta_file, tok_file = path / META_FILE, path / _TOKENIZER_CONFIG
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     train_config = (meta.get("extra") or {}).get("train_config") or {}
