@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import torch
 import tyro
 
 from prefprune import __version__
@@ -41,7 +42,8 @@ from prefprune.experiment.report import (
     interval_table,
     spread_note,
 )
-from prefprune.model import ModelConfig, build_model, load_reward_model, max_length_of, save_reward_model
+from prefprune.model import ModelConfig, build_model, carry_settings, load_reward_model, save_reward_model
+from prefprune.model.config import Dtype
 from prefprune.prune import PruneConfig, prune_with_config
 from prefprune.score import ScoreConfig, score_model
 from prefprune.train import (
@@ -60,6 +62,10 @@ __all__ = ["COMMANDS", "main", "parse_command"]
 logger = logging.getLogger("prefprune.cli")
 
 Flat = tyro.conf.arg(name="")  # a section whose flags carry no prefix
+
+
+# The help of a setting a saved model folder records (`prefprune.model.carry_settings`).
+_FROM_MODEL = "; default: the model folder's value (prefprune.json / tokenizer_config.json), else "
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -185,10 +191,13 @@ class EvalCommand:
     model: str = _opt("reward model folder (from prefprune train)")
     data: Annotated[DataConfig, Flat] = _opt("evaluation data", default_factory=_required_data)
     batch_size: int = _opt("pairs per forward pass", default=32)
-    max_length: int | None = _opt(
-        "max tokens per sequence; default: the value the model was trained with (else 512)", default=None
-    )
+    max_length: int | None = _opt("max tokens per sequence" + _FROM_MODEL + "512", default=None)
+    truncation: Literal["prompt", "error"] | None = _opt(
+        "pairs longer than --max-length: 'prompt' (cut the prompt) or 'error'" + _FROM_MODEL + "prompt",
+        default=None)
     too_long: TooLong = _opt("pairs whose response alone exceeds --max-length", default="skip")
+    dtype: Dtype | None = _opt("parameter dtype of the loaded model; default: the one it was saved with",
+                               default=None)
     device: str | None = _opt("cuda | cpu | cuda:N; default cuda if available", default=None)
     bf16: bool = _opt("bf16 autocast (CUDA only)", default=False)
     output: str | None = _opt("also write the metrics to this JSON file", default=None)
@@ -197,10 +206,14 @@ class EvalCommand:
 
     def run(self) -> int:
         device = resolve_device(self.device)
-        model, tokenizer = load_reward_model(self.model, device=device)
+        given = {"max_length": self.max_length, "truncation": self.truncation, "dtype": self.dtype}
+        settings = carry_settings(self.model, given, {"max_length": 512, "truncation": "prompt",
+                                                      "dtype": "float32"})
+        value = {name: entry["value"] for name, entry in settings.items()}
+        model, tokenizer = load_reward_model(self.model, device=device, dtype=getattr(torch, value["dtype"]))
         if tokenizer is None:
             raise ValueError(f"{self.model}: no tokenizer saved with the model or its base")
-        max_length = self.max_length if self.max_length is not None else max_length_of(self.model)
+        max_length = value["max_length"]
         data = load_data(self.data)
         result = evaluate(
             model,
@@ -208,6 +221,7 @@ class EvalCommand:
             data,
             batch_size=self.batch_size,
             max_length=max_length,
+            truncation=value["truncation"],
             too_long=self.too_long,
             device=device,
             bf16=self.bf16,
@@ -218,16 +232,41 @@ class EvalCommand:
             "data": self.data.source,
             "schema": data.schema,
             "max_length": max_length,
+            "model_settings": settings,
             **result,
         }
         if self.output:
             write_metrics(self.output, result)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("margins", "skipped_ids")}, indent=2))
+        hidden = ("margins", "skipped_ids", "model_settings")
+        print(json.dumps({k: v for k, v in result.items() if k not in hidden}, indent=2))
         return 0
 
 
 # ----------------------------------------------------------------------------------------------------
 # score, prune
+
+
+@dataclass
+class ScoreFlags(ScoreConfig):
+    """`ScoreConfig` as score's flags: the settings a model folder records default to the folder's
+    (`prefprune.model.carry_settings`); a flag given explicitly wins."""
+
+    max_length: int | None = _opt("longest sequence in tokens" + _FROM_MODEL + "512", default=None)
+    truncation: Literal["prompt", "error"] | None = _opt(
+        "training pairs longer than max_length: 'prompt' (cut the prompt) or 'error' (validation pairs are "
+        "never cut)" + _FROM_MODEL + "prompt", default=None)
+    padding_side: Literal["right", "left"] | None = _opt(
+        "padding side of the scoring batches" + _FROM_MODEL + "right", default=None)
+
+    def resolved(self) -> tuple[ScoreConfig, list[str]]:
+        """The `ScoreConfig` (unset settings at its defaults) and the names to take from the model."""
+        carry = [n for n in _CARRIED_FLAGS if getattr(self, n) is None]
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ScoreConfig)}
+        defaults = ScoreConfig()
+        return ScoreConfig(**{**values, **{n: getattr(defaults, n) for n in carry}}), carry
+
+
+_CARRIED_FLAGS = ("max_length", "truncation", "padding_side")
 
 
 @dataclass
@@ -261,18 +300,26 @@ class ScoreCommand:
     train_split: str = _opt("split of --train (hub datasets, split-keyed JSON)", default="train")
     val_split: str = _opt("split of --val", default="train")
     max_pairs: int | None = _opt("score at most the first N pairs", default=None)
-    score: Annotated[ScoreConfig, Flat] = _opt("scoring settings", default_factory=ScoreConfig)
+    skip_bad: bool = _opt(
+        "skip unreadable records of --train and --val (counted and logged) instead of failing", default=False)
+    score: Annotated[ScoreFlags, Flat] = _opt("scoring settings", default_factory=ScoreFlags)
+    dtype: Dtype | None = _opt("parameter dtype of the loaded model; default: the one it was saved with",
+                               default=None)
     device: str | None = _opt("cuda | cpu | cuda:N; default cuda if available", default=None)
     general: Annotated[General, Flat] = _opt("general options", default_factory=General)
 
     def run(self) -> int:
+        config, carry = self.score.resolved()
         kw = dict(
-            config=self.score,
+            config=config,
             schema=self.schema,
             train_split=self.train_split,
             val_split=self.val_split,
             max_pairs=self.max_pairs,
             device=str(resolve_device(self.device)),
+            skip_bad=self.skip_bad,
+            carry=carry,
+            dtype=self.dtype,
         )
         if len(self.model) > 1:
             ens, members = score_ensemble(self.model, self.train, self.val, self.output, **kw)

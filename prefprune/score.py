@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Collection, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from prefprune import distributed, shards
@@ -25,7 +26,7 @@ from prefprune.data import load_preferences, pairs_digest
 from prefprune.data.config import absolute_source
 from prefprune.influence.scorer import InfluenceScorer
 from prefprune.influence.settings import ScoreConfig, ScoreResult
-from prefprune.model import load_reward_model
+from prefprune.model import carry_settings, load_reward_model
 from prefprune.scorefile import COLUMNS, OUTPUT_EXTENSIONS, check_output_path, write_scores
 
 __all__ = [
@@ -90,6 +91,9 @@ def score_model(
     max_pairs: int | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    skip_bad: bool = False,
+    carry: Collection[str] = (),
+    dtype: str | None = None,
 ) -> ScoreResult:
     """Load a saved reward model and the data, score, and write `output`, its sidecar and any per-query
     matrix as one unit (`prefprune.scorefile.write_scores`).
@@ -106,6 +110,11 @@ def score_model(
         device: where to run (default CPU).
         overwrite: replace an existing `output` that is not a prefprune score file (an earlier score
             file with its sidecar is always replaced).
+        skip_bad: skip unreadable records of `train` and `val` (counted, logged) instead of failing.
+        carry: the settings of `config` (``max_length``, ``truncation``, ``padding_side``) to take from
+            the model folder where it records them (`prefprune.model.carry_settings`); the others are
+            used as given. The sidecar's ``model_settings`` says where each came from.
+        dtype: the model's parameter dtype; default the one it was saved with.
 
     Returns:
         The `ScoreResult` that was written.
@@ -124,15 +133,19 @@ def score_model(
     # a second run into the same output stops at once (naming this one's pid) instead of mixing chunks.
     with distributed.launched_group(device) as device, shards.locked_work_dir(out) as work:
         if isinstance(train, str | os.PathLike):
-            train = load_preferences(train, schema=schema, split=train_split, max_pairs=max_pairs)
+            train = load_preferences(train, schema=schema, split=train_split, max_pairs=max_pairs,
+                                     skip_bad=skip_bad)
         if isinstance(val, str | os.PathLike):
-            val = load_preferences(val, schema=schema, split=val_split)
+            val = load_preferences(val, schema=schema, split=val_split, skip_bad=skip_bad)
         if len(val) == 0:
             raise ValueError(f"the validation set {val_src!r} is empty")
-        model, tokenizer = load_reward_model(model_dir, device=device)
+        config, settings = _model_settings(model_dir, config, carry, dtype)
+        model_dtype = getattr(torch, settings["dtype"]["value"])
+        model, tokenizer = load_reward_model(model_dir, device=device, dtype=model_dtype)
         if tokenizer is None:
             raise ValueError(f"model folder {str(model_dir)!r} has no tokenizer")
         result = score_pairs(model, tokenizer, train, val, config=config, work_dir=work)
+        result.metadata["model_settings"] = settings
         result.metadata["sources"] = {
             "model": absolute_source(model_dir), "train": absolute_source(train_src),
             "val": absolute_source(val_src),
@@ -153,6 +166,24 @@ def score_model(
             raise RuntimeError(f"rank 0 could not write {str(out)!r}: {told}")
         shutil.rmtree(work, ignore_errors=True)  # the merged file is written: the shards are done
     return result
+
+
+def _model_settings(
+    model_dir: str | os.PathLike, config: ScoreConfig, carry: Collection[str], dtype: str | None
+) -> tuple[ScoreConfig, dict[str, dict[str, Any]]]:
+    """`config` with the `carry` settings taken from the model folder, and where every carried-kind
+    setting (and the dtype) came from."""
+    unknown = set(carry) - {"max_length", "truncation", "padding_side"}
+    if unknown:
+        raise ValueError(f"carry: unknown settings {sorted(unknown)}; expected max_length, truncation, "
+                         "padding_side")
+    names = ("max_length", "truncation", "padding_side")
+    given = {n: None if n in carry else getattr(config, n) for n in names}
+    settings = carry_settings(model_dir, {**given, "dtype": dtype},
+                              {**{n: getattr(config, n) for n in names}, "dtype": "float32"})
+    config = replace(config, **{n: settings[n]["value"] for n in carry})
+    config.validate()
+    return config, settings
 
 
 def config_fields_help() -> dict[str, str]:

@@ -49,8 +49,13 @@ __all__ = [
     "tldr_prompt",
 ]
 
-# Upper bound on how many per-record problems are logged individually when skip_bad=True.
-_LOG_BAD = 5
+# How many skipped or dropped records the one summary line of a load names (the rest are counted).
+_LOG_FIRST = 5
+#: How a caller skips bad records, in each place a setting can be given (the loader does not know which).
+SKIP_BAD_HINT = (
+    "to skip bad records, pass --skip-bad (prefprune experiment and demo: --data.skip-bad; YAML config: "
+    "data.skip_bad: true; Python: skip_bad=True)"
+)
 
 
 @dataclass(frozen=True)
@@ -342,17 +347,25 @@ class _PairCollector:
         self.schema = schema if schema != "auto" else None
         self.stats = {"records": 0, "dropped_identical": 0, "dropped_duplicate": 0, "skipped_bad": 0}
         self.pairs: list[PreferencePair] = []
-        self._seen_content: set[tuple[str, str, str]] = set()
+        self._seen_content: dict[tuple[str, str, str], int] = {}
         self._seen_ids: dict[str, int] = {}
+        # The first few of each kind, for the one summary line per load (`_log_summary`).
+        self._first_bad: list[str] = []
+        self._first_dropped: list[str] = []
 
     def bad(self, num: int, err: BadRecord) -> None:
         fld = f", field {err.field!r}" if err.field else ""
-        msg = f"{self.where}: {self.unit} {num}{fld}: {err}"
         if not self.skip_bad:
-            raise ValueError(msg + " (pass skip_bad=True to skip bad records)")
-        if self.stats["skipped_bad"] < _LOG_BAD:
-            logger.warning("skipping bad record: %s", msg)
+            raise ValueError(f"{self.where}: {self.unit} {num}{fld}: {err} ({SKIP_BAD_HINT})")
+        if len(self._first_bad) < _LOG_FIRST:
+            self._first_bad.append(f"{self.unit} {num}{fld}: {err}")
         self.stats["skipped_bad"] += 1
+
+    def dropped(self, num: int, what: str, why: str) -> None:
+        """Count record `num` as dropped (`what`: a stats key) and keep its reason if among the first."""
+        self.stats[what] += 1
+        if len(self._first_dropped) < _LOG_FIRST:
+            self._first_dropped.append(f"{self.unit} {num} {why}")
 
     def add(self, num: int, rec: Any) -> None:
         """Parse record number `num` and keep its pair unless it is bad, identical or a repeat."""
@@ -369,19 +382,18 @@ class _PairCollector:
                     f"{self.where}: {self.unit} {num}: cannot detect the schema from fields "
                     f"{sorted(rec)[:12]}; "
                     "expected 'info'+'summaries' (tldr), 'prompt'+'chosen'+'rejected' or "
-                    "'chosen'+'rejected' (hh); or pass schema="
+                    "'chosen'+'rejected' (hh); or pass --schema (prefprune experiment and demo: "
+                    "--data.schema; YAML config: data.schema; Python: schema=)"
                 )
         try:
             sid, prompt, chosen, rejected, span = parse_record(self.schema, rec)
         except BadRecord as e:
             return self.bad(num, e)
         if chosen == rejected:
-            self.stats["dropped_identical"] += 1
-            return None
+            return self.dropped(num, "dropped_identical", "has chosen == rejected")
         key = (prompt, chosen, rejected)
         if key in self._seen_content:
-            self.stats["dropped_duplicate"] += 1
-            return None
+            return self.dropped(num, "dropped_duplicate", f"repeats {self.unit} {self._seen_content[key]}")
         pid = sid if sid is not None else content_id(prompt, chosen, rejected)
         if "\n" in pid or "\r" in pid:
             why = f"id {pid!r} holds a line break (ids are written one per line)"
@@ -392,7 +404,7 @@ class _PairCollector:
         if pid in self._seen_ids:
             used = f"id {pid!r} already used by {self.unit} {self._seen_ids[pid]} for a different pair"
             return self.bad(num, BadRecord("id", used))
-        self._seen_content.add(key)
+        self._seen_content[key] = num
         self._seen_ids[pid] = num
         meta: dict[str, Any] = {"record": rec, "line": num, "unit": self.unit}
         if rec.get("flipped") in (True, "True", "true", 1):
@@ -411,9 +423,26 @@ class _PairCollector:
                 f"(skipped bad: {stats['skipped_bad']}, identical: {stats['dropped_identical']}, "
                 f"duplicates: {stats['dropped_duplicate']})"
             )
-        if stats["skipped_bad"]:
-            logger.warning(
-                "%s: skipped %d bad record(s) of %d", where, stats["skipped_bad"], stats["records"]
-            )
+        self._log_summary()
         assert self.schema in SCHEMAS
         return PreferenceDataset(self.pairs, schema=self.schema, source=where, stats=stats)
+
+    def _log_summary(self) -> None:
+        """One warning per kind for the whole load: the count, the first few records and why."""
+        stats, where = self.stats, self.where
+        if stats["skipped_bad"]:
+            logger.warning("%s: skipped %d bad record(s) of %d: %s", where, stats["skipped_bad"],
+                           stats["records"], _first_few(self._first_bad, stats["skipped_bad"]))
+        kinds = {"dropped_duplicate": "exact duplicate pair(s)",
+                 "dropped_identical": "pair(s) with chosen == rejected"}
+        counts = [f"{stats[key]} {what}" for key, what in kinds.items() if stats[key]]
+        if counts:
+            n_dropped = stats["dropped_duplicate"] + stats["dropped_identical"]
+            logger.warning("%s: dropped %s of %d records: %s", where, " and ".join(counts), stats["records"],
+                           _first_few(self._first_dropped, n_dropped))
+
+
+def _first_few(shown: list[str], total: int) -> str:
+    """`shown` joined, with how many more were counted but not named."""
+    more = f"; and {total - len(shown)} more" if total > len(shown) else ""
+    return "; ".join(shown) + more

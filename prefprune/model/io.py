@@ -8,6 +8,7 @@ A saved folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (pe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -33,7 +34,17 @@ from prefprune.model.build import (
 from prefprune.model.config import BACKBONE_PACKAGES
 from prefprune.model.forward import trainable_linears
 
-__all__ = ["BASE_SUBFOLDER", "META_FILE", "load_reward_model", "save_reward_model"]
+__all__ = [
+    "BASE_SUBFOLDER",
+    "CARRIED_SETTINGS",
+    "META_FILE",
+    "carry_settings",
+    "load_reward_model",
+    "recorded_settings",
+    "save_reward_model",
+]
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "prefprune.json"
 BASE_SUBFOLDER = "base"
@@ -98,8 +109,7 @@ def _save_into(
             fresh.save_pretrained(base_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(base_dir)
-        # The adapter names the base by the folder it will have, not the temporary one it is written to.
-        stored_base, adapter_base = BASE_SUBFOLDER, str((final / BASE_SUBFOLDER).resolve())
+        stored_base, adapter_base = BASE_SUBFOLDER, str((path / BASE_SUBFOLDER).resolve())
     elif str(base_ref) in BACKBONE_PACKAGES:
         # Keep the alias: the package folder differs from machine to machine.
         stored_base, adapter_base = str(base_ref), resolve_backbone(base_ref)
@@ -112,6 +122,11 @@ def _save_into(
         model.save_pretrained(path)
     finally:
         peft_config.base_model_name_or_path = old
+    if stored_base == BASE_SUBFOLDER:
+        # The adapter names the base by the folder it will have, not the temporary one it was written to
+        # (peft reads the base's config while saving, so the temporary one was named until now).
+        adapter_base = str((final / BASE_SUBFOLDER).resolve())
+    _tidy_adapter_config(path / "adapter_config.json", inner, adapter_base)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     meta = {
@@ -126,6 +141,22 @@ def _save_into(
         "prefprune_version": __version__,
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _tidy_adapter_config(file: Path, inner: nn.Module, base: str) -> None:
+    """Rewrite peft's adapter_config.json with `base` and a ``modules_to_save`` list without repeats or
+    names `inner` does not have.
+
+    peft's sequence-classification wrapper adds every head name it knows ("classifier", "score",
+    "pre_classifier") to the list, again on each load, so a re-saved model lists them twice and names
+    heads the model lacks; plain peft loading works either way, but the file should say what is trained.
+    """
+    cfg = json.loads(file.read_text())
+    names = [n for n, _ in inner.named_modules()]
+    listed = dict.fromkeys(cfg.get("modules_to_save") or [])
+    cfg["modules_to_save"] = [m for m in listed if any(n == m or n.endswith("." + m) for n in names)] or None
+    cfg["base_model_name_or_path"] = base
+    file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -211,12 +242,16 @@ def _check_adapter_fits(
             )
 
 
-def _read_folder(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict[str, Any]]:
-    """(adapter tensor shapes, adapter_config.json, prefprune.json or {}) of a saved folder, checked."""
+def _check_folder(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"reward model folder not found: {path}")
     if not path.is_dir():
         raise NotADirectoryError(f"reward model path is not a folder: {path}")
+
+
+def _read_folder(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], dict[str, Any]]:
+    """(adapter tensor shapes, adapter_config.json, prefprune.json or {}) of a saved folder, checked."""
+    _check_folder(path)
     adapter_cfg_file = path / "adapter_config.json"
     if not adapter_cfg_file.is_file():
         raise FileNotFoundError(
@@ -337,4 +372,66 @@ def training_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def max_length_of(path: str | os.PathLike, default: int = 512) -> int:
     """The ``max_length`` a saved reward model was trained with (`default` when not recorded)."""
-    return int(training_metadata(path).get("train_config", {}).get("max_length", default))
+    return int(recorded_settings(path).get("max_length", (default, ""))[0])
+
+
+#: The settings a saved folder records that a command loading it takes over unless given explicitly: the
+#: sequence length and prompt truncation it was trained with, its tokenizer's padding side, its dtype.
+CARRIED_SETTINGS = ("max_length", "truncation", "padding_side", "dtype")
+_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def recorded_settings(path: str | os.PathLike) -> dict[str, tuple[Any, str]]:
+    """The `CARRIED_SETTINGS` a saved model folder records: name → (value, where it is recorded).
+
+    ``max_length`` and ``truncation`` come from the training settings in ``prefprune.json`` (``prefprune
+    train`` writes them), ``dtype`` from ``prefprune.json``, ``padding_side`` from the saved tokenizer's
+    ``tokenizer_config.json``. A setting the folder does not record is absent.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: `path` is not a folder.
+    """
+    path = Path(path)
+    _check_folder(path)
+    meta_file, tok_file = path / META_FILE, path / _TOKENIZER_CONFIG
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    train_config = (meta.get("extra") or {}).get("train_config") or {}
+    found: dict[str, tuple[Any, str]] = {}
+    for name in ("max_length", "truncation"):
+        if train_config.get(name) is not None:
+            found[name] = (train_config[name], f"{META_FILE} extra.train_config.{name}")
+    side = json.loads(tok_file.read_text()).get("padding_side") if tok_file.is_file() else None
+    if side in ("left", "right"):
+        found["padding_side"] = (side, f"{_TOKENIZER_CONFIG} padding_side")
+    if meta.get("dtype"):
+        found["dtype"] = (meta["dtype"], f"{META_FILE} dtype")
+    return found
+
+
+def carry_settings(
+    path: str | os.PathLike, given: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each setting of `given` as a command loading the model folder `path` should use it, and from where.
+
+    Args:
+        path: A saved model folder.
+        given: name → the value given explicitly (a flag, a config), or ``None`` when not given.
+        defaults: name → the value to use when neither `given` nor the folder has one.
+
+    Returns:
+        name → ``{"value": ..., "from": "given" | "<file> <key>" | "default"}`` (what a sidecar records,
+        "<file>" inside `path`);
+        the choices are also logged in one INFO line.
+    """
+    recorded = recorded_settings(path)
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in given.items():
+        if value is not None:
+            out[name] = {"value": value, "from": "given"}
+        elif name in recorded:
+            out[name] = {"value": recorded[name][0], "from": recorded[name][1]}
+        else:
+            out[name] = {"value": defaults.get(name), "from": "default"}
+    logger.info("settings for model %s: %s", path, ", ".join(
+        f"{name}={entry['value']} ({entry['from']})" for name, entry in out.items()))
+    return out
