@@ -69,7 +69,7 @@ def _fitting(pairs: Any, tokenizer: Any, max_length: int, what: str, truncation:
     if too_long:
         logger.warning("left out %d of %d %s that do not fit max_length=%d%s (e.g. %s)", len(too_long),
                        len(pairs), what, max_length, " even with the prompt cut" if truncation == "prompt"
-                       else " uncut (they are never cut)", too_long[:3])
+                       else " uncut (never cut)", too_long[:3])
     return pairs.select(fit) if too_long else pairs
 
 
