@@ -39,10 +39,13 @@ def checked(tmp_path_factory):
     return vc, setup, run_validation(vc, setup=setup)
 
 
-def test_summary_and_json_say_what_the_numbers_predict(checked):
+def test_summary_and_json_say_what_the_numbers_predict(tmp_path):
     """Issue 23 item 1: validate.json and the printed summary name what LDS and leave-one-out predict, and
     that a good LDS does not imply a pruning gain (before: a bare table and "highest LDS")."""
-    vc, _, res = checked
+    torch.set_num_threads(1)
+    vc = ValidateConfig(output=str(tmp_path / "v"), subsets=5, dampings=[1.0, 0.1], progress=False,
+                        bootstrap_samples=100)
+    res = run_validation(vc, setup=tiny_setup(epochs=5))
     saved = json.loads(Path(vc.output, "validate.json").read_text())
     assert "random subsets" in saved["measures"]["lds"] and "validation loss" in saved["measures"]["lds"]
     assert "single pairs" in saved["measures"]["loo"]
@@ -260,3 +263,41 @@ def test_validate_config_with_no_fitting_validation_pair_fails_before_any_retrai
     vc = ValidateConfig(config=config, output=str(tmp_path / "v"), subsets=5, progress=False)
     with pytest.raises(ValueError, match=r"no validation pair fits max_length=64 uncut .* raise max_length"):
         run_validation(vc)
+
+
+def test_validate_config_with_clean_eval_validates_on_the_true_labels(tmp_path):
+    """`clean_eval: true` undoes the planted noise of the validation and test splits in the experiment;
+    validate's setup from the same config does the same (before: it used the noisy validation labels)."""
+    from prefprune.validation_setup import setup_from_experiment
+
+    config, _ = _config(tmp_path, long_val=0)
+    cfg = yaml.safe_load(open(config))
+    cfg["data"].update(label_noise=0.4, data_seed=1)
+    cfg["clean_eval"] = True
+    Path(config).write_text(yaml.safe_dump(cfg))
+    setup = setup_from_experiment(config, val_source=None)
+    clean = {p.id: p.chosen for p in load_data(DataConfig(source=cfg["data"]["source"]))}
+    noisy = load_data(DataConfig(**cfg["data"]), plant_noise=True)
+    assert noisy.flipped_ids & set(setup.val.ids)  # noise was planted there
+    assert all(p.chosen == clean[p.id] for p in setup.val)
+    assert all(p.chosen == clean[p.id] for p in setup.test)
+    assert any(p.chosen != clean[p.id] for p in setup.train)  # the training split keeps its noise
+
+
+def test_a_changed_score_setting_scores_again_and_keeps_the_retrains(tmp_path, monkeypatch):
+    """A rerun with another score setting (here max_iter) scores the reference again instead of reusing the
+    score step silently, so validate.json records the settings that produced its scores; the subset retrains
+    are reused (only the reference, which is the scored model, is retrained)."""
+    torch.set_num_threads(1)
+    setup = tiny_setup(epochs=5)
+    vc = ValidateConfig(output=str(tmp_path / "v"), subsets=5, dampings=[1.0], progress=False,
+                        bootstrap_samples=100, curvature="ggn")
+    run_validation(vc, setup=setup)
+    calls = []
+    real = train_mod.train_reward_model
+    monkeypatch.setattr(train_mod, "train_reward_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other = dataclasses.replace(setup, score_config=dataclasses.replace(setup.score_config, solver="cg",
+                                                                        max_iter=7))
+    res = run_validation(vc, setup=other)
+    assert (res["settings"]["score"]["max_iter"], res["settings"]["score"]["solver"]) == (7, "cg")
+    assert len(calls) == 1
