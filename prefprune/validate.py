@@ -248,16 +248,21 @@ def _retrain_all(
     progress: bool,
 ) -> dict[str, dict]:
     """Run (or read back) each (step name, left-out ids) retrain; one step file each. A step is reused when
-    it left out the same pairs (and, for the pruning check's, was tested on the same test pairs)."""
+    it left out the same pairs (and, for the pruning check's, was tested on the same test pairs); columns
+    that remove the same pairs share one retrain (training is deterministic for a given set)."""
     n = len(setup.train)
     test_digest = pairs_digest(setup.test) if setup.test is not None else None
-    out = {}
+    out: dict[str, dict] = {}
+    done: dict[tuple[bool, tuple[str, ...]], dict] = {}
     for rel, left_out in tqdm(jobs, desc="validate retrains", disable=not progress):
         rec = steps.get(rel)
         test = rel.startswith(PRUNE_DIR)
         if rec is None or rec["left_out"] != left_out or (test and rec.get("test_digest") != test_digest):
-            rec = rt.retrain(setup.train.exclude(left_out), test=test)
-            rec = steps.put(rel, {"left_out": left_out, **rec, "n_train": n - len(left_out)})
+            same = done.get((test, tuple(left_out)))
+            rec = (rt.retrain(setup.train.exclude(left_out), test=test) if same is None
+                   else {**same, "seconds": 0.0, "same_pairs_as": same.get("step")})
+            rec = steps.put(rel, {**rec, "left_out": left_out, "n_train": n - len(left_out), "step": rel})
+        done.setdefault((test, tuple(left_out)), rec)
         out[rel] = rec
     return out
 

@@ -301,3 +301,22 @@ def test_a_changed_score_setting_scores_again_and_keeps_the_retrains(tmp_path, m
     res = run_validation(vc, setup=other)
     assert (res["settings"]["score"]["max_iter"], res["settings"]["score"]["solver"]) == (7, "cg")
     assert len(calls) == 1
+
+
+def test_columns_that_remove_the_same_pairs_share_one_retrain(tmp_path, monkeypatch):
+    """The pruning check retrains once per distinct set of removed pairs: influence at λ = 1 and 0.999 pick
+    the same lowest pairs, and the second arm reuses the first's retrain (its step says which)."""
+    torch.set_num_threads(1)
+    calls = []
+    real = train_mod.train_reward_model
+    monkeypatch.setattr(train_mod, "train_reward_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    setup = dataclasses.replace(tiny_setup(epochs=5), test=easy_pairs(12, seed=9, prefix="t"))
+    vc = ValidateConfig(output=str(tmp_path / "v"), subsets=5, dampings=[1.0, 0.999], progress=False,
+                        bootstrap_samples=100, prune_check=0.34, prune_draws=2)
+    run_validation(vc, setup=setup)
+    steps = [json.loads(p.read_text()) for p in sorted((tmp_path / "v" / "prune").glob("*.json"))]
+    distinct = {tuple(s["left_out"]) for s in steps}
+    assert len(distinct) < len(steps)  # at least two arms removed the same pairs
+    assert len(calls) == 1 + 5 + len(distinct) - 1  # reference (= the unpruned arm), subsets, distinct arms
+    shared = [s for s in steps if "same_pairs_as" in s]
+    assert shared and all(s["seconds"] == 0.0 for s in shared)
