@@ -409,13 +409,11 @@ class ValidateCommand:
             results = run_validation(self.validate)
         print(validation_summary(results))
         prune = results.get("prune_check")
-        n_prune = 0 if prune is None else 1 + len(prune["columns"]) + prune["draws"]
+        arms = "" if prune is None else f", {len(prune['columns'])} + {prune['draws']} random pruning-check"
         print(
             f"\n{results['n_train']} training pairs, {len(results['subsets'])} subsets, "
-            f"{len(results['loo'])} leave-one-out"
-            + (f", {n_prune} pruning-check" if prune is not None else "")
-            + f" retrains in {results['wall_time_s'] / 60:.1f} min; wrote "
-            f"{Path(self.validate.output) / 'validate.json'}"
+            f"{len(results['loo'])} leave-one-out{arms} retrains in {results['wall_time_s'] / 60:.1f} min; "
+            f"wrote {Path(self.validate.output) / 'validate.json'}"
         )
         return 0
 

@@ -314,7 +314,7 @@ def _reference(vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, steps
 def _log_plan(vc: ValidateConfig, n: int, n_retrains: int, n_prune: int) -> None:
     logger.info(
         "validate: %d retrains (1 reference + %d subsets at α=%g + %d leave-one-out + %d ensemble members + "
-        "%d for the pruning check) on %d pairs, plus %d score passes (each: all %d damping values)",
+        "up to %d for the pruning check) on %d pairs, plus %d score passes (each: all %d damping values)",
         n_retrains, vc.subsets, vc.fraction, min(vc.loo, n), len(vc.ensemble), n_prune, n,
         1 + len(vc.ensemble), len(vc.dampings),
     )
@@ -337,7 +337,9 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, setup)
     steps = StepStore(out)
-    n_prune = 0 if vc.prune_check is None else 1 + len(vc.dampings) + 2 + len(vc.scores) + vc.prune_draws
+    # At most: one arm per column (the ensemble doubles them; an extra file has at least one) and per draw.
+    n_cols = (len(vc.dampings) + len(PREDICTIVE)) * (2 if vc.ensemble else 1) + len(vc.scores)
+    n_prune = 0 if vc.prune_check is None else n_cols + vc.prune_draws
     n_retrains = 1 + len(left_outs) + len(loo_ids) + len(vc.ensemble) + n_prune
     _log_plan(vc, len(ids), n_retrains, n_prune)
     t0 = time.perf_counter()

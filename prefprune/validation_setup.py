@@ -76,11 +76,13 @@ def _fitting(pairs: Any, tokenizer: Any, max_length: int, what: str, truncation:
 def fit_max_length(setup: ValidationSetup, tokenizer: Any) -> ValidationSetup:
     """The setup with `prefprune experiment`'s rule applied before any retrain: training pairs whose
     responses alone exceed max_length and validation pairs that do not fit uncut are left out with a
-    warning (scoring cannot use them), and none fitting is an error."""
+    warning (scoring cannot use them), and none fitting is an error; test pairs follow evaluation's rule
+    (the prompt cut, too-long responses left out) once, instead of a warning per retrain."""
     max_length = setup.score_config.max_length
     train = _fitting(setup.train, tokenizer, max_length, "training pairs", "prompt")
     val = _fitting(setup.val, tokenizer, max_length, "validation pairs", "error")
-    return dataclasses.replace(setup, train=train, val=val)
+    test = None if setup.test is None else _fitting(setup.test, tokenizer, max_length, "test pairs", "prompt")
+    return dataclasses.replace(setup, train=train, val=val, test=test)
 
 
 def check_disjoint(setup: ValidationSetup) -> None:

@@ -320,3 +320,18 @@ def test_columns_that_remove_the_same_pairs_share_one_retrain(tmp_path, monkeypa
     assert len(calls) == 1 + 5 + len(distinct) - 1  # reference (= the unpruned arm), subsets, distinct arms
     shared = [s for s in steps if "same_pairs_as" in s]
     assert shared and all(s["seconds"] == 0.0 for s in shared)
+
+
+def test_fit_max_length_leaves_out_too_long_test_pairs_once(caplog):
+    """Test pairs whose responses alone exceed max_length are left out once, with one warning, before any
+    retrain (every retrain of the pruning check then evaluates the same pairs)."""
+    from prefprune.testing import tiny_tokenizer
+    from prefprune.validation_setup import fit_max_length
+
+    test = easy_pairs(6, seed=9, prefix="t")
+    long = PreferencePair(id="t-long", prompt="Q: a? A:", chosen=" yes" * 40, rejected=" no")
+    setup = dataclasses.replace(tiny_setup(), test=type(test)([*test, long], schema=test.schema, source="t"))
+    with caplog.at_level(logging.WARNING, logger="prefprune"):
+        fitted = fit_max_length(setup, tiny_tokenizer())
+    assert fitted.test.ids == test.ids and len(fitted.val) == len(setup.val)
+    assert ["left out 1 of 7 test pairs" in r.getMessage() for r in caplog.records].count(True) == 1
