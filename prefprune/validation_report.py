@@ -211,6 +211,10 @@ def _recommendation_lines(rec: Mapping[str, Any] | None, results: Mapping[str, A
     if "damping_by_loo" in best:
         text += f"; best leave-one-out Pearson at {best['damping_by_loo']:g}"
     lines = [text + "."]
+    if not best["value"]["low"] > 0:
+        lines.append("Its interval does not lie above 0: " + (
+            "its scores are not shown to track retraining here." if best["by"] == "lds"
+            else "no influence column is shown to beat random pruning here."))
     if best["by"] == "lds":
         lines.append("It rests on the LDS (validation-loss changes under random subsets), not on a pruning "
                      "gain; --prune-check FRACTION with test pairs measures that.")

@@ -80,6 +80,10 @@ def test_recommendation_says_when_the_runner_up_interval_overlaps():
     assert best["runner_up"]["damping"] == 0.1 and best["distinguishable_from_runner_up"] is True
     rec = recommend(metrics, None)
     assert "is distinguishable from 0.1" in validation_summary({**results, "recommendation": rec})
+    assert "does not lie above 0" not in validation_summary({**results, "recommendation": rec})
+    weak = {k: lds(0.2, -0.3, 0.6) for k in ("influence@1", "influence@0.1")}
+    text = validation_summary({**results, "columns": weak, "recommendation": recommend(weak, None)})
+    assert "Its interval does not lie above 0: its scores are not shown to track retraining here." in text
 
 
 def test_prune_metrics_pairs_each_column_with_every_random_draw():
