@@ -17,11 +17,13 @@ The prediction for a subset is the first-order change of DESIGN §2: removing pa
 removal raises the loss). The **linear datamodeling score** (LDS) of a column is the Spearman correlation
 of predicted and measured changes over the S subsets, with a bootstrap interval over subsets; for
 leave-one-out, Pearson and Spearman of score_i / n against the measured change. The damping whose
-influence column has the best LDS is recommended.
+influence column has the best LDS is recommended, saying whether the runner-up's interval overlaps its own.
+LDS and leave-one-out predict changes of validation loss; they do not say that pruning a column's lowest
+pairs gains test accuracy.
 
 With ``prune_check`` = k, also the check a pruning user needs (`prefprune.validation_prune`): each column's
-lowest k% removed against k% removed at random, test accuracy after retraining, with paired bootstrap
-intervals; the recommendation then rests on it instead of the LDS. A good LDS does not imply a pruning gain.
+lowest k removed against k removed at random, test accuracy after retraining, with paired bootstrap
+intervals; the recommendation then rests on it instead of the LDS.
 
 Every retrain is one step file under the output folder (`prefprune.experiment.steps.StepStore`): a rerun
 resumes. The inputs (sizes, max_length fit, disjoint splits, test pairs) are checked before the first
