@@ -105,7 +105,9 @@ class ValidateConfig:
         metadata={"help": "scoring settings of --model (--config uses its score section); curvature, "
                           "damping, seed and max_length are set by validate (--curvature, --dampings)"},
     )
-    seed: int = field(default=0, metadata={"help": "seed of the subset and leave-one-out draws"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the subset, leave-one-out and pruning-check random draws"}
+    )
     bootstrap_samples: int = field(default=2000, metadata={"help": "resamples behind each interval"})
     interval_level: float = field(default=0.95, metadata={"help": "coverage of the intervals"})
     device: str | None = field(
