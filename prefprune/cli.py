@@ -464,12 +464,35 @@ class ValidateCommand:
         with output_lock(self.validate.output, what="prefprune validate"):
             results = run_validation(self.validate)
         print(validation_summary(results))
+        prune = results.get("prune_check")
+        arms = "" if prune is None else f", {len(prune['columns'])} + {prune['draws']} random pruning-check"
         print(
             f"\n{results['n_train']} training pairs, {len(results['subsets'])} subsets, "
-            f"{len(results['loo'])} leave-one-out retrains in {results['wall_time_s'] / 60:.1f} min; wrote "
-            f"{Path(self.validate.output) / 'validate.json'}"
+            f"{len(results['loo'])} leave-one-out{arms} retrains in {results['wall_time_s'] / 60:.1f} min; "
+            f"wrote {Path(self.validate.output) / 'validate.json'}"
         )
         return 0
+
+
+#: validate's flags that have one home elsewhere: the flag given → what to use instead.
+_VALIDATE_REFUSED = {
+    "--score.damping": "give the damping values to compare with --dampings (e.g. --dampings 1 0.1 0.01)",
+    "--score.curvature": "give the curvature with --curvature",
+}
+
+
+def _check_validate_flags(argv: Sequence[str]) -> None:
+    """Refuse validate's duplicate damping/curvature flags, and score flags with --config (whose settings
+    come from the YAML's score section): the value would be ignored, so say so instead."""
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    for flag in flags:
+        if flag.replace("_", "-") in _VALIDATE_REFUSED:
+            raise ValueError(f"{flag} is not a validate setting: {_VALIDATE_REFUSED[flag.replace('_', '-')]}")
+    if "--config" in flags:
+        given = [f for f in flags if f.startswith("--score.")]
+        if given:
+            raise ValueError(f"{', '.join(given)} with --config: the scoring settings come from the config's "
+                             "score section; set them in the YAML (or validate a model folder with --model)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,6 +537,8 @@ def _defaults(name: str, argv: Sequence[str]) -> Any:
 def parse_command(argv: Sequence[str]) -> Any:
     """The command instance `argv` describes (its settings parsed and checked), without running it."""
     name = argv[0] if argv else None
+    if name == "validate":
+        _check_validate_flags(argv[1:])
     options = []
     for cmd, cls in COMMANDS.items():
         default = _defaults(cmd, argv[1:]) if cmd == name else None

@@ -17,22 +17,27 @@ The prediction for a subset is the first-order change of DESIGN §2: removing pa
 removal raises the loss). The **linear datamodeling score** (LDS) of a column is the Spearman correlation
 of predicted and measured changes over the S subsets, with a bootstrap interval over subsets; for
 leave-one-out, Pearson and Spearman of score_i / n against the measured change. The damping whose
-influence column has the best LDS is recommended.
+influence column has the best LDS is recommended, saying whether the runner-up's interval overlaps its own.
+LDS and leave-one-out predict changes of validation loss; they do not say that pruning a column's lowest
+pairs gains test accuracy.
+
+With ``prune_check`` = k, also the check a pruning user needs (`prefprune.validation_prune`): each column's
+lowest k removed against k removed at random, test accuracy after retraining, with paired bootstrap
+intervals; the recommendation then rests on it instead of the LDS.
 
 Every retrain is one step file under the output folder (`prefprune.experiment.steps.StepStore`): a rerun
-resumes. The count of retrains is logged before the first one, and their estimated time once the
-reference retrain has been timed.
+resumes. The inputs (sizes, max_length fit, disjoint splits, test pairs) are checked before the first
+retrain; the count of retrains is logged before it, and their estimated time once the reference retrain
+has been timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +47,30 @@ from tqdm.auto import tqdm
 
 from prefprune import score as score_mod
 from prefprune import train as train_mod
-from prefprune._io import atomic_write, jsonable
-from prefprune.bootstrap import correlation_interval, pearson, spearman
+from prefprune._io import jsonable
 from prefprune.data import pairs_digest
 from prefprune.ensemble import average_tables
-from prefprune.experiment.results import score_result_table
+from prefprune.experiment.results import score_fingerprint, score_result_table
 from prefprune.experiment.steps import StepStore, read_json, write_json
-from prefprune.influence.curvature import CurvatureName
 from prefprune.influence.plan import damping_column_names
-from prefprune.prune import ScoreTable, check_ids_match, check_same_data, read_score_table
+from prefprune.prune import (
+    ScoreTable,
+    check_ids_match,
+    check_same_data,
+    n_to_select,
+    read_score_table,
+)
 from prefprune.score import ScoreConfig
-from prefprune.validation_setup import ValidationSetup, setup_from_experiment, setup_from_folder
+from prefprune.validation_config import ValidateConfig
+from prefprune.validation_prune import FULL_STEP, PRUNE_DIR, prune_jobs, prune_metrics
+from prefprune.validation_report import MEASURES, lds_metrics, recommend, validation_summary, write_scatter
+from prefprune.validation_setup import (
+    ValidationSetup,
+    check_disjoint,
+    fit_max_length,
+    setup_from_experiment,
+    setup_from_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,101 +80,7 @@ __all__ = ["ValidateConfig", "ValidationSetup", "run_validation", "validation_su
 PREDICTIVE = ("grad_dot", "grad_cos")
 RESULTS_FILE = "validate.json"
 INPUTS_FILE = "inputs.json"  # digests of the data and settings every step file of the folder depends on
-SCATTER_PLOT = "validate_scatter.png"
 MIN_VALIDATION_PAIRS = 10
-MIN_SUBSETS = 5
-
-
-@dataclass
-class ValidateConfig:
-    """Settings of `prefprune validate` (from a model folder or an experiment config)."""
-
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "reward model folder from prefprune train (its prefprune.json holds the training "
-            "data, model and training settings); or give --config"
-        },
-    )
-    config: str | None = field(
-        default=None,
-        metadata={
-            "help": "experiment YAML instead of a model folder: its split, model and training settings "
-            "(first seed) define the model to validate"
-        },
-    )
-    val: str | None = field(
-        default=None,
-        metadata={
-            "help": "validation pairs (read with the training data's settings); default: the model's "
-            "held-out split (model folder) or the experiment's validation split"
-        },
-    )
-    output: str = field(
-        default="runs/validate",
-        metadata={"help": "folder for validate.json, the scatter plot, the per-retrain step files and "
-                          "inputs.json (the digests of the data and settings those steps belong to: a rerun "
-                          "with other inputs is refused)"},
-    )
-    subsets: int = field(default=20, metadata={"help": "S: random subsets retrained for the LDS (>= 5)"})
-    fraction: float = field(
-        default=0.5, metadata={"help": "α: share of the training pairs each subset keeps"}
-    )
-    loo: int = field(default=0, metadata={"help": "m: single pairs left out and retrained (0 = no LOO)"})
-    dampings: list[float] = field(
-        default_factory=lambda: [1.0, 0.1, 0.01],
-        metadata={"help": "damping values λ of the influence columns (one score pass and solve for all)"},
-    )
-    curvature: CurvatureName = field(default="ggn", metadata={"help": "Hessian of the influence columns"})
-    scores: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "extra score files (prefprune score output, e.g. an ensemble) whose columns are "
-            "validated too; ids must match the training pairs"
-        },
-    )
-    ensemble: list[int] = field(
-        default_factory=list,
-        metadata={
-            "help": "training seeds of extra models: each is trained on the whole training set from its own "
-            "initial weights and scored like the reference; the mean of every column over the reference and "
-            "them is validated as ensemble:<column>"
-        },
-    )
-    score: ScoreConfig = field(
-        default_factory=ScoreConfig,
-        metadata={"help": "scoring settings (curvature, damping, seed and max_length are set by validate)"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the subset and leave-one-out draws"})
-    bootstrap_samples: int = field(default=2000, metadata={"help": "resamples behind each interval"})
-    interval_level: float = field(default=0.95, metadata={"help": "coverage of the intervals"})
-    device: str | None = field(
-        default=None, metadata={"help": "cuda | cpu | cuda:N; default cuda if available"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar over the retrains"})
-
-    def validate(self, *, need_source: bool = True) -> None:
-        """Raise ValueError on a bad setting (before any data is read or model trained)."""
-        if need_source and (self.model is None) == (self.config is None):
-            raise ValueError(
-                "give exactly one of --model FOLDER (trained by prefprune train) or --config FILE"
-            )
-        if not 0.0 < self.fraction < 1.0:
-            raise ValueError(f"fraction (α) must be in the open interval (0, 1), got {self.fraction!r}")
-        if self.subsets < MIN_SUBSETS:
-            raise ValueError(
-                f"subsets (S) must be at least {MIN_SUBSETS} for a rank correlation, got {self.subsets}"
-            )
-        if self.loo < 0:
-            raise ValueError(f"loo must be >= 0, got {self.loo}")
-        if not self.dampings:
-            raise ValueError("dampings is empty: give at least one damping value")
-        for d in self.dampings:
-            dataclasses.replace(self.score, curvature=self.curvature, damping=d).validate()
-        if self.bootstrap_samples < 100:
-            raise ValueError(f"bootstrap_samples must be at least 100, got {self.bootstrap_samples}")
-        if not 0 < self.interval_level < 1:
-            raise ValueError(f"interval_level must be in (0, 1), got {self.interval_level}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,23 +124,23 @@ class _Retrainer:
             for n, v in self.init.items():
                 params[n].copy_(v)
 
-    def val_loss(self) -> float:
+    def _evaluate(self, data, **kw: Any) -> dict[str, Any]:
         cfg = self.setup.train_config
-        res = train_mod.evaluate(
-            self.model,
-            self.tokenizer,
-            self.setup.val,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
-        )
-        return float(res["loss"])
+        return train_mod.evaluate(self.model, self.tokenizer, data, max_length=cfg.max_length,
+                                  batch_size=cfg.eval_batch_size, **kw)
 
-    def retrain(self, data) -> tuple[float, float]:
-        """(validation loss after training on `data` from the initial weights, seconds)."""
+    def retrain(self, data, *, test: bool = False) -> dict[str, Any]:
+        """Train on `data` from the initial weights: the validation loss, the seconds it took and, with
+        `test`, the margin of every test pair that fits max_length (the pruning check's measurement)."""
         self.restore()
         t0 = time.perf_counter()
         train_mod.train_reward_model(self.model, self.tokenizer, data, config=self.setup.train_config)
-        return self.val_loss(), time.perf_counter() - t0
+        rec = {"val_loss": float(self._evaluate(self.setup.val)["loss"]), "seconds": time.perf_counter() - t0}
+        if test:
+            res = self._evaluate(self.setup.test, return_margins=True)
+            rec.update(test_accuracy=float(res["accuracy"]), test_margins=res["margins"],
+                       test_digest=pairs_digest(self.setup.test))
+        return rec
 
 
 def _draws(vc: ValidateConfig, ids: Sequence[str]) -> tuple[list[list[str]], list[str]]:
@@ -245,9 +169,10 @@ def _score_tables(vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, st
     members = [table]
     for seed in vc.ensemble:
         rel = _scores_step(vc, f"ensemble_seed{seed}_")
-        other = setup.reseed(seed)
+        # The member's own weights and seed, on the very pairs the reference was checked to use.
+        other = dataclasses.replace(setup.reseed(seed), train=setup.train, val=setup.val, test=setup.test)
         member = None
-        if steps.get(rel) is None:
+        if _score_step(steps, rel, _score_config(vc, other)) is None:
             member = _Retrainer(other)
             member.retrain(setup.train)
         members.append(_scored(vc, other, member, steps, rel))
@@ -257,18 +182,32 @@ def _score_tables(vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, st
                       source=table.source)
 
 
+def _score_config(vc: ValidateConfig, setup: ValidationSetup) -> ScoreConfig:
+    """The settings every score pass of `setup` runs with (recorded in validate.json as run)."""
+    # A damping at which H + λI is not positive definite (exact curvature) is a finding to report (its
+    # column is NaN), not a reason to stop the other columns.
+    damping = vc.dampings[0] if len(vc.dampings) == 1 else list(vc.dampings)
+    return dataclasses.replace(
+        setup.score_config, curvature=vc.curvature, damping=damping, progress=False, on_nonpositive="nan"
+    )
+
+
+def _score_step(steps: StepStore, rel: str, cfg: ScoreConfig) -> dict | None:
+    """Step `rel` when it was scored with `cfg`'s settings (a changed setting scores again), else None."""
+    rec = steps.get(rel)
+    ran = ((rec or {}).get("metadata") or {}).get("config")
+    if rec is None or ran is None or score_fingerprint(ran) != score_fingerprint(cfg):
+        return None
+    return rec
+
+
 def _scored(
     vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer | None, steps: StepStore, rel: str
 ) -> ScoreTable:
     """Step `rel`: every damping's influence (one pass, one solve), grad_dot and grad_cos of rt's model."""
-    rec = steps.get(rel)
+    cfg = _score_config(vc, setup)
+    rec = _score_step(steps, rel, cfg)
     if rec is None:
-        # A damping at which H + λI is not positive definite (exact curvature) is a finding to report
-        # (its column is NaN), not a reason to stop the other columns.
-        damping = vc.dampings[0] if len(vc.dampings) == 1 else list(vc.dampings)
-        cfg = dataclasses.replace(
-            setup.score_config, curvature=vc.curvature, damping=damping, progress=False, on_nonpositive="nan"
-        )
         res = score_mod.score_pairs(rt.model, rt.tokenizer, setup.train, setup.val, config=cfg)
         rec = steps.put(rel, score_result_table(res, source="validate scores").to_json())
     return ScoreTable.from_json(rec, source=str(steps.root / rel))
@@ -281,10 +220,11 @@ def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str], *, train
     cols: dict[str, np.ndarray] = {}
     pos = {i: k for k, i in enumerate(table.ids)}
     order = np.asarray([pos[i] for i in ids])
-    names = damping_column_names(vc.dampings, relative=False)
+    relative = bool((table.metadata.get("config") or {}).get("damping_relative"))  # as the pass ran
+    names = damping_column_names(vc.dampings, relative=relative)
     for prefix in ("", "ensemble:") if vc.ensemble else ("",):
         for d, name in zip(vc.dampings, names, strict=True):
-            cols[f"{prefix}influence@{d:g}"] = table.column(prefix + name)[order]
+            cols[f"{prefix}influence@{'r' if relative else ''}{d:g}"] = table.column(prefix + name)[order]
         for c in PREDICTIVE:
             if prefix + c in table.columns:
                 cols[prefix + c] = table.columns[prefix + c][order]
@@ -302,125 +242,84 @@ def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str], *, train
     return cols
 
 
-# ---------------------------------------------------------------------------------------------------
-# Metrics and outputs
-
-
-def _metrics(
-    vc: ValidateConfig,
-    cols: dict[str, np.ndarray],
-    ids: Sequence[str],
-    l_full: float,
-    subsets: list[dict],
-    loo: list[dict],
-) -> dict[str, Any]:
-    n, pos = len(ids), {i: k for k, i in enumerate(ids)}
-    actual = np.asarray([s["val_loss"] - l_full for s in subsets])
-    interval = functools.partial(
-        correlation_interval, n_boot=vc.bootstrap_samples, level=vc.interval_level, seed=vc.seed
-    )
-    out: dict[str, Any] = {}
-    for name, values in cols.items():
-        if not np.all(np.isfinite(values)):
-            out[name] = {"note": "non-finite scores (H + λI not positive definite for this damping)"}
-            continue
-        pred = np.asarray([values[[pos[i] for i in s["left_out"]]].sum() / n for s in subsets])
-        entry: dict[str, Any] = {
-            "lds": interval(pred, actual, method="spearman").to_dict(),
-            "subset_predicted": pred.tolist(),
-        }
-        if len(loo) >= 3:
-            lp = np.asarray([values[pos[r["id"]]] / n for r in loo])
-            la = np.asarray([r["val_loss"] - l_full for r in loo])
-            entry["loo"] = {
-                "pearson": pearson(lp, la),
-                "spearman": spearman(lp, la),
-                "pearson_interval": interval(lp, la, method="pearson").to_dict(),
-                "predicted": lp.tolist(),
-            }
-        out[name] = entry
-    return out
-
-
-def _recommend(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The damping whose influence column has the highest LDS (and the best LOO Pearson when measured)."""
-    infl = {
-        k: v
-        for k, v in metrics.items()
-        if k.startswith("influence@") and "lds" in v and math.isfinite(v["lds"]["value"])
-    }
-    if not infl:
-        return None
-    best = max(infl, key=lambda k: infl[k]["lds"]["value"])
-    rec = {"damping": float(best.split("@", 1)[1]), "by": "lds", "lds": infl[best]["lds"]}
-    with_loo = {k: v for k, v in infl.items() if "loo" in v and math.isfinite(v["loo"]["pearson"])}
-    if with_loo:
-        best_loo = max(with_loo, key=lambda k: with_loo[k]["loo"]["pearson"])
-        rec["damping_by_loo"] = float(best_loo.split("@", 1)[1])
-    return rec
-
-
-def _scatter(results: dict[str, Any], folder: Path) -> str | None:
-    try:
-        import matplotlib  # optional dependency (prefprune[plots]): imported only to plot
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no scatter plot (pip install 'prefprune[plots]')")
-        return None
-    names = [k for k, v in results["columns"].items() if "lds" in v]
-    actual = [s["val_loss"] - results["reference"]["val_loss"] for s in results["subsets"]]
-    loo_actual = [r["val_loss"] - results["reference"]["val_loss"] for r in results["loo"]]
-    rows = 2 if results["loo"] and len(results["loo"]) >= 3 else 1
-    fig, axes = plt.subplots(rows, len(names), figsize=(3.6 * len(names), 3.3 * rows), squeeze=False)
-    for j, name in enumerate(names):
-        m = results["columns"][name]
-        ax = axes[0][j]
-        ax.scatter(m["subset_predicted"], actual, s=14)
-        ax.set_title(
-            f"{name}\nLDS {m['lds']['value']:.2f} [{m['lds']['low']:.2f}, {m['lds']['high']:.2f}]", fontsize=8
-        )
-        ax.set_xlabel("predicted Δ val loss", fontsize=7)
-        ax.set_ylabel("measured Δ (subsets)", fontsize=7)
-        if rows == 2:
-            ax = axes[1][j]
-            ax.scatter(m["loo"]["predicted"], loo_actual, s=14, color="C1")
-            ax.set_title(f"leave-one-out: Pearson {m['loo']['pearson']:.2f}", fontsize=8)
-            ax.set_xlabel("predicted Δ val loss", fontsize=7)
-            ax.set_ylabel("measured Δ (LOO)", fontsize=7)
-    fig.tight_layout()
-    atomic_write(folder / SCATTER_PLOT, lambda fh: fig.savefig(fh, format="png", dpi=110))
-    plt.close(fig)
-    return SCATTER_PLOT
-
-
 def _retrain_all(
     rt: _Retrainer,
     setup: ValidationSetup,
     steps: StepStore,
     jobs: list[tuple[str, list[str]]],
     progress: bool,
-) -> list[dict]:
-    """Run (or read back) each (step name, left-out ids) retrain; one step file each."""
-    ids = set(setup.train.ids)
-    out = []
-    bar = tqdm(jobs, desc="validate retrains", disable=not progress)
-    for rel, left_out in bar:
+) -> dict[str, dict]:
+    """Run (or read back) each (step name, left-out ids) retrain; one step file each. A step is reused when
+    it left out the same pairs (and, for the pruning check's, was tested on the same test pairs); columns
+    that remove the same pairs share one retrain (training is deterministic for a given set)."""
+    n = len(setup.train)
+    test_digest = pairs_digest(setup.test) if setup.test is not None else None
+    out: dict[str, dict] = {}
+    done: dict[tuple[bool, tuple[str, ...]], dict] = {}
+    for rel, left_out in tqdm(jobs, desc="validate retrains", disable=not progress):
         rec = steps.get(rel)
-        if rec is None:
-            loss, secs = rt.retrain(setup.train.exclude(left_out))
-            rec = steps.put(
-                rel,
-                {
-                    "left_out": left_out,
-                    "val_loss": loss,
-                    "seconds": secs,
-                    "n_train": len(ids) - len(left_out),
-                },
-            )
-        out.append(rec)
+        test = rel.startswith(PRUNE_DIR)
+        if rec is None or rec["left_out"] != left_out or (test and rec.get("test_digest") != test_digest):
+            same = done.get((test, tuple(left_out)))
+            rec = (rt.retrain(setup.train.exclude(left_out), test=test) if same is None
+                   else {**same, "seconds": 0.0, "same_pairs_as": same.get("step")})
+            rec = steps.put(rel, {**rec, "left_out": left_out, "n_train": n - len(left_out), "step": rel})
+        done.setdefault((test, tuple(left_out)), rec)
+        out[rel] = rec
     return out
+
+
+def _prepare(vc: ValidateConfig, setup: ValidationSetup | None) -> tuple[ValidationSetup, _Retrainer]:
+    """The setup and its model at the initial weights, every input checked before any retrain."""
+    vc.validate(need_source=setup is None)
+    if setup is None:
+        setup = (setup_from_folder(vc.model, val_source=vc.val, device=vc.device, score=vc.score,
+                                   train_source=vc.train, test_source=vc.test)
+                 if vc.model is not None else
+                 setup_from_experiment(vc.config, val_source=vc.val, test_source=vc.test))
+    if vc.prune_check is not None and setup.test is None:
+        raise ValueError("the pruning check (--prune-check) needs test pairs: give --test FILE, or use "
+                         "--config (its test split is used)")
+    rt = _Retrainer(setup)  # builds the model at its initial weights; no training yet
+    setup = fit_max_length(setup, rt.tokenizer)
+    rt.setup = setup
+    check_disjoint(setup)
+    if len(setup.val) < MIN_VALIDATION_PAIRS:
+        raise ValueError(
+            f"the validation set has {len(setup.val)} pairs; validate needs at least {MIN_VALIDATION_PAIRS}"
+        )
+    if vc.prune_check is not None:
+        n_to_select(len(setup.train), vc.prune_check)
+    if vc.ensemble:
+        seeds = [setup.train_config.seed, *vc.ensemble]
+        if setup.reseed is None:
+            raise ValueError("ensemble: this setup cannot build models for other seeds (no reseed given)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"ensemble seeds must differ from each other and from the reference's: {seeds}")
+    return setup, rt
+
+
+def _reference(vc: ValidateConfig, setup: ValidationSetup, rt: _Retrainer, steps: StepStore) -> dict:
+    """The reference retrain's record; retrains when its step or the score step is missing (the reference
+    model is the one scored: rebuilt when resuming, training is deterministic on CPU)."""
+    ref = steps.get("reference.json")
+    if ref is None or _score_step(steps, _scores_step(vc), _score_config(vc, setup)) is None:
+        test = vc.prune_check is not None and steps.get(FULL_STEP) is None
+        rec = rt.retrain(setup.train, test=test)
+        ref = ref or steps.put("reference.json", {"val_loss": rec["val_loss"], "seconds": rec["seconds"],
+                                                  "n_train": len(setup.train)})
+        if test:  # the unpruned arm of the pruning check is this same retrain
+            steps.put(FULL_STEP, {"left_out": [], **rec, "n_train": len(setup.train)})
+    return ref
+
+
+def _log_plan(vc: ValidateConfig, n: int, n_retrains: int, n_prune: int) -> None:
+    logger.info(
+        "validate: %d retrains (1 reference + %d subsets at α=%g + %d leave-one-out + %d ensemble members + "
+        "up to %d for the pruning check) on %d pairs, plus %d score passes (each: all %d damping values)",
+        n_retrains, vc.subsets, vc.fraction, min(vc.loo, n), len(vc.ensemble), n_prune, n,
+        1 + len(vc.ensemble), len(vc.dampings),
+    )
 
 
 def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) -> dict[str, Any]:
@@ -433,114 +332,62 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
     Returns:
         The results dict (also written to `<output>/validate.json`).
     """
-    vc.validate(need_source=setup is None)
-    if setup is None:
-        setup = (setup_from_folder(vc.model, val_source=vc.val, device=vc.device, score=vc.score)
-                 if vc.model is not None else setup_from_experiment(vc.config, val_source=vc.val))
-    if len(setup.val) < MIN_VALIDATION_PAIRS:
-        raise ValueError(
-            f"the validation set has {len(setup.val)} pairs; validate needs at least {MIN_VALIDATION_PAIRS}"
-        )
-    if vc.ensemble:
-        seeds = [setup.train_config.seed, *vc.ensemble]
-        if setup.reseed is None:
-            raise ValueError("ensemble: this setup cannot build models for other seeds (no reseed given)")
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"ensemble seeds must differ from each other and from the reference's: {seeds}")
+    setup, rt = _prepare(vc, setup)
     ids = list(setup.train.ids)
     left_outs, loo_ids = _draws(vc, ids)
     out = Path(vc.output)
     out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, setup)
     steps = StepStore(out)
-    n_retrains = 1 + len(left_outs) + len(loo_ids) + len(vc.ensemble)
-    logger.info(
-        "validate: %d retrains (1 reference + %d subsets at α=%g + %d leave-one-out + %d ensemble members) "
-        "on %d pairs, plus %d score passes (each: all %d damping values)",
-        n_retrains,
-        len(left_outs),
-        vc.fraction,
-        len(loo_ids),
-        len(vc.ensemble),
-        len(ids),
-        1 + len(vc.ensemble),
-        len(vc.dampings),
-    )
+    # At most: one arm per column (the ensemble doubles them; an extra file has at least one) and per draw.
+    n_cols = (len(vc.dampings) + len(PREDICTIVE)) * (2 if vc.ensemble else 1) + len(vc.scores)
+    n_prune = 0 if vc.prune_check is None else n_cols + vc.prune_draws
+    n_retrains = 1 + len(left_outs) + len(loo_ids) + len(vc.ensemble) + n_prune
+    _log_plan(vc, len(ids), n_retrains, n_prune)
     t0 = time.perf_counter()
-    rt = _Retrainer(setup)
-    ref = steps.get("reference.json")
-    scored = steps.get(_scores_step(vc)) is not None
-    if ref is None or not scored:
-        # The reference model is the one scored (rebuilt when resuming: training is deterministic on CPU).
-        loss, secs = rt.retrain(setup.train)
-        ref = ref or steps.put("reference.json", {"val_loss": loss, "seconds": secs, "n_train": len(ids)})
-    logger.info(
-        "validate: reference retrain %.1f s; the %d others take about %.1f min",
-        ref["seconds"],
-        n_retrains - 1,
-        (n_retrains - 1) * ref["seconds"] * (1 + vc.fraction) / 2 / 60,
-    )
+    ref = _reference(vc, setup, rt, steps)
+    logger.info("validate: reference retrain %.1f s; the %d others take about %.1f min", ref["seconds"],
+                n_retrains - 1, (n_retrains - 1) * ref["seconds"] * (1 + vc.fraction) / 2 / 60)
     table = _score_tables(vc, setup, rt, steps)
     cols = _columns(vc, table, ids, train=setup.train)
     jobs = [(f"subsets/{k:03d}.json", lo) for k, lo in enumerate(left_outs)]
     jobs += [(f"loo/{k:03d}.json", [i]) for k, i in enumerate(loo_ids)]
+    if vc.prune_check is not None:
+        jobs += prune_jobs(cols, ids, fraction=vc.prune_check, draws=vc.prune_draws, seed=vc.seed)
     done = _retrain_all(rt, setup, steps, jobs, vc.progress)
-    subsets, loo = done[: len(left_outs)], [{"id": r["left_out"][0], **r} for r in done[len(left_outs) :]]
-    metrics = _metrics(vc, cols, ids, ref["val_loss"], subsets, loo)
+    subsets = [done[rel] for rel, _ in jobs if rel.startswith("subsets/")]
+    loo = [{"id": done[rel]["left_out"][0], **done[rel]} for rel, _ in jobs if rel.startswith("loo/")]
+    metrics = lds_metrics(cols, ids, ref["val_loss"], subsets, loo, n_boot=vc.bootstrap_samples,
+                          level=vc.interval_level, seed=vc.seed)
+    prune = None if vc.prune_check is None else prune_metrics(
+        list(cols), done, fraction=vc.prune_check, draws=vc.prune_draws, n_boot=vc.bootstrap_samples,
+        level=vc.interval_level)
+    rec = recommend(metrics, prune)
     results = {
-        "settings": dataclasses.asdict(vc),
+        "settings": _settings_as_run(vc, setup, table),
+        "measures": MEASURES,
         "source": setup.source,
         "n_train": len(ids),
         "n_validation": len(setup.val),
+        "n_test": None if setup.test is None else len(setup.test),
         "reference": ref,
         "columns": metrics,
-        "recommended": _recommend(metrics),
+        "prune_check": prune,
+        "recommendation": rec,
+        "recommended": rec["recommended"],
         "subsets": subsets,
         "loo": loo,
         "wall_time_s": time.perf_counter() - t0,
-        "retrain_seconds_total": ref["seconds"] + sum(r["seconds"] for r in done),
+        "retrain_seconds_total": ref["seconds"] + sum(r["seconds"] for r in done.values()),
     }
-    plot = _scatter(results, out)
-    results["plot"] = plot
+    results["plot"] = write_scatter(results, out)
     write_json(out / RESULTS_FILE, results)
     return results
 
 
-def validation_summary(results: dict[str, Any]) -> str:
-    """A markdown table of every column's LDS (and LOO correlation) with intervals, and the recommendation."""
-    level = 100 * results["settings"]["interval_level"]
-    lines = [
-        f"| score | LDS (Spearman) [{level:g}% CI] | LOO Pearson [{level:g}% CI] | LOO Spearman |",
-        "|---|---|---|---|",
-    ]
-    for name, m in results["columns"].items():
-        if "lds" not in m:
-            lines.append(f"| {name} | n/a: {m['note']} | — | — |")
-            continue
-        lds = m["lds"]
-        loo = m.get("loo")
-        loo_p = (
-            "—"
-            if loo is None
-            else (
-                f"{loo['pearson']:.3f} [{loo['pearson_interval']['low']:.3f}, "
-                f"{loo['pearson_interval']['high']:.3f}]"
-            )
-        )
-        loo_s = "—" if loo is None else f"{loo['spearman']:.3f}"
-        lines.append(
-            f"| {name} | {lds['value']:.3f} [{lds['low']:.3f}, {lds['high']:.3f}] | {loo_p} | {loo_s} |"
-        )
-    rec = results.get("recommended")
-    if rec:
-        lines.append("")
-        lines.append(
-            f"Recommended damping: {rec['damping']:g} (highest LDS"
-            + (
-                f"; best leave-one-out Pearson at {rec['damping_by_loo']:g}"
-                if "damping_by_loo" in rec
-                else ""
-            )
-            + ")."
-        )
-    return "\n".join(lines)
+def _settings_as_run(vc: ValidateConfig, setup: ValidationSetup, table: ScoreTable) -> dict[str, Any]:
+    """validate's settings with the scoring and training settings the retrains and score pass ran with."""
+    settings = dataclasses.asdict(vc)
+    settings["score"] = table.metadata.get("config") or jsonable(_score_config(vc, setup))
+    settings["train"] = jsonable(dataclasses.replace(setup.train_config, progress=False))
+    return settings

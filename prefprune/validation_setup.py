@@ -15,15 +15,19 @@ from prefprune import train as train_mod
 from prefprune._config import from_mapping
 from prefprune.data import pairs_digest
 from prefprune.data.config import SYNTHETIC, DataConfig, load_data
+from prefprune.data.encode import encode_pairs, too_long_message
+from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import load_config
-from prefprune.experiment.setup import build_seed_model, fitting_pairs, load_tokenizer, prefix_cache
+from prefprune.experiment.setup import build_seed_model, fitting_pairs, prefix_cache
 from prefprune.model import ModelConfig, build_model, training_metadata
 from prefprune.score import ScoreConfig
 from prefprune.train import TrainConfig, split_for_eval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ValidationSetup", "setup_from_experiment", "setup_from_folder"]
+__all__ = [
+    "ValidationSetup", "check_disjoint", "fit_max_length", "setup_from_experiment", "setup_from_folder"
+]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ValidationSetup:
         source: where the setup came from (recorded in validate.json).
         reseed: the same setup for another training seed (its own initial weights and data order), for
             ensembles; None if the source cannot give one.
+        test: test pairs of the pruning check (None: none given).
     """
 
     train: Any
@@ -47,6 +52,51 @@ class ValidationSetup:
     score_config: ScoreConfig
     source: dict[str, Any]
     reseed: Callable[[int], ValidationSetup] | None = None
+    test: Any = None
+
+
+def _fitting(pairs: Any, tokenizer: Any, max_length: int, what: str, truncation: str) -> Any:
+    """The pairs that fit `max_length`, the others left out with one warning; ValueError when none fits."""
+    fit, too_long = fitting_pairs(pairs, tokenizer, max_length, truncation=truncation)
+    if not fit and truncation == "prompt":
+        raise ValueError(f"{pairs.source or what}: " + too_long_message(what, pairs, tokenizer, max_length))
+    if not fit:
+        whole = encode_pairs(pairs, tokenizer, max_length=1 << 30)
+        longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
+        raise ValueError(f"{pairs.source or what}: no {what[:-1]} fits max_length={max_length} uncut "
+                         f"({what} are never cut); raise max_length (--max-length) to {longest} for all "
+                         "to fit")
+    if too_long:
+        logger.warning("left out %d of %d %s that do not fit max_length=%d%s (e.g. %s)", len(too_long),
+                       len(pairs), what, max_length, " even with the prompt cut" if truncation == "prompt"
+                       else " uncut (never cut)", too_long[:3])
+    return pairs.select(fit) if too_long else pairs
+
+
+def fit_max_length(setup: ValidationSetup, tokenizer: Any) -> ValidationSetup:
+    """The setup with `prefprune experiment`'s rule applied before any retrain: training pairs whose
+    responses alone exceed max_length and validation pairs that do not fit uncut are left out with a
+    warning (scoring cannot use them), and none fitting is an error; test pairs follow evaluation's rule
+    (the prompt cut, too-long responses left out) once, instead of a warning per retrain."""
+    max_length = setup.score_config.max_length
+    train = _fitting(setup.train, tokenizer, max_length, "training pairs", "prompt")
+    val = _fitting(setup.val, tokenizer, max_length, "validation pairs", "error")
+    test = None if setup.test is None else _fitting(setup.test, tokenizer, max_length, "test pairs", "prompt")
+    return dataclasses.replace(setup, train=train, val=val, test=test)
+
+
+def check_disjoint(setup: ValidationSetup) -> None:
+    """Raise ValueError when the training, validation and test pairs share pair ids."""
+    parts = {"training": setup.train, "validation": setup.val, "test": setup.test}
+    names = [k for k, v in parts.items() if v is not None]
+    for a, b in ((a, b) for i, a in enumerate(names) for b in names[i + 1:]):
+        both = sorted(set(parts[a].ids) & set(parts[b].ids))
+        if both:
+            raise ValueError(
+                f"{len(both)} {b} pairs ({parts[b].source or b}) are also {a} pairs "
+                f"({parts[a].source or a}), e.g. {both[:3]}: give {b} pairs the model is not trained on"
+                + (" (--val; the folder's held-out split is used without it)" if b == "validation" else "")
+            )
 
 
 def _recorded_data(model: str, data_cfg: DataConfig, source: str, digest: str | None, what: str) -> Any:
@@ -65,13 +115,16 @@ def _recorded_data(model: str, data_cfg: DataConfig, source: str, digest: str | 
     return data
 
 
-def setup_from_folder(model: str, *, val_source: str | None, device: str | None,
-                      score: ScoreConfig) -> ValidationSetup:
+def setup_from_folder(model: str, *, val_source: str | None, device: str | None, score: ScoreConfig,
+                      train_source: str | None = None, test_source: str | None = None) -> ValidationSetup:
     """The setup a model folder written by ``prefprune train`` records (its data, split and settings).
 
     Args:
         model: the folder; val_source: validation data (default: the folder's held-out pairs);
-        device: where retrains run; score: scoring settings (curvature, damping, progress: set per pass).
+        device: where retrains run; score: scoring settings (curvature, damping, progress: set per pass);
+        train_source: training pairs, all of them retrained on and scored (default: the pairs the folder
+            records, its held-out split removed); test_source: test pairs of the pruning check.
+        Every file is read with the folder's data settings (schema, split, skip_bad).
     """
     meta = training_metadata(model)
     missing = [k for k in ("train_config", "data_config", "model_config") if k not in meta]
@@ -89,9 +142,12 @@ def setup_from_folder(model: str, *, val_source: str | None, device: str | None,
     held = (_recorded_data(model, data_cfg, info["eval_data"], info.get("eval_digest"), "evaluation data")
             if info.get("eval_data") else None)
     train, held = split_for_eval(data, info.get("eval_fraction") or 0.0, seed=train_cfg.seed, held_out=held)
+    if train_source is not None:
+        train = load_data(data_cfg, source=train_source)
     val = load_data(data_cfg, source=val_source) if val_source is not None else held
     if val is None:
         raise ValueError(f"{model} was trained without held-out pairs: give --val")
+    test = load_data(data_cfg, source=test_source) if test_source is not None else None
     train_cfg = dataclasses.replace(train_cfg, progress=False, device=device)
 
     def for_seed(seed: int) -> ValidationSetup:
@@ -101,23 +157,29 @@ def setup_from_folder(model: str, *, val_source: str | None, device: str | None,
 
         score_cfg = dataclasses.replace(score, max_length=train_cfg.max_length, seed=seed)
         return ValidationSetup(train, val, build, dataclasses.replace(train_cfg, seed=seed), score_cfg,
-                               {"model": model, "seed": seed}, for_seed)
+                               {"model": model, "seed": seed}, for_seed, test)
 
     return for_seed(train_cfg.seed)
 
 
-def setup_from_experiment(config: str, *, val_source: str | None) -> ValidationSetup:
-    """The setup of an experiment config's first seed: its split, fit filter, model build and prefix cache.
+def setup_from_experiment(config: str, *, val_source: str | None, test_source: str | None = None
+                          ) -> ValidationSetup:
+    """The setup of an experiment config's first seed: its split, labels, model build and prefix cache
+    (`fit_max_length` applies its max_length rule once the tokenizer is loaded).
 
     Args:
-        config: the experiment's YAML; val_source: validation data (default: the experiment's split).
+        config: the experiment's YAML; val_source, test_source: validation and test pairs (default: the
+            experiment's validation and test splits).
     """
-    # The experiment's shared setup: the same split, fit filter, model build and prefix cache as its seeds.
+    # The experiment's shared setup: the same split, clean labels, model build and prefix cache as its seeds.
     cfg = load_config(config)
     dataset = load_data(cfg.data, plant_noise=True)
-    train, val, _ = dataset.split(cfg.split, seed=cfg.split_seed)
-    fit_ids, _ = fitting_pairs(train, load_tokenizer(cfg), cfg.max_length, truncation="prompt")
-    train = train.select(fit_ids)
+    if cfg.clean_eval:  # as the experiment: planted noise undone in the validation and test splits
+        _, val0, test0 = dataset.split(cfg.split, seed=cfg.split_seed)
+        dataset = restore_labels(dataset, set(val0.ids) | set(test0.ids))
+    train, val, test = dataset.split(cfg.split, seed=cfg.split_seed)
+    if test_source is not None:
+        test = load_data(cfg.data, source=test_source)
     if val_source is not None:
         val = load_data(cfg.data, source=val_source)
     elif cfg.trusted_validation:
@@ -135,6 +197,6 @@ def setup_from_experiment(config: str, *, val_source: str | None) -> ValidationS
         train_cfg = dataclasses.replace(cfg.train_config(seed), progress=False)
         score_cfg = dataclasses.replace(cfg.score, max_length=cfg.max_length, seed=seed)
         return ValidationSetup(train, val, build, train_cfg, score_cfg, {"config": config, "seed": seed},
-                               for_seed)
+                               for_seed, test)
 
     return for_seed(cfg.seeds[0])
