@@ -15,10 +15,9 @@ from prefprune import train as train_mod
 from prefprune._config import from_mapping
 from prefprune.data import pairs_digest
 from prefprune.data.config import SYNTHETIC, DataConfig, load_data
-from prefprune.data.encode import encode_pairs, too_long_message
 from prefprune.data.noise import restore_labels
 from prefprune.experiment.config import load_config
-from prefprune.experiment.setup import build_seed_model, fitting_pairs, prefix_cache
+from prefprune.experiment.setup import build_seed_model, fit_pairs, prefix_cache
 from prefprune.model import ModelConfig, build_model, training_metadata
 from prefprune.score import ScoreConfig
 from prefprune.train import TrainConfig, split_for_eval
@@ -55,33 +54,16 @@ class ValidationSetup:
     test: Any = None
 
 
-def _fitting(pairs: Any, tokenizer: Any, max_length: int, what: str, truncation: str) -> Any:
-    """The pairs that fit `max_length`, the others left out with one warning; ValueError when none fits."""
-    fit, too_long = fitting_pairs(pairs, tokenizer, max_length, truncation=truncation)
-    if not fit and truncation == "prompt":
-        raise ValueError(f"{pairs.source or what}: " + too_long_message(what, pairs, tokenizer, max_length))
-    if not fit:
-        whole = encode_pairs(pairs, tokenizer, max_length=1 << 30)
-        longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
-        raise ValueError(f"{pairs.source or what}: no {what[:-1]} fits max_length={max_length} uncut "
-                         f"({what} are never cut); raise max_length (--max-length) to {longest} for all "
-                         "to fit")
-    if too_long:
-        logger.warning("left out %d of %d %s that do not fit max_length=%d%s (e.g. %s)", len(too_long),
-                       len(pairs), what, max_length, " even with the prompt cut" if truncation == "prompt"
-                       else " uncut (never cut)", too_long[:3])
-    return pairs.select(fit) if too_long else pairs
-
-
 def fit_max_length(setup: ValidationSetup, tokenizer: Any) -> ValidationSetup:
     """The setup with `prefprune experiment`'s rule applied before any retrain: training pairs whose
     responses alone exceed max_length and validation pairs that do not fit uncut are left out with a
     warning (scoring cannot use them), and none fitting is an error; test pairs follow evaluation's rule
     (the prompt cut, too-long responses left out) once, instead of a warning per retrain."""
     max_length = setup.score_config.max_length
-    train = _fitting(setup.train, tokenizer, max_length, "training pairs", "prompt")
-    val = _fitting(setup.val, tokenizer, max_length, "validation pairs", "error")
-    test = None if setup.test is None else _fitting(setup.test, tokenizer, max_length, "test pairs", "prompt")
+    train = fit_pairs(setup.train, tokenizer, max_length, "training pairs", cut_prompt=True)[0]
+    val = fit_pairs(setup.val, tokenizer, max_length, "validation pairs", cut_prompt=False)[0]
+    test = None if setup.test is None else fit_pairs(setup.test, tokenizer, max_length, "test pairs",
+                                                      cut_prompt=True)[0]
     return dataclasses.replace(setup, train=train, val=val, test=test)
 
 

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "build_seed_model",
+    "fit_pairs",
     "fit_training",
     "fit_validation",
     "fitting_pairs",
@@ -74,39 +75,39 @@ def prefix_cache(cfg: ExperimentConfig) -> PrefixCache | None:
     return PrefixCache(n_layers - cfg.lora_layers) if cfg.lora_layers < n_layers else None
 
 
-def fit_training(train: Any, tokenizer: Any, max_length: int) -> tuple[Any, list[str]]:
-    """The training pairs that fit `max_length` (prompts may be cut) and the ids of those that do not.
-
-    A pair whose response alone exceeds max_length can be neither trained on nor scored: it leaves the
-    experiment (counted) rather than each stage treating it its own way."""
-    fit_ids, too_long = fitting_pairs(train, tokenizer, max_length, truncation="prompt")
+def fit_pairs(pairs: Any, tokenizer: Any, max_length: int, what: str, *,
+              cut_prompt: bool) -> tuple[Any, list[str]]:
+    """The pairs that fit `max_length` and the ids of those that do not, left out with one warning;
+    ValueError naming the length needed when none fits. The one max_length rule of `experiment` and
+    `validate`: training and test pairs may have their prompt cut (`cut_prompt`), validation pairs are
+    never cut. A pair that does not fit can be neither trained on, scored nor evaluated, so it leaves the
+    run (counted) rather than each stage treating it its own way."""
+    truncation = "prompt" if cut_prompt else "error"
+    fit_ids, too_long = fitting_pairs(pairs, tokenizer, max_length, truncation=truncation)
+    where = f"{pairs.source}: " if getattr(pairs, "source", None) else ""
+    if not fit_ids and cut_prompt:
+        raise ValueError(where + too_long_message(what, pairs, tokenizer, max_length))
     if not fit_ids:
-        raise ValueError(too_long_message("training pairs", train, tokenizer, max_length))
+        whole = encode_pairs(pairs, tokenizer, max_length=1 << 30)
+        longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
+        raise ValueError(f"{where}no {what[:-1]} fits max_length={max_length} uncut ({what} are never cut); "
+                         f"raise max_length (--max-length) to {longest} for all to fit")
     if too_long:
-        logger.warning(
-            "left out %d of %d training pairs whose responses exceed max_length=%d (e.g. %s)",
-            len(too_long), len(train), max_length, too_long[:3],
-        )
-        train = train.select(fit_ids)
-    return train, too_long
+        logger.warning("left out %d of %d %s that do not fit max_length=%d%s (e.g. %s)", len(too_long),
+                       len(pairs), what, max_length, " even with the prompt cut" if cut_prompt
+                       else " uncut (never cut)", too_long[:3])
+        pairs = pairs.select(fit_ids)
+    return pairs, too_long
+
+
+def fit_training(train: Any, tokenizer: Any, max_length: int) -> tuple[Any, list[str]]:
+    """`fit_pairs` for training pairs (prompts may be cut)."""
+    return fit_pairs(train, tokenizer, max_length, "training pairs", cut_prompt=True)
 
 
 def fit_validation(val: Any, tokenizer: Any, max_length: int) -> tuple[Any, list[str]]:
-    """The validation pairs that fit `max_length` uncut (validation pairs are never cut) and the ids of
-    those that do not; ValueError naming the length needed when none fits."""
-    ok, too_long = fitting_pairs(val, tokenizer, max_length)
-    if not too_long:
-        return val, []
-    logger.warning(
-        "scoring uses %d of %d validation pairs: %d do not fit max_length=%d uncut",
-        len(ok), len(val), len(too_long), max_length,
-    )
-    if not ok:
-        whole = encode_pairs(val, tokenizer, max_length=1 << 30)
-        longest = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in whole)
-        raise ValueError(f"no validation pair fits max_length={max_length} uncut (validation pairs are never "
-                         f"cut); raise max_length (--max-length) to {longest} for all to fit")
-    return val.select(ok), too_long
+    """`fit_pairs` for validation pairs (never cut)."""
+    return fit_pairs(val, tokenizer, max_length, "validation pairs", cut_prompt=False)
 
 
 def too_long_test_pairs(test: Any, tokenizer: Any, max_length: int) -> list[str]:
