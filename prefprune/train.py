@@ -63,7 +63,7 @@ Schedule = Literal["linear", "cosine", "constant"]
 Truncation = Literal["prompt", "error"]
 TooLong = Literal["skip", "error"]
 _SCHEDULES = typing.get_args(Schedule)
-_TOO_LONG = typing.get_args(TooLong)
+_TOO_LONG = (*typing.get_args(TooLong), "collect")  # "collect": skip without logging (the caller reports)
 # How many skipped ids a log line quotes (the full list goes to the metrics).
 _LOG_IDS = 5
 
@@ -207,7 +207,8 @@ def encode_for_training(
         max_length: Token limit per sequence.
         truncation: Passed to ``encode_pairs``.
         too_long: ``"skip"``: pairs that ``encode_pairs`` rejects are left out, logged and returned;
-            ``"error"``: the first such pair raises.
+            ``"collect"``: the same without the log line (the caller reports them); ``"error"``: the first
+            such pair raises.
 
     Returns:
         ``(encoded, skipped_ids)`` with ``encoded`` in data order.
@@ -228,7 +229,7 @@ def encode_for_training(
         except ValueError as err:
             skipped.append(pair.id)
             reasons.append(str(err))
-    if skipped:
+    if skipped and too_long == "skip":
         logger.warning(
             "skipped %d of %d pairs that do not fit max_length=%d (ids %s%s); first reason: %s",
             len(skipped),

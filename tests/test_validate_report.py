@@ -339,3 +339,5 @@ def test_fit_max_length_leaves_out_too_long_test_pairs_once(caplog):
         fitted = fit_max_length(setup, tiny_tokenizer())
     assert fitted.test.ids == test.ids and len(fitted.val) == len(setup.val)
     assert ["left out 1 of 7 test pairs" in r.getMessage() for r in caplog.records].count(True) == 1
+    # ... and that one warning is the only one naming the pair (before: encoding logged it a second time)
+    assert len([r for r in caplog.records if "t-long" in r.getMessage()]) == 1, caplog.text

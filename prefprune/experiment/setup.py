@@ -59,7 +59,7 @@ def fitting_pairs(pairs: Sequence, tokenizer: Any, max_length: int, *,
                   truncation: str = "error") -> tuple[list[str], list[str]]:
     """Ids of the pairs that fit `max_length` (with `truncation`), and of those that do not."""
     _, too_long = train_mod.encode_for_training(
-        pairs, tokenizer, max_length=max_length, truncation=truncation, too_long="skip"
+        pairs, tokenizer, max_length=max_length, truncation=truncation, too_long="collect"
     )
     left_out = set(too_long)
     return [p.id for p in pairs if p.id not in left_out], too_long
