@@ -3,6 +3,7 @@ settings as run, the one-seed warning, and the profile of the removed pairs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -148,3 +149,16 @@ def test_profile_shares_ties_and_no_noise():
     assert arm["chosen_shorter"] == 0.5 and arm["longer_wins_agreement"] == 0.25 and arm["flipped"] is None
     assert prof["base_rate"]["longer_wins_agreement"] == pytest.approx(0.5)
     assert prof["longer_wins_test_accuracy"] == pytest.approx(0.5) and prof["overlap"] == []
+
+
+def test_report_header_paragraphs_render_apart_and_lora_shows_set_values(one_seed_run):
+    """The header's sentences (data, model, settings, seeds, machine) are separate Markdown paragraphs
+    (before: adjacent lines, rendered as one run-on paragraph), and the model line lists the LoRA settings
+    that were given, not `None` for each left at its default."""
+    _, _, out = one_seed_run
+    header = (out / "report.md").read_text().split("\n## ", 1)[0].splitlines()
+    for above, line in itertools.pairwise(header):
+        if above and line:
+            assert above.startswith("|") and line.startswith("|"), (above, line)
+    model = next(line for line in header if line.startswith("Model:"))
+    assert "None" not in model, model

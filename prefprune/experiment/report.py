@@ -260,7 +260,7 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         )
     lora_layers = cfg.get("lora_layers")
     out.append(
-        f"Model: `{cfg['model']}`, LoRA {cfg.get('lora') or 'defaults'}"
+        f"Model: `{cfg['model']}`, LoRA {_set_values(cfg.get('lora')) or 'defaults'}"
         + (f", adapters on the top {lora_layers} layer(s) only" if lora_layers else "")
         + f"; curvatures {cfg['curvatures']}."
     )
@@ -279,6 +279,22 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         f"Compute time of all steps: {format_duration(t.get('sum_of_step_seconds'))}; this invocation: "
         f"{format_duration(t.get('this_invocation_seconds'))}."
     )
+    return _paragraphs(out)
+
+
+def _set_values(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings that were given a value (None means "the default" and is left out)."""
+    return {k: v for k, v in (settings or {}).items() if v is not None}
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """`lines` with a blank line between two adjacent text lines, so that Markdown renders each as its own
+    paragraph (table rows stay together)."""
+    out: list[str] = []
+    for line in lines:
+        if out and out[-1] and line and not (out[-1].startswith("|") and line.startswith("|")):
+            out.append("")
+        out.append(line)
     return out
 
 
