@@ -35,6 +35,7 @@ from prefprune.data.config import DataConfig, absolute_source, load_data
 from prefprune.ensemble import member_path, score_ensemble
 from prefprune.experiment import DEMO_CONFIG, ExperimentConfig, load_config, run_experiment
 from prefprune.experiment.report import accuracy_table, detection_table, distinguishable, interval_table
+from prefprune.influence.scale import scale_summary
 from prefprune.model import ModelConfig, build_model, load_reward_model, max_length_of, save_reward_model
 from prefprune.prune import PruneConfig, prune_with_config
 from prefprune.score import ScoreConfig, score_model
@@ -289,6 +290,8 @@ class ScoreCommand:
             f"wrote {self.output} and {self.output}.json"
             + (f" and {self.output}.per_query.safetensors" if result.per_query is not None else "")
         )
+        for line in scale_summary(result.curvature_scale):  # λ against the curvature's own scale
+            print(line)
         return 0
 
 

@@ -198,6 +198,13 @@ class ScoreResult:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def curvature_scale(self) -> dict[str, Any] | None:
+        """The run's ``curvature_scale`` block (`prefprune.influence.scale.curvature_scale`): trace(H)/p, the
+        top eigenvalue where the direct solve has it, each damping value relative to them, Spearman of every
+        influence column with grad_dot and the warnings; None for results made without one."""
+        return self.metadata.get("curvature_scale")
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the score file (format by extension), its `<path>.json` sidecar and any per-query matrix
         as one unit (`prefprune.scorefile.write_scores`)."""
