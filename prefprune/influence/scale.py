@@ -40,9 +40,11 @@ __all__ = [
 RELATIVE_LIMIT = 1e3
 #: Spearman(influence, grad_dot) at or above this: influence ranks as grad_dot does (the second rule).
 SPEARMAN_LIMIT = 0.999
-#: exact: the trace from d unit product columns up to this dimension, else Hutchinson (whose variance grows
-#: with H's off-diagonal mass: large for an indefinite Hessian away from an optimum; its stderr is recorded).
-EXACT_TRACE_MAX_DIM = 1024
+#: exact: the trace from d unit product columns up to this dimension, else Hutchinson. A product column of
+#: the batched double backward costs about a CG iteration's, so unit columns pay only for the tiniest models;
+#: Hutchinson's variance grows with H's off-diagonal mass (large for an indefinite Hessian away from an
+#: optimum), so its standard error is recorded and printed.
+EXACT_TRACE_MAX_DIM = 32
 #: unit columns per pass of the exact trace (bounds the batched double backward's memory).
 _COLUMN_BLOCK = 256
 #: exact: Rademacher probes of the Hutchinson estimate (one pass, one batched product).
@@ -52,7 +54,7 @@ _SETTING = "--damping / score.damping"
 
 
 def exact_hessian_trace(curvature: Curvature, *, seed: int = 0, probes: int = HUTCHINSON_PROBES,
-                        max_dim: int = EXACT_TRACE_MAX_DIM) -> tuple[float, dict[str, Any]]:
+                        max_dim: int | None = None) -> tuple[float, dict[str, Any]]:
     """trace(H) of an exact Hessian from products: exact (H's d unit columns, `_COLUMN_BLOCK` per pass) when
     d <= max_dim, else Hutchinson's mean of zᵀHz over `probes` seeded Rademacher vectors z (one pass).
 
@@ -62,6 +64,7 @@ def exact_hessian_trace(curvature: Curvature, *, seed: int = 0, probes: int = HU
     """
     d = curvature.dim
     dtype, device = curvature.layout.dtype, curvature.layout.device
+    max_dim = EXACT_TRACE_MAX_DIM if max_dim is None else max_dim
     if d <= max_dim:
         total, passes = 0.0, 0
         for start in range(0, d, _COLUMN_BLOCK):
