@@ -207,3 +207,13 @@ def test_cli_score_prints_lambda_relative_to_the_scale(tmp_path, capsys, caplog)
     assert "Spearman with grad_dot" in captured.out
     assert "--damping / score.damping" in caplog.text, caplog.text
     assert np.isfinite(rel) and rel > 1e3
+
+
+def test_projected_cg_scale_is_the_projected_mean_eigenvalue():
+    """Pins: relative damping with projected_ggn solved by CG multiplies the projected curvature's mean
+    eigenvalue, as the direct solve does (it took the weight-space trace over the projected dimension)."""
+    model = tiny_model("bert")
+    kw = dict(curvature="projected_ggn", projection_k=2, damping=0.3, damping_relative=True)
+    direct = score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(solver="direct", **kw)).solve
+    cg = score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(solver="cg", **kw)).solve
+    assert cg.damping_scale == pytest.approx(direct.damping_scale, rel=1e-9), (cg, direct)
