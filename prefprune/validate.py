@@ -50,6 +50,7 @@ from prefprune.experiment.results import score_result_table
 from prefprune.experiment.steps import StepStore, read_json, write_json
 from prefprune.influence.curvature import CurvatureName
 from prefprune.influence.plan import damping_column_names
+from prefprune.influence.scale import curvature_warnings
 from prefprune.prune import ScoreTable, check_ids_match, check_same_data, read_score_table
 from prefprune.score import ScoreConfig
 from prefprune.validation_setup import ValidationSetup, setup_from_experiment, setup_from_folder
@@ -495,6 +496,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
         "reference": ref,
         "columns": metrics,
         "recommended": _recommend(metrics),
+        "curvature_scale": table.metadata.get("curvature_scale"),  # trace(H)/p, λ relative to it, warnings
         "subsets": subsets,
         "loo": loo,
         "wall_time_s": time.perf_counter() - t0,
@@ -543,4 +545,5 @@ def validation_summary(results: dict[str, Any]) -> str:
             )
             + ")."
         )
+    lines += [f"WARNING: {w}" for w in curvature_warnings(results.get("curvature_scale"))]
     return "\n".join(lines)

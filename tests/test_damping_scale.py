@@ -217,3 +217,29 @@ def test_projected_cg_scale_is_the_projected_mean_eigenvalue():
     direct = score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(solver="direct", **kw)).solve
     cg = score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(solver="cg", **kw)).solve
     assert cg.damping_scale == pytest.approx(direct.damping_scale, rel=1e-9), (cg, direct)
+
+
+def _far_block():
+    """A sidecar's curvature_scale block of a real run at λ = 1e6 × trace(H)/p."""
+    model = tiny_model("gpt2")
+    res = score_pairs(model, tokenizer(), TRAIN, VAL, config=_cfg(curvature="ggn", damping=[1e6],
+                                                                  damping_relative=True))
+    return res.metadata["curvature_scale"]
+
+
+def test_validate_summary_and_experiment_report_carry_the_warning():
+    """Pins: validate's printed summary and the experiment report's scoring section say when the curvature
+    has no effect at λ (the same `curvature_warnings` text the score run logged)."""
+    from prefprune.experiment.report import _detection_and_solves
+    from prefprune.validate import validation_summary
+
+    block = _far_block()
+    (message,) = block["warnings"]
+    summary = validation_summary({"settings": {"interval_level": 0.95}, "columns": {},
+                                  "curvature_scale": block})
+    assert f"WARNING: {message}" in summary, summary
+    report = "\n".join(_detection_and_solves({
+        "summary": {"noise_detection": []},
+        "scores": {"metadata": {"seed0/ggn": {"solve": {}, "curvature_scale": block}}, "seconds": {}},
+    }))
+    assert f"WARNING (seed0/ggn): {message}" in report, report

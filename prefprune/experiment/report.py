@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefprune._io import atomic_write, atomic_write_text
+from prefprune.influence.scale import curvature_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +301,9 @@ def _detection_and_solves(results: Mapping[str, Any]) -> list[str]:
                 f"{'n/a' if res is None else f'{res:.2g}'} | {secs.get(key, float('nan')):.1f} | "
                 f"{_damping_cell(meta)} |"
             )
+        warn = [f"- WARNING ({key}): {w}" for key, meta in solves.items() if isinstance(meta, Mapping)
+                for w in curvature_warnings(meta.get("curvature_scale"))]
+        out += ["", *warn] if warn else []
     return out
 
 
