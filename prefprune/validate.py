@@ -282,7 +282,9 @@ def _columns(vc: ValidateConfig, table: ScoreTable, ids: Sequence[str], *, train
     cols: dict[str, np.ndarray] = {}
     pos = {i: k for k, i in enumerate(table.ids)}
     order = np.asarray([pos[i] for i in ids])
-    names = damping_column_names(vc.dampings, relative=False)
+    # A relative sweep's columns are influence@r<factor> (validate's own names keep the factor).
+    names = damping_column_names(vc.dampings, relative=bool(table.metadata.get("config", {}).get(
+        "damping_relative")))
     for prefix in ("", "ensemble:") if vc.ensemble else ("",):
         for d, name in zip(vc.dampings, names, strict=True):
             cols[f"{prefix}influence@{d:g}"] = table.column(prefix + name)[order]

@@ -243,3 +243,20 @@ def test_validate_summary_and_experiment_report_carry_the_warning():
         "scores": {"metadata": {"seed0/ggn": {"solve": {}, "curvature_scale": block}}, "seconds": {}},
     }))
     assert f"WARNING (seed0/ggn): {message}" in report, report
+
+
+def test_without_spearman_the_top_eigenvalue_decides_not_the_mean():
+    """Pins: with no Spearman value the rule reads λ against the top eigenvalue when known (a low-rank
+    curvature's mean is far below its top: the demo's λ = 0.01 was 7.6e3 × the mean yet 0.2 × the top and
+    still moved the ranking), and against the mean only when nothing else is known."""
+    def block(rel, rel_top):
+        return {"curvature": "ggn", "mean_eigenvalue": 1e-6, "damping_rule": "absolute",
+                "top_eigenvalue": None if rel_top is None else 0.05,
+                "dampings": [{"column": "influence", "damping": 0.01, "damping_factor": None,
+                              "relative_to_mean_eigenvalue": rel, "relative_to_top_eigenvalue": rel_top,
+                              "spearman_with_grad_dot": None}]}
+
+    assert curvature_warnings(block(7.6e3, 0.2)) == []
+    assert len(curvature_warnings(block(7.6e3, 200.0))) == 1
+    assert len(curvature_warnings(block(7.6e3, None))) == 1
+    assert curvature_warnings(block(10.0, None)) == []

@@ -284,7 +284,7 @@ def plan_for_config(config, layout, *, n_curvature: int) -> SolvePlan:
         n_params=layout.numel,
         n_curvature=n_curvature,
         dampings=config.dampings(),
-        relative=config.damping_relative,
+        relative=config.relative_damping,
         solver=config.solver,
         memory_budget_mb=float(config.memory_budget_mb),
         itemsize=8 if layout.dtype == torch.float64 else 4,

@@ -29,6 +29,7 @@ __all__ = [
     "HUTCHINSON_PROBES",
     "RELATIVE_LIMIT",
     "SPEARMAN_LIMIT",
+    "TOP_LIMIT",
     "curvature_scale",
     "curvature_warnings",
     "exact_hessian_trace",
@@ -36,10 +37,14 @@ __all__ = [
     "spearman_with_grad_dot",
 ]
 
-#: λ at or above this many times trace(H)/p: the curvature has no effect (the warning's first rule).
-RELATIVE_LIMIT = 1e3
-#: Spearman(influence, grad_dot) at or above this: influence ranks as grad_dot does (the second rule).
+#: Spearman(influence, grad_dot) at or above this: influence ranks as grad_dot does (the warning's rule).
 SPEARMAN_LIMIT = 0.999
+#: Without a Spearman value: λ at or above this many times the top eigenvalue (when known), else times
+#: trace(H)/p. The mean alone is a weak sign for a low-rank curvature: on the demo's model trace(H)/p was
+#: 1.3e-6 and the top eigenvalue 0.048, and λ = 0.01 (7.6e3 × the mean) still moved the ranking (Spearman
+#: 0.89 with grad_dot).
+TOP_LIMIT = 100.0
+RELATIVE_LIMIT = 1e3
 #: exact: the trace from d unit product columns up to this dimension, else Hutchinson. A product column of
 #: the batched double backward costs about a CG iteration's, so unit columns pay only for the tiniest models;
 #: Hutchinson's variance grows with H's off-diagonal mass (large for an indefinite Hessian away from an
@@ -170,29 +175,38 @@ def curvature_scale(curvature: Curvature, record: CurvatureSolve, columns: Mappi
 
 
 def curvature_warnings(block: Mapping[str, Any] | None) -> list[str]:
-    """One message per damping value at which the curvature has no effect: λ >= `RELATIVE_LIMIT` × trace(H)/p,
-    or Spearman(influence, grad_dot) >= `SPEARMAN_LIMIT`. Reads a ``curvature_scale`` block (a
-    `ScoreResult`'s ``metadata``, or a sidecar read back); no block, or the identity curvature: none."""
+    """One message per damping value at which the curvature has no effect: Spearman(influence, grad_dot) >=
+    `SPEARMAN_LIMIT`; where no Spearman value is known, λ >= `TOP_LIMIT` × the top eigenvalue (when known)
+    or `RELATIVE_LIMIT` × trace(H)/p. Reads a ``curvature_scale`` block (a `ScoreResult`'s ``metadata``, or
+    a sidecar read back); no block, or the identity curvature: none."""
     if not block or block.get("curvature") == "identity":
         return []
-    mean = block.get("mean_eigenvalue")
+    mean, top = block.get("mean_eigenvalue"), block.get("top_eigenvalue")
     relative = block.get("damping_rule") == "mean_eigenvalue"
     out = []
     for d in block.get("dampings", []):
-        rel, rho = d.get("relative_to_mean_eigenvalue"), d.get("spearman_with_grad_dot")
-        why = []
-        if rel is not None and rel >= RELATIVE_LIMIT:
-            why.append(f"λ is {rel:.3g} × the curvature's mean eigenvalue trace(H)/p = {mean:.3g}")
-        if rho is not None and rho >= SPEARMAN_LIMIT:
-            why.append(f"Spearman({d['column']}, grad_dot) = {rho:.4f}")
-        if not why:
+        rel, rel_top = d.get("relative_to_mean_eigenvalue"), d.get("relative_to_top_eigenvalue")
+        rho = d.get("spearman_with_grad_dot")
+        if rho is not None:
+            flat = rho >= SPEARMAN_LIMIT
+        else:
+            flat = rel_top >= TOP_LIMIT if rel_top is not None else rel is not None and rel >= RELATIVE_LIMIT
+        if not flat:
             continue
+        scale = []
+        if rel is not None:
+            scale.append(f"{rel:.3g} × the curvature's mean eigenvalue trace(H)/p = {mean:.3g}")
+        if rel_top is not None:
+            scale.append(f"{rel_top:.3g} × its top eigenvalue {top:.3g}")
         given = (f"factor {d['damping_factor']:g} (--damping-relative / score.damping_relative), λ = "
                  f"{d['damping']:.3g}" if relative else f"{d['damping']:g}")
         out.append(
             f"curvature has no effect at damping {given} ({_SETTING}, curvature={block.get('curvature')!r}): "
-            f"{' and '.join(why)}, so {d['column']} ranks pairs as grad_dot does. Give λ on the curvature's "
-            "scale (--damping-relative with a factor such as 0.1) and choose it with `prefprune validate`"
+            + (f"λ is {' and '.join(scale)}" if scale else "")
+            + (f"; Spearman({d['column']}, grad_dot) = {rho:.4f}" if rho is not None else "")
+            + f", so {d['column']} ranks pairs as grad_dot does. Give λ on the curvature's scale "
+            "(--damping-relative, or leave --damping unset for 0.1 × trace(H)/p) and choose it with "
+            "`prefprune validate`"
         )
     return out
 

@@ -244,7 +244,7 @@ class InfluenceScorer:
         """The `curvature_scale` block (trace(H)/p, λ relative to it, Spearman with grad_dot); its warnings
         are logged here. Returns it and its seconds (an exact Hessian's trace may take one more pass)."""
         t0 = time.perf_counter()
-        block = curvature_scale(curvature, query.record, cols, relative=self.config.damping_relative,
+        block = curvature_scale(curvature, query.record, cols, relative=self.config.relative_damping,
                                 seed=self.config.seed)
         for message in block["warnings"]:
             logger.warning("%s", message)
