@@ -260,3 +260,13 @@ def test_without_spearman_the_top_eigenvalue_decides_not_the_mean():
     assert len(curvature_warnings(block(7.6e3, 200.0))) == 1
     assert len(curvature_warnings(block(7.6e3, None))) == 1
     assert curvature_warnings(block(10.0, None)) == []
+
+
+def test_report_names_the_default_damping():
+    """Pins: a scoring run at the default damping (damping unset) shows its factor of trace(H)/p in the
+    experiment report's damping cell, not 'n/a'."""
+    from prefprune.experiment.report import _damping_cell
+
+    res = score_pairs(tiny_model("gpt2"), tokenizer(), TRAIN, VAL, config=_cfg(curvature="ggn"))
+    assert res.metadata["config"]["damping"] is None
+    assert _damping_cell(res.metadata) == "0.1 × trace(H)/p (default)"

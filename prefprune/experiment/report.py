@@ -251,8 +251,9 @@ def _pruning_sections(results: Mapping[str, Any]) -> list[str]:
 def _damping_cell(meta: Any) -> str:
     """The damping value(s) of one score run (its sidecar's config), `:g` as in the method names."""
     damping = (meta.get("config") or {}).get("damping") if isinstance(meta, Mapping) else None
-    if damping is None:
-        return "n/a"
+    if damping is None:  # the default damping: a factor of trace(H)/p
+        factor = (meta.get("solve") or {}).get("damping_factor") if isinstance(meta, Mapping) else None
+        return "n/a" if factor is None else f"{factor:g} × trace(H)/p (default)"
     values = damping if isinstance(damping, list) else [damping]
     return ", ".join(f"{float(v):g}" for v in values)
 
