@@ -42,6 +42,7 @@ from prefprune.experiment.report import (
     interval_table,
     spread_note,
 )
+from prefprune.influence.scale import scale_summary
 from prefprune.model import ModelConfig, build_model, carry_settings, load_reward_model, save_reward_model
 from prefprune.model.config import Dtype
 from prefprune.prune import PruneConfig, prune_with_config
@@ -342,6 +343,8 @@ class ScoreCommand:
             f"wrote {self.output} and {self.output}.json"
             + (f" and {self.output}.per_query.safetensors" if result.per_query is not None else "")
         )
+        for line in scale_summary(result.curvature_scale):  # λ against the curvature's own scale
+            print(line)
         return 0
 
 

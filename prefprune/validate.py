@@ -375,6 +375,7 @@ def run_validation(vc: ValidateConfig, *, setup: ValidationSetup | None = None) 
         "prune_check": prune,
         "recommendation": rec,
         "recommended": rec["recommended"],
+        "curvature_scale": table.metadata.get("curvature_scale"),  # trace(H)/p, λ relative to it, warnings
         "subsets": subsets,
         "loo": loo,
         "wall_time_s": time.perf_counter() - t0,

@@ -14,6 +14,7 @@ import numpy as np
 
 from prefprune._io import atomic_write
 from prefprune.bootstrap import correlation_interval, pearson, spearman
+from prefprune.influence.scale import curvature_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -244,4 +245,5 @@ def validation_summary(results: Mapping[str, Any]) -> str:
     rec = _recommendation_lines(results.get("recommendation"), results)
     if rec:
         lines += ["", *rec]
+    lines += [f"WARNING: {w}" for w in curvature_warnings(results.get("curvature_scale"))]
     return "\n".join(lines)

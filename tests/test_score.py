@@ -121,7 +121,9 @@ def test_files_are_deterministic_and_readable(tmp_path, ext):
     for key in ("config", "solve", "timings_s", "versions", "impl"):
         assert key in side
     assert {"torch", "transformers", "peft", "prefprune"} <= set(side["versions"])
-    assert side["config"]["damping"] == 1.0 and side["solve"]["status"] == "converged"
+    # The default damping (issue 23): unset, i.e. 0.1 × trace(H)/p.
+    assert side["config"]["damping"] is None and side["solve"]["damping_factor"] == 0.1
+    assert side["solve"]["status"] == "converged"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

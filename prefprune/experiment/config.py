@@ -178,7 +178,7 @@ class ExperimentConfig:
 
     def damping_tags(self) -> list[str]:
         """The method-name suffix of each damping value ('' for one value: influence_<curvature>)."""
-        return damping_tags(self.dampings(), relative=self.score.damping_relative)
+        return damping_tags(self.dampings(), relative=self.score.relative_damping)
 
     def helpful_arm_fractions(self) -> list[float]:
         return list(self.fractions if self.helpful_fractions is None else self.helpful_fractions)

@@ -297,7 +297,7 @@ def _arm_aliases(cfg: ExperimentConfig, method: str) -> list[str]:
         return [base]
     values = cfg.dampings()
     if method.startswith(("influence_", "ensemble_")) and len(values) == 1:
-        return [method + damping_tag(values[0], relative=cfg.score.damping_relative)]
+        return [method + damping_tag(values[0], relative=cfg.score.relative_damping)]
     return []
 
 

@@ -15,6 +15,7 @@ from prefprune.experiment.certainty import arm_flags
 from prefprune.experiment.counts import LOAD_DROPS
 from prefprune.experiment.plots import write_plots
 from prefprune.experiment.profile import profile_section
+from prefprune.influence.scale import curvature_warnings
 
 __all__ = [
     "accuracy_table",
@@ -349,8 +350,9 @@ def _pruning_sections(results: Mapping[str, Any]) -> list[str]:
 def _damping_cell(meta: Any) -> str:
     """The damping value(s) of one score run (its sidecar's config), `:g` as in the method names."""
     damping = (meta.get("config") or {}).get("damping") if isinstance(meta, Mapping) else None
-    if damping is None:
-        return "n/a"
+    if damping is None:  # the default damping: a factor of trace(H)/p
+        factor = (meta.get("solve") or {}).get("damping_factor") if isinstance(meta, Mapping) else None
+        return "n/a" if factor is None else f"{factor:g} × trace(H)/p (default)"
     values = damping if isinstance(damping, list) else [damping]
     return ", ".join(f"{float(v):g}" for v in values)
 
@@ -417,6 +419,9 @@ def _solves_section(results: Mapping[str, Any]) -> list[str]:
         out.append(
             f"| {key} | {_solve_cells(meta)} | {secs.get(key, float('nan')):.1f} | {_damping_cell(meta)} |"
         )
+    warn = [f"- WARNING ({key}): {w}" for key, meta in solves.items() if isinstance(meta, Mapping)
+            for w in curvature_warnings(meta.get("curvature_scale"))]
+    out += ["", *warn] if warn else []
     return out
 
 

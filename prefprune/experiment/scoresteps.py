@@ -124,7 +124,8 @@ def step_dampings(rec: Mapping[str, Any]) -> dict[float, str]:
     """Damping value (the factor for relative damping) → influence column name of a score step."""
     meta = rec.get("metadata") or {}
     cfg = meta.get("config") or {}
-    relative = bool(cfg.get("damping_relative", False))
+    # damping None: the default rule (factors of the mean eigenvalue, `ScoreConfig.relative_damping`).
+    relative = bool(cfg.get("damping_relative", False)) or ("damping" in cfg and cfg["damping"] is None)
     cols = meta.get("damping_columns")
     if cols:
         return {float(c["damping_factor"] if relative else c["damping"]): c["column"] for c in cols}
@@ -177,7 +178,7 @@ def find_score_steps(
     """
     want = score_fingerprint(config)
     values = config.dampings()
-    tags = damping_tags(values, relative=config.damping_relative) if need_dampings else [""]
+    tags = damping_tags(values, relative=config.relative_damping) if need_dampings else [""]
     found = ScoreSteps()
     k = 0
     while True:

@@ -101,7 +101,7 @@ def per_query_columns(curvature: Curvature, query: InfluenceQuery, train_batches
     record = query.record
     M, records = per_query_influence(
         curvature, train_batches, val_batches, plan=plan, dampings=config.dampings(),
-        relative=config.damping_relative, tile=config.per_query_tile, tol=config.tol,
+        relative=config.relative_damping, tile=config.per_query_tile, tol=config.tol,
         max_iter=config.max_iter, impl=config.impl, inverse=query.inverse,
     )
     rows = np.empty_like(M)

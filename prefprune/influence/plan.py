@@ -250,6 +250,10 @@ class CurvatureSolve:
         seconds: wall time.
         projection_dim: projected_ggn: dimension of the projected space.
         preconditioner: "gauss_newton_woodbury" (pcg) or None.
+        top_eigenvalue: the largest eigenvalue of H where the solve has it (direct: the eigendecomposition),
+            else None.
+        scale_source: where `damping_scale` came from ("eigendecomposition", "gauss_newton_factors" (pcg:
+            the Gauss–Newton part of an exact Hessian), "factor_rows" or "trace_pass"); None without one.
     """
 
     plan: dict
@@ -265,6 +269,8 @@ class CurvatureSolve:
     projection_dim: int | None = None
     extra: dict = field(default_factory=dict)
     preconditioner: str | None = None
+    top_eigenvalue: float | None = None
+    scale_source: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,7 +284,7 @@ def plan_for_config(config, layout, *, n_curvature: int) -> SolvePlan:
         n_params=layout.numel,
         n_curvature=n_curvature,
         dampings=config.dampings(),
-        relative=config.damping_relative,
+        relative=config.relative_damping,
         solver=config.solver,
         memory_budget_mb=float(config.memory_budget_mb),
         itemsize=8 if layout.dtype == torch.float64 else 4,

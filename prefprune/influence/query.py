@@ -268,7 +268,7 @@ class InfluenceQuery:
             FloatingPointError: the solve met NaN or inf.
         """
         sol = solve(curvature, g_val.unsqueeze(1), config.dampings(), plan=plan,
-                    relative=config.damping_relative, tol=config.tol, max_iter=config.max_iter,
+                    relative=config.relative_damping, tol=config.tol, max_iter=config.max_iter,
                     impl=config.impl, progress=config.progress)
         Q = sol.Q[:, :, 0].T.contiguous()  # (p, L)
 

@@ -29,6 +29,7 @@ from prefprune.influence.layout import ParameterLayout
 from prefprune.influence.per_query import per_query_columns
 from prefprune.influence.plan import plan_for_config
 from prefprune.influence.query import InfluenceQuery, mean_gradient
+from prefprune.influence.scale import curvature_scale
 from prefprune.influence.scores import damping_columns, self_influence_columns, stream_scores
 from prefprune.influence.settings import ScoreConfig, ScoreResult
 from prefprune.ops.segment import select_segment_impl
@@ -230,6 +231,7 @@ class InfluenceScorer:
             timings = {"encode": self.t_encode, "pass1_validation_gradient": t_pass1,
                        "solve": query.info.seconds, "pass2_scores": time.perf_counter() - t0}
             extra, per_query = self._extra_columns(curvature, query, train_batches, order, cols, timings)
+            extra["curvature_scale"], timings["curvature_scale"] = self._scale(curvature, query, cols)
         finally:
             model.train(was_training)
         cols["truncated"] = np.asarray([float(e.truncated) for e in self.train_enc], dtype=np.float64)
@@ -237,6 +239,16 @@ class InfluenceScorer:
         metadata = self._metadata(query, cols, extra, timings, work, reused)
         return ScoreResult(ids=[e.id for e in self.train_enc], columns=cols, solve=query.info,
                            metadata=metadata, per_query=per_query)
+
+    def _scale(self, curvature, query, cols) -> tuple[dict, float]:
+        """The `curvature_scale` block (trace(H)/p, λ relative to it, Spearman with grad_dot); its warnings
+        are logged here. Returns it and its seconds (an exact Hessian's trace may take one more pass)."""
+        t0 = time.perf_counter()
+        block = curvature_scale(curvature, query.record, cols, relative=self.config.relative_damping,
+                                seed=self.config.seed)
+        for message in block["warnings"]:
+            logger.warning("%s", message)
+        return block, time.perf_counter() - t0
 
     def _extra_columns(self, curvature, query, train_batches, order, cols,
                        timings) -> tuple[dict, dict | None]:

@@ -15,7 +15,9 @@ The methods (chosen beforehand by `prefprune.influence.plan.plan_solve`):
 - ``none`` (identity): Q = B.
 
 Relative damping (Kronfluence's convention) sets λ_l = factor_l × trace(H)/d, the mean eigenvalue: from the
-eigendecomposition (direct) or from the curvature's trace (one extra pass). Every `Solution` records the
+eigendecomposition (direct), the Gauss–Newton factors (pcg), the stored rows in the space the system is
+solved in (projected CG) or the curvature's trace (one extra pass); the record says which, and the direct
+solve also records the top eigenvalue (`prefprune.influence.scale` reads both). Every `Solution` records the
 implementation that ran ("eigh", "native", "reference", "multishift" or "none"), read from the call that
 ran it, and every damping column the passes over the curvature sample it needed. Adding a solver is one
 function here, registered in `METHODS`, plus its test.
@@ -79,6 +81,8 @@ class _Outcome:
     setup_passes: int = 0
     passes_per_iteration: int = 0
     preconditioner: str | None = None
+    top: float | None = None
+    scale_source: str | None = None
 
 
 def _column_record(status: Sequence, iterations: Sequence, residual: Sequence, curvature: Sequence) -> dict:
@@ -122,8 +126,9 @@ def _solve_direct(curvature, B, vals, *, plan, relative, factors, **_) -> _Outco
     lam = [v * scale for v in vals] if relative else vals
     Qs = eigen.solve(space.to_space(B), lam)  # (L, d, m) float64
     Q = torch.stack([space.from_space(Qs[i], B.dtype) for i in range(len(lam))])
+    top = float(eigen.evals.max()) if eigen.evals.numel() else 0.0
     return _Outcome(Q, _exact_columns(len(lam), B.shape[1]), "eigh", scale, factors,
-                    setup_passes=int(fresh))
+                    setup_passes=int(fresh), top=top, scale_source="eigendecomposition")
 
 
 def _counted(curvature: Curvature, plan: SolvePlan, max_iter: int, progress: bool):
@@ -136,9 +141,12 @@ def _counted(curvature: Curvature, plan: SolvePlan, max_iter: int, progress: boo
     return product, bar
 
 
-def _solve_factored_cg(curvature, B, lam, *, tol, max_iter, impl) -> _Outcome:
-    """CG on the stored rows, one native factored solve per damping value (rows from one pass)."""
+def _solve_factored_cg(curvature, B, vals, *, relative, tol, max_iter, impl) -> _Outcome:
+    """CG on the stored rows, one native factored solve per damping value (rows from one pass). The scale
+    trace(H)/d comes from the same rows, in the space the system is solved in (the projected one)."""
     G, w = curvature.rows()
+    scale = float((w.double() * G.double().square().sum(1)).sum()) / max(1, G.shape[0]) / curvature.dim
+    lam = [v * scale for v in vals] if relative else vals
     Bp = curvature.to_space(B).to(G.dtype)
     Qs, cols, name = [], [], "reference"
     for lv in lam:
@@ -147,12 +155,12 @@ def _solve_factored_cg(curvature, B, lam, *, tol, max_iter, impl) -> _Outcome:
         name = res.impl
         Qs.append(curvature.from_space(res.x, B.dtype))
         cols.append(_column_record(res.status_names(), res.iterations, res.residual, res.curvature))
-    return _Outcome(torch.stack(Qs), cols, name, setup_passes=1)
+    return _Outcome(torch.stack(Qs), cols, name, scale, setup_passes=1, scale_source="factor_rows")
 
 
-def _solve_cg(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) -> _Outcome:
+def _solve_cg(curvature, B, lam, *, plan, relative, tol, max_iter, impl, progress, **_) -> _Outcome:
     if curvature.factored:
-        return _solve_factored_cg(curvature, B, lam, tol=tol, max_iter=max_iter, impl=impl)
+        return _solve_factored_cg(curvature, B, lam, relative=relative, tol=tol, max_iter=max_iter, impl=impl)
     p, m = B.shape
     L = len(lam)
     lam_t = torch.tensor(lam, dtype=B.dtype, device=B.device).repeat_interleave(m)  # column (l, j)
@@ -198,12 +206,12 @@ def _solve_pcg(curvature, B, vals, *, plan, relative, tol, max_iter, impl, progr
     cols = [_column_record([st[c] for c in block.tolist()], res.iterations[block], res.residual[block],
                            res.curvature[block]) for block in blocks]
     return _Outcome(systems.split(res.x), cols, res.impl, scale, setup_passes=1, passes_per_iteration=1,
-                    preconditioner="gauss_newton_woodbury")
+                    preconditioner="gauss_newton_woodbury", scale_source="gauss_newton_factors")
 
 
-def _solve_multishift(curvature, B, lam, *, plan, tol, max_iter, impl, progress, **_) -> _Outcome:
+def _solve_multishift(curvature, B, lam, *, plan, relative, tol, max_iter, impl, progress, **_) -> _Outcome:
     if curvature.factored:  # the rows are stored: a native factored CG per value beats more passes
-        return _solve_factored_cg(curvature, B, lam, tol=tol, max_iter=max_iter, impl=impl)
+        return _solve_factored_cg(curvature, B, lam, relative=relative, tol=tol, max_iter=max_iter, impl=impl)
     product, bar = _counted(curvature, plan, max_iter, progress)
     try:
         with curvature.context():
@@ -255,17 +263,17 @@ def solve(
     t0 = time.perf_counter()
     vals = check_dampings(dampings, curvature=plan.curvature, relative=relative)
     passes0 = curvature.passes
-    scale = None
+    scale, source = None, None
     lam = vals
     trace_passes = 0
-    if relative and plan.method in ("cg", "multishift"):
-        scale = curvature.trace() / plan.dim
+    if relative and plan.method in ("cg", "multishift") and not curvature.factored:
+        scale, source = curvature.trace() / plan.dim, "trace_pass"
         trace_passes = 1
         lam = [v * scale for v in vals]
     out = METHODS[plan.method](curvature, B, lam, plan=plan, relative=relative, factors=factors, tol=tol,
                                max_iter=max_iter, impl=impl, progress=progress)
-    if plan.method in ("direct", "pcg"):  # the scale came from the factors
-        scale = out.scale
+    if out.scale is not None:  # the scale came from the factors (direct, pcg) or the stored rows
+        scale, source = out.scale, out.scale_source
         lam = [v * scale for v in vals] if relative else vals
     for col in out.columns:
         col["passes"] = trace_passes + out.setup_passes + out.passes_per_iteration * col["iterations"]
@@ -275,5 +283,6 @@ def solve(
         columns=out.columns, curvature_passes=curvature.passes - passes0, n_queries=B.shape[1],
         impl=out.impl, seconds=time.perf_counter() - t0,
         projection_dim=plan.dim if plan.space == "projected" else None, preconditioner=out.preconditioner,
+        top_eigenvalue=out.top, scale_source=source,
     )
     return Solution(out.Q, record, out.factors)
