@@ -44,6 +44,7 @@ EXTRA_FLAGS = {
     "train": ["--model", "tiny:bert", "--epochs", "3", "--lr", "1e-2", "--max-length", "64", "--batch-size",
               "8", "--no-progress"],
     "score": ["--no-progress"],
+    "validate": ["--subsets", "5", "--no-progress", "--bootstrap-samples", "200"],
 }
 #: Python blocks: (pattern, replacement) applied where they match, to shrink the run.
 PYTHON_SUBSTITUTIONS = [(r"make_synthetic\(\d+", "make_synthetic(40"), (r"epochs=\d+", "epochs=1")]
@@ -98,6 +99,9 @@ def run_cli_block(code: str, folder: Path) -> None:
     for words in _commands(code):
         extra = EXTRA_FLAGS.get(words[1], [])
         _run([sys.executable, "-m", "prefprune", *words[1:], *extra], folder, " ".join(words))
+        if "--output" in words:  # and it wrote what it names (a score file, a model or report folder)
+            written = folder / words[words.index("--output") + 1]
+            assert written.exists(), f"{' '.join(words)}: exit 0 but no {written.name}"
 
 
 def run_python_block(code: str, folder: Path) -> None:
