@@ -250,6 +250,7 @@ class CurvatureSolve:
         seconds: wall time.
         projection_dim: projected_ggn: dimension of the projected space.
         preconditioner: "gauss_newton_woodbury" (pcg) or None.
+        extra: the curvature's own settings (`Curvature.settings`: exact's ``hvp_batch_size``).
     """
 
     plan: dict
