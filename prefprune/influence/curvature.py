@@ -262,9 +262,9 @@ class GaussNewton(Curvature):
 
     name = "ggn"
 
-    def _row_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _row_batches(self, out: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         for margins, rows in pair_gradient_rows(self.model, self.layout, self.batches, objective=lambda m: m,
-                                                projector=self.projector, impl=self.impl):
+                                                projector=self.projector, impl=self.impl, out=out):
             yield gauss_newton_weights(margins).to(rows.dtype), rows
         self.passes += 1
 
@@ -277,10 +277,14 @@ class GaussNewton(Curvature):
         return sum_over_ranks(self.batches, out)
 
     def rows(self) -> tuple[Tensor, Tensor]:
-        weights, rows = zip(*self._row_batches(), strict=True)
+        """The rows are written into one (n, dim) tensor as the pass makes them (no per-batch copies to
+        concatenate: the factors' memory once, not twice)."""
+        batches = self.batches
+        rows = torch.empty(len(batches.encoded), self.dim, dtype=self.layout.wide, device=batches.device)
+        weights = torch.cat([w for w, _ in self._row_batches(out=rows)])
         # Every rank holds the rows of its shard of the curvature sample: gather them in sample order.
-        w = cat_over_ranks(self.batches, torch.cat(weights))
-        return cat_over_ranks(self.batches, torch.cat(rows)), w
+        w = cat_over_ranks(self.batches, weights)
+        return cat_over_ranks(self.batches, rows), w
 
 
 class ProjectedGaussNewton(GaussNewton):

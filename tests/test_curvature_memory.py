@@ -1,4 +1,5 @@
-"""Exact Hessian products in chunks of pairs (issue 22, memory): equal results, one chunk deep, recorded.
+"""Curvature passes in less memory (issue 22): exact products in chunks of pairs (equal results, one chunk
+deep, recorded in the sidecar) and Gauss–Newton rows written once.
 
 References: the float64 brute-force Hessian of `test_curvature` (`torch.autograd.functional.hessian`, one pair
 at a time) and the whole-batch product. Eager attention computes softmax in float32 even for float64 models
@@ -16,8 +17,9 @@ from _scoring_helpers import PAD, make_pairs, rel_err, tiny_model, tokenizer
 from test_curvature import _setup
 
 from prefprune.data import PairBatches, encode_pairs
-from prefprune.influence.curvature import ExactHessian, make_curvature
+from prefprune.influence.curvature import ExactHessian, GaussNewton, make_curvature
 from prefprune.influence.layout import ParameterLayout
+from prefprune.influence.reducers import pair_gradient_rows
 from prefprune.score import ScoreConfig, score_pairs
 from prefprune.scorefile import sidecar_path
 
@@ -124,3 +126,21 @@ def test_bad_hvp_batch_size_is_refused_by_name(bad):
     batches = PairBatches(_encode(2), batch_size=2, pad_token_id=PAD)
     with pytest.raises(ValueError, match="hvp_batch_size"):
         make_curvature("exact", model, ParameterLayout.of(model), batches, hvp_batch_size=bad)
+
+
+def test_gauss_newton_rows_are_written_into_one_tensor():
+    """The rows pass writes every batch's rows into the one (n, p) tensor it returns (the yielded blocks are
+    its views), so the factors' memory is held once: no per-batch blocks kept until a concatenation copies
+    them (before, the rows were held twice at the end of the pass). The rows equal the per-batch ones."""
+    model, enc = tiny_model("bert"), _encode(7)
+    layout = ParameterLayout.of(model)
+    batches = PairBatches(enc, batch_size=3, pad_token_id=PAD)
+    separate = torch.cat([r for _, r in pair_gradient_rows(model, layout, batches, objective=lambda m: m)])
+    out = torch.full((7, layout.numel), torch.nan, dtype=layout.wide)
+    blocks = [r for _, r in pair_gradient_rows(model, layout, batches, objective=lambda m: m, out=out)]
+    assert [b.untyped_storage().data_ptr() for b in blocks] == [out.untyped_storage().data_ptr()] * 3
+    assert torch.equal(out, separate)
+    rows, w = GaussNewton(model, layout, batches).rows()
+    assert torch.equal(rows, separate) and w.shape == (7,)
+    with pytest.raises(ValueError, match=r"out must be \(7, \d+\)"):
+        next(pair_gradient_rows(model, layout, batches, objective=lambda m: m, out=out[:6]))
