@@ -7,17 +7,22 @@ Every measurement runs in its own process, so that max RSS (``ru_maxrss``) is th
 - ``floor``: load it, then one forward + backward of the mean loss over the training pairs (DESIGN §3's
   lower bound on scoring time);
 - ``cg@λ`` / ``pcg@λ``: load it, then the whole `exact` scoring run (`prefprune.score.score_pairs`: pass 1,
-  the solve, pass 2) with ``solver`` fixed, one damping value per process.
+  the solve, pass 2) with ``solver`` fixed, one damping value per process;
+- ``identity`` / ``ggn`` (with ``--baselines``): the whole scoring run with that curvature (ggn: the direct
+  solve at the first damping value).
 
 Seconds are the measured phase's process CPU time (one torch thread: ``torch.set_num_threads(1)``; pin the
 whole run with ``taskset -c 1`` so CPU time and wall time agree); the model load is not counted in any of
 them. Passes: passes over the curvature sample (pcg: 1 Gauss–Newton pass + one batched HVP pass per
-iteration). Memory: the max RSS of the process against the floor process's.
+iteration). Memory: the max RSS of the process against the floor process's. With ``--repeats N`` every run
+is made N times, interleaved (floor, runs, floor, runs, ...), and the table gives the medians.
 
 Run::
 
     HF_HUB_OFFLINE=1 taskset -c 1 python bench/bench_pcg.py --train-pairs 64 --val-pairs 16 --max-length 128
     HF_HUB_OFFLINE=1 taskset -c 1 python bench/bench_pcg.py --train-pairs 16 --val-pairs 8 --max-length 64
+    # peak memory of identity, ggn and exact against the floor (issue 22), three interleaved rounds:
+    HF_HUB_OFFLINE=1 python bench/bench_pcg.py --baselines --dampings 1 --max-iter 3 --repeats 3
 
 Data: the first pairs of ``--data`` (HH-RLHF harmless-base test split by default): ``--train-pairs`` for
 training and scoring, the next ``--val-pairs`` for validation.
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=50)
     p.add_argument("--dampings", type=float, nargs="+", default=list(DAMPINGS))
     p.add_argument("--solvers", nargs="+", default=["cg", "pcg"], choices=["cg", "pcg"])
+    p.add_argument("--baselines", action="store_true", help="also run identity and ggn (issue 22's memory)")
+    p.add_argument("--hvp-batch-size", type=int, default=None,
+                   help="exact: pairs per double-backward chunk (default: the library's, batch_size // 4)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; medians shown")
     p.add_argument("--model-dir", default=None, help="reuse a trained model folder (skips training)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -130,14 +140,15 @@ def _floor(args) -> dict:
     return {"seconds": time.process_time() - t0}
 
 
-def _score(args, solver: str, damping: float) -> dict:
+def _score(args, curvature: str, solver: str, damping: float) -> dict:
     from prefprune.score import ScoreConfig, score_pairs
 
     model, tok = _load(args)
     train, val = _data(args, tok)
-    cfg = ScoreConfig(curvature="exact", damping=damping, solver=solver, tol=args.tol, max_iter=args.max_iter,
-                      batch_size=args.batch_size, max_length=args.max_length, progress=False,
-                      on_nonpositive="nan")
+    chunk = {} if args.hvp_batch_size is None else {"hvp_batch_size": args.hvp_batch_size}
+    cfg = ScoreConfig(curvature=curvature, damping=damping, solver=solver, tol=args.tol,
+                      max_iter=args.max_iter, batch_size=args.batch_size, max_length=args.max_length,
+                      progress=False, on_nonpositive="nan", **chunk)
     t0 = time.process_time()
     res = score_pairs(model, tok, train, val, config=cfg)
     seconds = time.process_time() - t0
@@ -145,7 +156,7 @@ def _score(args, solver: str, damping: float) -> dict:
     return {"seconds": seconds, "iterations": info["iterations"], "passes": info["curvature_passes"],
             "status": info["status"], "residual": info["residual"], "method": info["method"],
             "preconditioner": info["preconditioner"], "solve_seconds": info["seconds"],
-            "timings": res.metadata["timings_s"]}
+            "hvp_batch_size": info.get("hvp_batch_size"), "timings": res.metadata["timings_s"]}
 
 
 def _child(args) -> None:
@@ -153,7 +164,13 @@ def _child(args) -> None:
     if mode == "train":
         _train(args)
         return
-    out = _floor(args) if mode == "floor" else _score(args, *mode.split("@")[0:1], float(mode.split("@")[1]))
+    if mode == "floor":
+        out = _floor(args)
+    elif mode in ("identity", "ggn"):
+        out = _score(args, mode, "auto", args.dampings[0])
+    else:
+        solver, damping = mode.split("@")
+        out = _score(args, "exact", solver, float(damping))
     out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -182,29 +199,42 @@ def main() -> None:
         print("training:", _run_child(base, "train") or "", f"({time.perf_counter() - t0:.0f} s)", flush=True)
     import torch
 
-    rows = [{"run": "floor", **_run_child(base, "floor")}]
+    modes = ["floor", *(["identity", "ggn"] if args.baselines else []),
+             *(f"{solver}@{lam!r}" for lam in args.dampings for solver in args.solvers)]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(args.repeats):  # interleaved rounds: load from other jobs hits every run alike
+        for mode in modes:
+            runs[mode].append(_run_child(base, mode))
+    rows = [{"run": m.replace("@", "@λ=") if "@" in m else m, **_median(runs[m])} for m in modes]
     floor = rows[0]
-    print(f"floor: {floor['seconds']:.1f} s, max RSS {floor['max_rss_mb']:.0f} MB", flush=True)
-    for lam in args.dampings:
-        for solver in args.solvers:
-            row = {"run": f"{solver}@{lam:g}", **_run_child(base, f"{solver}@{lam!r}")}
-            rows.append(row)
-            print(f"{row['run']}: {row['seconds']:.1f} s ({row['seconds'] / floor['seconds']:.2f}x floor), "
-                  f"{row['iterations']} it, {row['passes']} passes, {row['status']}, max RSS "
-                  f"{row['max_rss_mb']:.0f} MB ({row['max_rss_mb'] / floor['max_rss_mb']:.2f}x)", flush=True)
+    for row in rows:
+        print(f"{row['run']}: {row['seconds']:.1f} s ({row['seconds'] / floor['seconds']:.2f}x floor), "
+              f"{row.get('iterations', '')} it, max RSS {row['max_rss_mb']:.0f} MB "
+              f"({row['max_rss_mb'] / floor['max_rss_mb']:.2f}x; rounds {row['max_rss_rounds']})", flush=True)
     print(f"\nMiniLM + LoRA r {args.rank} (query, value), {args.train_pairs} train / {args.val_pairs} val "
           f"pairs, max length {args.max_length}, tol {args.tol:g}, max_iter {args.max_iter}; torch "
           f"{torch.__version__}, 1 thread; CPU: {_cpu_name()}")
-    print("| run | iterations | passes | status | CPU s | solve s | × floor | max RSS MB | × floor's |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | iterations | passes | status | hvp chunk | CPU s | solve s | × floor | max RSS MB "
+          "| × floor's |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         solve_s = f"{r['solve_seconds']:.1f}" if "solve_seconds" in r else ""
         print(f"| {r['run']} | {r.get('iterations', '')} | {r.get('passes', '')} | {r.get('status', '')} | "
-              f"{r['seconds']:.1f} | {solve_s} | {r['seconds'] / floor['seconds']:.2f} | "
-              f"{r['max_rss_mb']:.0f} | {r['max_rss_mb'] / floor['max_rss_mb']:.2f} |")
+              f"{r.get('hvp_batch_size') or ''} | {r['seconds']:.1f} | {solve_s} | "
+              f"{r['seconds'] / floor['seconds']:.2f} | {r['max_rss_mb']:.0f} | "
+              f"{r['max_rss_mb'] / floor['max_rss_mb']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+def _median(results: list[dict]) -> dict:
+    """The first round's fields with seconds and max RSS replaced by their medians over the rounds."""
+    out = dict(results[0])
+    for key in ("seconds", "max_rss_mb"):
+        out[key] = statistics.median(r[key] for r in results)
+    out["max_rss_rounds"] = [round(r["max_rss_mb"]) for r in results]
+    return out
 
 
 def _cpu_name() -> str:

@@ -47,7 +47,11 @@ def _plan(p, n, dampings, **kw):
 def _run(family, B, dampings, *, solver, impl, tol=1e-11, max_iter=400):
     model, enc, _, _, H = _setup(family)
     batches = PairBatches(enc, batch_size=4, pad_token_id=PAD, padding_side=_SIDE[family])
-    curvature = make_curvature("exact", model, ParameterLayout.of(model), batches, impl=impl)
+    # Whole-batch products, as when these tolerances were set: eager attention's float32 softmax bounds every
+    # product at ~7e-8 of the brute force whatever the chunk (test_hvp_chunks), and at λ_min(H + λI) = 0.3
+    # a chunk's other rounding moves gpt_neox's influence column by up to 1.5e-6 (6.9e-7 whole).
+    curvature = make_curvature("exact", model, ParameterLayout.of(model), batches, impl=impl,
+                               hvp_batch_size=batches.batch_size)
     plan = _plan(H.shape[0], len(enc), dampings, solver=solver)
     sol = solve(curvature, B, dampings, plan=plan, impl=impl, tol=tol, max_iter=max_iter)
     return sol.Q, sol.record

@@ -44,12 +44,20 @@ __all__ = [
     "Identity",
     "ProjectedGaussNewton",
     "gauss_newton_weights",
+    "hvp_chunk_size",
     "make_curvature",
+    "split_pair_batch",
 ]
 
 #: The Hessians influence can use (DESIGN.md §2); the one list every setting and check derives from.
 CurvatureName = Literal["exact", "ggn", "projected_ggn", "identity"]
 CURVATURES: tuple[str, ...] = typing.get_args(CurvatureName)
+
+
+#: The default double-backward chunk is batch_size // this (see `hvp_chunk_size`).
+_HVP_CHUNK_DIVISOR = 4
+#: Columns per vmapped second backward when `ExactHessian.matrix` builds a small explicit Hessian.
+_MATRIX_COLUMN_BLOCK = 64
 
 
 def gauss_newton_weights(margins: Tensor) -> Tensor:
@@ -98,6 +106,10 @@ class Curvature(ABC):
         """What `matvec` must run inside."""
         return contextlib.nullcontext()
 
+    def settings(self) -> dict:
+        """Settings of this curvature's products that the solve record keeps (none by default)."""
+        return {}
+
     @abstractmethod
     def matvec(self, V: Tensor) -> Tensor:
         """H V for V (dim, m): one pass over the sample."""
@@ -128,35 +140,99 @@ class Identity(Curvature):
         return V
 
 
+def hvp_chunk_size(batch_size: int, hvp_batch_size: int | None) -> int:
+    """Pairs per double-backward chunk of an exact Hessian product: `hvp_batch_size`, or by default a
+    quarter of the batch (at least 1).
+
+    Why a quarter: one pair's product holds its forward activations (under eager attention), the first
+    backward's graph kept for the second, and the second backward's intermediates, about 3.3× what a
+    forward + backward of the same pair holds (MiniLM, docs/benchmarks.md); a quarter of the batch keeps the
+    product's peak near one forward + backward of the whole batch (the floor).
+    """
+    if hvp_batch_size is not None:
+        if int(hvp_batch_size) != hvp_batch_size or hvp_batch_size < 1:
+            raise ValueError(f"hvp_batch_size must be None or an integer >= 1, got {hvp_batch_size!r}")
+        return int(hvp_batch_size)
+    return max(1, int(batch_size) // _HVP_CHUNK_DIVISOR)
+
+
+def split_pair_batch(batch: dict[str, Tensor], size: int) -> Iterator[dict[str, Tensor]]:
+    """Chunks of at most `size` pairs of a collated right-padded pair batch (rows 0..B-1 chosen, B..2B-1
+    rejected; see `pair_margins`), each cut to its own longest sequence (only padding columns go)."""
+    n = batch["input_ids"].shape[0] // 2
+    for a in range(0, n, size):
+        b = min(n, a + size)
+        rows = torch.cat([torch.arange(a, b), torch.arange(n + a, n + b)])
+        length = max(1, int(batch["attention_mask"][rows].sum(1).max()))
+        yield {k: v[rows, :length] for k, v in batch.items()}
+
+
 class ExactHessian(Curvature):
-    """The Hessian of the mean loss by double backward, every column of a block in one vmapped backward.
+    """The Hessian of the mean loss by double backward, accumulated over chunks of pairs.
 
     Fused attention kernels (sdpa, flash) have no double backward, so products run under eager attention
     (`context`), and on right-padded batches: eager attention turns a fully masked query row (a left-padding
     position) into NaN, which 0·NaN then spreads; rewards do not depend on the padding side.
+
+    Memory: a product's peak is one chunk's graph (forward, the first backward kept for the second, one
+    column's second backward), not a batch's: each batch is split into chunks of `hvp_batch_size` pairs
+    (`hvp_chunk_size`), H·V is summed over the chunks (the loss is a sum over pairs, so the sum is the
+    same), and the columns of V take one second backward each through the chunk's retained graph, so the
+    peak does not grow with the number of columns (damping values, probes).
+
+    Args:
+        hvp_batch_size: pairs per double-backward chunk (None: a quarter of the batch, `hvp_chunk_size`).
     """
 
     name = "exact"
 
+    def __init__(self, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
+                 impl: str | None = None, hvp_batch_size: int | None = None):
+        super().__init__(model, layout, batches, impl=impl)
+        self.hvp_batch_size = hvp_chunk_size(batches.batch_size if batches is not None else 1, hvp_batch_size)
+
     def context(self) -> contextlib.AbstractContextManager:
         return eager_attention(self.model)
 
-    def matvec(self, V: Tensor) -> Tensor:
-        """m columns cost one forward, one graph-building backward and one batched double backward a batch."""
-        layout, batches = self.layout, self.batches.with_padding("right")
-        n = batches.n_pairs
+    def settings(self) -> dict:
+        return {"hvp_batch_size": self.hvp_batch_size}
+
+    def matvec(self, V: Tensor, *, column_block: int = 1) -> Tensor:
+        """H V: per chunk of pairs, one forward, one graph-building backward and one second backward per
+        `column_block` columns of V (a vmapped one when > 1: faster for many columns, its memory grows with
+        the block)."""
+        batches = self.batches.with_padding("right")
         out = torch.zeros_like(V)
-        Vt = V.T.contiguous()
-        for batch in batches:
-            with torch.enable_grad():
-                loss = F.softplus(-pair_margins(self.model, batch)).sum() / n
-                grads = torch.autograd.grad(loss, layout.params, create_graph=True, allow_unused=True)
-                gflat = layout.flatten_grads(grads)
-                hv = torch.autograd.grad(gflat, layout.params, grad_outputs=Vt, is_grads_batched=True,
-                                         allow_unused=True)
-            out += layout.flatten_grads(hv, batched=V.shape[1])
+        device = batches.device
+        for batch in batches.on("cpu"):
+            for chunk in split_pair_batch(batch, self.hvp_batch_size):
+                chunk = {k: v.to(device) for k, v in chunk.items()}
+                out += self._chunk_product(chunk, V, batches.n_pairs, column_block)
         self.passes += 1
         return sum_over_ranks(batches, out)
+
+    def _chunk_product(self, chunk: dict[str, Tensor], V: Tensor, n: int, column_block: int) -> Tensor:
+        """One chunk's share of H V; its graph is freed when this returns, before the next chunk's forward."""
+        params, layout = self.layout.params, self.layout
+        with torch.enable_grad():
+            loss = F.softplus(-pair_margins(self.model, chunk)).sum() / n
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            gflat = layout.flatten_grads(grads)
+        del loss, grads
+        out = torch.empty_like(V)
+        m = V.shape[1]
+        for j in range(0, m, column_block):
+            k = min(column_block, m - j)
+            last = j + k == m
+            if k == 1:
+                hv = torch.autograd.grad(gflat, params, grad_outputs=V[:, j], retain_graph=not last,
+                                         allow_unused=True)
+                out[:, j] = layout.flatten_grads(hv)
+            else:
+                hv = torch.autograd.grad(gflat, params, grad_outputs=V[:, j : j + k].T.contiguous(),
+                                         is_grads_batched=True, retain_graph=not last, allow_unused=True)
+                out[:, j : j + k] = layout.flatten_grads(hv, batched=k)
+        return out
 
     def gauss_newton_rows(self) -> tuple[Tensor, Tensor]:
         """The rows and weights of H's Gauss–Newton part over the same sample (H = H_GN + the residual
@@ -167,10 +243,14 @@ class ExactHessian(Curvature):
         return rows, weights
 
     def matrix(self) -> Tensor:
-        """The explicit (p, p) Hessian from p product columns in one pass (self-influence, when it fits)."""
+        """The explicit (p, p) Hessian from p product columns in one pass (self-influence, when it fits).
+
+        Only small p gets here (p×p must fit the budget): its columns take vmapped second backwards in
+        blocks of `_MATRIX_COLUMN_BLOCK`, which cost little memory at that size and save p separate ones.
+        """
         eye = torch.eye(self.dim, dtype=self.layout.dtype, device=self.layout.device)
         with self.context():
-            return self.matvec(eye)
+            return self.matvec(eye, column_block=_MATRIX_COLUMN_BLOCK)
 
 
 class GaussNewton(Curvature):
@@ -182,9 +262,9 @@ class GaussNewton(Curvature):
 
     name = "ggn"
 
-    def _row_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _row_batches(self, out: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         for margins, rows in pair_gradient_rows(self.model, self.layout, self.batches, objective=lambda m: m,
-                                                projector=self.projector, impl=self.impl):
+                                                projector=self.projector, impl=self.impl, out=out):
             yield gauss_newton_weights(margins).to(rows.dtype), rows
         self.passes += 1
 
@@ -197,10 +277,14 @@ class GaussNewton(Curvature):
         return sum_over_ranks(self.batches, out)
 
     def rows(self) -> tuple[Tensor, Tensor]:
-        weights, rows = zip(*self._row_batches(), strict=True)
+        """The rows are written into one (n, dim) tensor as the pass makes them (no per-batch copies to
+        concatenate: the factors' memory once, not twice)."""
+        batches = self.batches
+        rows = torch.empty(len(batches.encoded), self.dim, dtype=self.layout.wide, device=batches.device)
+        weights = torch.cat([w for w, _ in self._row_batches(out=rows)])
         # Every rank holds the rows of its shard of the curvature sample: gather them in sample order.
-        w = cat_over_ranks(self.batches, torch.cat(weights))
-        return cat_over_ranks(self.batches, torch.cat(rows)), w
+        w = cat_over_ranks(self.batches, weights)
+        return cat_over_ranks(self.batches, rows), w
 
 
 class ProjectedGaussNewton(GaussNewton):
@@ -240,11 +324,15 @@ CURVATURE_TYPES: dict[str, type[Curvature]] = {
 
 
 def make_curvature(name: str, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
-                   impl: str | None = None, projection_k: int = 16, projection_seed: int = 0) -> Curvature:
-    """The curvature called `name` over `batches` (None for identity)."""
+                   impl: str | None = None, projection_k: int = 16, projection_seed: int = 0,
+                   hvp_batch_size: int | None = None) -> Curvature:
+    """The curvature called `name` over `batches` (None for identity); `hvp_batch_size`: exact's
+    double-backward chunk (`hvp_chunk_size`)."""
     if name not in CURVATURE_TYPES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {name!r}")
     if name == "projected_ggn":
         return ProjectedGaussNewton(model, layout, batches, impl=impl, projection_k=projection_k,
                                     projection_seed=projection_seed)
+    if name == "exact":
+        return ExactHessian(model, layout, batches, impl=impl, hvp_batch_size=hvp_batch_size)
     return CURVATURE_TYPES[name](model, layout, batches, impl=impl)

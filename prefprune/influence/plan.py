@@ -254,6 +254,7 @@ class CurvatureSolve:
             else None.
         scale_source: where `damping_scale` came from ("eigendecomposition", "gauss_newton_factors" (pcg:
             the Gauss–Newton part of an exact Hessian), "factor_rows" or "trace_pass"); None without one.
+        extra: the curvature's own settings (`Curvature.settings`: exact's ``hvp_batch_size``).
     """
 
     plan: dict

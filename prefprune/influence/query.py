@@ -113,6 +113,7 @@ class SolveInfo:
         damping_factor: the factor given with relative damping (None for absolute damping).
         damping_scale: trace(H)/d that relative damping multiplies (None when not computed).
         preconditioner: "gauss_newton_woodbury" (method pcg) or None.
+        hvp_batch_size: exact: the pairs per double-backward chunk its products used (None otherwise).
     """
 
     curvature: str
@@ -133,6 +134,7 @@ class SolveInfo:
     damping_factor: float | None = None
     damping_scale: float | None = None
     preconditioner: str | None = None
+    hvp_batch_size: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +153,7 @@ class SolveInfo:
             curvature_passes=rec.curvature_passes,
             damping_factor=None if rec.damping_factors is None else rec.damping_factors[0],
             damping_scale=rec.damping_scale, preconditioner=rec.preconditioner,
+            hvp_batch_size=rec.extra.get("hvp_batch_size"),
         )
 
 

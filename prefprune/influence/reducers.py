@@ -147,6 +147,7 @@ def pair_gradient_rows(
     objective: Callable[[Tensor], Tensor],
     projector: KroneckerProjector | None = None,
     impl: str | None = None,
+    out: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Per-pair gradient rows of Σ_i f(m_i), one batch at a time, from one forward+backward per batch.
 
@@ -158,15 +159,27 @@ def pair_gradient_rows(
         objective: elementwise f of the margins, e.g. ``lambda m: m`` for ∇m_i.
         projector: a `KroneckerProjector` over the layout's sites (`ParameterLayout.projector`), or None
             (rows in the flat layout).
+        out: an (n, d) tensor for every pair of `batches` (in `layout.wide`, on the batches' device) that
+            the rows are written into, batch after batch; the yielded blocks are its views. A caller that
+            keeps every row then holds no per-batch copies and no concatenation of them.
 
     Yields:
         (B,) margins and (B, d) rows (float32; float64 for float64 models), d = p or projector.dim.
     """
     width = layout.numel if projector is None else projector.dim
     slices = layout.slices if projector is None else projector.slices
+    n = len(batches.encoded)  # this rank's pairs
+    if out is not None and (tuple(out.shape) != (n, width) or out.dtype != layout.wide):
+        raise ValueError(f"out must be ({n}, {width}) {layout.wide} for the rows of these batches, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    at = 0
     with StreamingCapture(layout.sites) as cap:
         for batch, lay in iter_layouts(batches.on("cpu"), batches.device):
-            block = torch.zeros(lay.n_pairs, width, dtype=layout.wide, device=batches.device)
+            if out is None:
+                block = torch.zeros(lay.n_pairs, width, dtype=layout.wide, device=batches.device)
+            else:
+                block = out[at : at + lay.n_pairs].zero_()
+                at += lay.n_pairs
 
             def reduce(k: int, X: Tensor, dY: Tensor, offsets: Tensor, block=block) -> None:
                 X, dY, offsets = _drop_zero_rows(X, dY, offsets)

@@ -224,7 +224,7 @@ class InfluenceScorer:
         try:
             curvature = make_curvature(config.curvature, model, self.layout, self._curvature_batches(),
                                        impl=config.impl, projection_k=config.projection_k,
-                                       projection_seed=config.seed)
+                                       projection_seed=config.seed, hvp_batch_size=config.hvp_batch_size)
             query, reused, t_pass1 = self._query(work, curvature)
             t0 = time.perf_counter()
             cols, order, train_batches = self._pass2(query, work)

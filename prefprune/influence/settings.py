@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from prefprune.influence.curvature import CURVATURES, CurvatureName
+from prefprune.influence.curvature import CURVATURES, CurvatureName, hvp_chunk_size
 from prefprune.influence.plan import SOLVERS, Solver, check_dampings
 from prefprune.influence.query import SolveInfo
 from prefprune.ops.dispatch import Impl, requested_impl
@@ -102,6 +102,15 @@ class ScoreConfig:
                           "at most k wide is kept exact). The projected space has Σ_layers k_out·k_in dims."},
     )
     batch_size: int = field(default=16, metadata={"help": "Pairs per forward/backward batch."})
+    hvp_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "exact: pairs per double-backward chunk of a Hessian–vector product (each batch "
+                          "is split into chunks and H·v summed over them: the same product in less memory, "
+                          "since one pair's product holds about 3–4× a forward+backward's activations). "
+                          "None: batch_size // 4 (at least 1), which keeps the product's peak near one "
+                          "forward+backward of a batch. The chunk used is recorded in the sidecar "
+                          "(solve.hvp_batch_size)."},
+    )
     group_by_length: bool = field(
         default=True,
         metadata={"help": "Batch pairs of similar length together (less padding); rows keep the input "
@@ -165,6 +174,7 @@ class ScoreConfig:
             raise ValueError(f"projection_k must be an integer >= 1, got {self.projection_k!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        hvp_chunk_size(self.batch_size, self.hvp_batch_size)  # raises on a bad hvp_batch_size
         if int(self.max_length) != self.max_length or self.max_length < 1:
             raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
         if self.truncation not in ("prompt", "error"):

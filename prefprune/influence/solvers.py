@@ -283,6 +283,6 @@ def solve(
         columns=out.columns, curvature_passes=curvature.passes - passes0, n_queries=B.shape[1],
         impl=out.impl, seconds=time.perf_counter() - t0,
         projection_dim=plan.dim if plan.space == "projected" else None, preconditioner=out.preconditioner,
-        top_eigenvalue=out.top, scale_source=source,
+        top_eigenvalue=out.top, scale_source=source, extra=curvature.settings(),
     )
     return Solution(out.Q, record, out.factors)
