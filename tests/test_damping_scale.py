@@ -69,13 +69,15 @@ def llama_exact():
 
 
 def test_exact_mean_eigenvalue_is_the_trace_of_the_built_hessian(llama_exact, monkeypatch):
-    """Pins: for curvature=exact the recorded scale is the exact Hessian's trace/p — exact from unit columns
-    when p is within EXACT_TRACE_MAX_DIM, else the seeded Hutchinson estimate within 4 of its recorded
-    standard errors — not the Gauss–Newton part's that relative damping multiplies (recorded beside it)."""
+    """Pins: for curvature=exact with trace_probes > 0 the recorded scale is the exact Hessian's trace/p —
+    exact from unit columns when p is within EXACT_TRACE_MAX_DIM, else the seeded Hutchinson estimate within
+    4 of its recorded standard errors — not the Gauss–Newton part's that relative damping multiplies
+    (recorded beside it)."""
     model, H = llama_exact
     p = H.shape[0]
     mean = float(torch.trace(H)) / p
-    cfg = _cfg(curvature="exact", damping=100.0, on_nonpositive="nan", seed=5)
+    cfg = _cfg(curvature="exact", damping=100.0, on_nonpositive="nan", seed=5,
+               trace_probes=scale.HUTCHINSON_PROBES)
     hutchinson = score_pairs(model, tokenizer(), TRAIN, VAL, config=cfg).curvature_scale
     how = hutchinson["mean_eigenvalue_estimate"]
     assert how["method"] == "hutchinson" and how["probes"] == scale.HUTCHINSON_PROBES and how["seed"] == 5
@@ -269,3 +271,25 @@ def test_report_names_the_default_damping():
     res = score_pairs(tiny_model("gpt2"), tokenizer(), TRAIN, VAL, config=_cfg(curvature="ggn"))
     assert res.metadata["config"]["damping"] is None
     assert _damping_cell(res.metadata) == "0.1 × trace(H)/p (default)"
+
+
+def test_exact_by_default_records_the_gauss_newton_part_without_a_product_pass(llama_exact, monkeypatch):
+    """Pins (issue 22's cost): by default (trace_probes=0) an exact run records its Gauss–Newton part's
+    trace/p — the brute-force Gauss–Newton trace, what relative damping multiplies — and never runs the
+    exact-trace estimator (16 Hessian–vector products per chunk, about 16 CG iterations' cost, on every
+    exact run before); a bad trace_probes is refused by name."""
+    model, H = llama_exact
+    p = H.shape[0]
+
+    def no_products(*a, **k):
+        raise AssertionError("the exact-trace estimator ran with trace_probes=0")
+
+    monkeypatch.setattr(scale, "exact_hessian_trace", no_products)
+    for solver in ("pcg", "cg"):
+        cfg = _cfg(curvature="exact", damping=100.0, on_nonpositive="nan", solver=solver)
+        block = score_pairs(model, tokenizer(), TRAIN, VAL, config=cfg).curvature_scale
+        assert block["mean_eigenvalue_estimate"]["method"] == "gauss_newton_part", block
+        gn = float(torch.trace(_gauss_newton(model))) / p
+        assert block["mean_eigenvalue"] == pytest.approx(gn, rel=1e-6), (solver, block["mean_eigenvalue"], gn)
+    with pytest.raises(ValueError, match="trace_probes"):
+        _cfg(curvature="exact", trace_probes=-1).validate()

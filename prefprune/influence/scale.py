@@ -52,7 +52,7 @@ RELATIVE_LIMIT = 1e3
 EXACT_TRACE_MAX_DIM = 32
 #: unit columns per pass of the exact trace (bounds the batched double backward's memory).
 _COLUMN_BLOCK = 256
-#: exact: Rademacher probes of the Hutchinson estimate (one pass, one batched product).
+#: exact: Rademacher probes of a Hutchinson estimate when one is asked for (`ScoreConfig.trace_probes`).
 HUTCHINSON_PROBES = 16
 
 _SETTING = "--damping / score.damping"
@@ -90,14 +90,25 @@ def exact_hessian_trace(curvature: Curvature, *, seed: int = 0, probes: int = HU
                                      "distribution": "rademacher", "trace_stderr": stderr}
 
 
-def _mean_eigenvalue(curvature: Curvature, record: CurvatureSolve, *, seed: int) -> tuple[float, dict]:
-    """trace(H)/d of the curvature the solve used, and how it was obtained (at most one more pass)."""
+def _mean_eigenvalue(curvature: Curvature, record: CurvatureSolve, *, seed: int,
+                     probes: int = 0) -> tuple[float, dict]:
+    """trace(H)/d of the curvature the solve used, and how it was obtained (at most one more pass).
+
+    exact: with `probes` > 0 the exact Hessian's own trace (unit columns up to EXACT_TRACE_MAX_DIM, else
+    Hutchinson with `probes` probes: one pass of that many products); with 0 its Gauss–Newton part's (the
+    solve's factors under pcg, else one first-order pass), which is what relative damping multiplies and
+    costs no Hessian–vector product."""
     d = max(1, curvature.dim)
     if curvature.name == "identity":
         return 1.0, {"method": "identity"}
-    if curvature.name == "exact":  # the solve's scale, if any, is its Gauss–Newton part's
-        trace, how = exact_hessian_trace(curvature, seed=seed)
+    if curvature.name == "exact" and probes > 0:
+        trace, how = exact_hessian_trace(curvature, seed=seed, probes=probes)
         return trace / d, how
+    if curvature.name == "exact":
+        scale = record.damping_scale if record.damping_scale is not None else curvature.trace() / d
+        return float(scale), {"method": "gauss_newton_part",
+                              "note": "trace(H_GN)/p of the exact Hessian's Gauss–Newton part (no Hessian–"
+                                      "vector product); --trace-probes N estimates the exact Hessian's own"}
     if record.damping_scale is not None:
         return float(record.damping_scale), {"method": record.scale_source or "solve"}
     return curvature.trace() / d, {"method": "trace_pass"}
@@ -131,7 +142,7 @@ def _ratio(a: float, b: float | None) -> float | None:
 
 
 def curvature_scale(curvature: Curvature, record: CurvatureSolve, columns: Mapping[str, np.ndarray], *,
-                    relative: bool, seed: int = 0) -> dict[str, Any]:
+                    relative: bool, seed: int = 0, probes: int = 0) -> dict[str, Any]:
     """The sidecar's ``curvature_scale`` block of one score run.
 
     Args:
@@ -140,6 +151,7 @@ def curvature_scale(curvature: Curvature, record: CurvatureSolve, columns: Mappi
         columns: the run's score columns (for Spearman with grad_dot).
         relative: whether the damping values were given relative to the Gauss–Newton trace/p.
         seed: the Hutchinson probes' seed (exact Hessians too large for their unit columns).
+        probes: exact: Hutchinson probes of the exact Hessian's own trace (0: its Gauss–Newton part's).
 
     Returns:
         mean_eigenvalue, mean_eigenvalue_estimate (how), top_eigenvalue (None where the solve has none), dim,
@@ -147,7 +159,7 @@ def curvature_scale(curvature: Curvature, record: CurvatureSolve, columns: Mappi
         per damping column its λ, λ/mean_eigenvalue, λ/top_eigenvalue and Spearman with grad_dot, the
         Spearman of every influence column, and the warnings (`curvature_warnings`).
     """
-    mean, how = _mean_eigenvalue(curvature, record, seed=seed)
+    mean, how = _mean_eigenvalue(curvature, record, seed=seed, probes=probes)
     top = 1.0 if curvature.name == "identity" else record.top_eigenvalue
     rho = spearman_with_grad_dot(columns)
     block = {
@@ -217,6 +229,8 @@ def scale_summary(block: Mapping[str, Any] | None) -> list[str]:
         return []
     how = block.get("mean_eigenvalue_estimate", {})
     est = how.get("method", "?")
+    if est == "gauss_newton_part":
+        est = "of the exact Hessian's Gauss–Newton part; --trace-probes N estimates the exact Hessian's own"
     if est == "hutchinson":
         est += f", {how['probes']} probes, seed {how['seed']}, stderr of the trace {how['trace_stderr']:.2g}"
     top = block.get("top_eigenvalue")

@@ -245,7 +245,7 @@ class InfluenceScorer:
         are logged here. Returns it and its seconds (an exact Hessian's trace may take one more pass)."""
         t0 = time.perf_counter()
         block = curvature_scale(curvature, query.record, cols, relative=self.config.relative_damping,
-                                seed=self.config.seed)
+                                seed=self.config.seed, probes=self.config.trace_probes)
         for message in block["warnings"]:
             logger.warning("%s", message)
         return block, time.perf_counter() - t0

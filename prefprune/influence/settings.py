@@ -111,6 +111,14 @@ class ScoreConfig:
                           "forward+backward of a batch. The chunk used is recorded in the sidecar "
                           "(solve.hvp_batch_size)."},
     )
+    trace_probes: int = field(
+        default=0,
+        metadata={"help": "exact: Rademacher probes of a Hutchinson estimate of the exact Hessian's own "
+                          "trace(H)/p, recorded in the sidecar's curvature_scale with its standard error "
+                          "(one more pass of that many Hessian–vector products: about as many CG iterations' "
+                          "cost). 0: record the Gauss–Newton part's trace/p instead (what relative damping "
+                          "multiplies; free with pcg's factors, else one first-order pass)."},
+    )
     group_by_length: bool = field(
         default=True,
         metadata={"help": "Batch pairs of similar length together (less padding); rows keep the input "
@@ -175,6 +183,9 @@ class ScoreConfig:
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         hvp_chunk_size(self.batch_size, self.hvp_batch_size)  # raises on a bad hvp_batch_size
+        if isinstance(self.trace_probes, bool) or int(self.trace_probes) != self.trace_probes \
+                or self.trace_probes < 0:
+            raise ValueError(f"trace_probes must be an integer >= 0, got {self.trace_probes!r}")
         if int(self.max_length) != self.max_length or self.max_length < 1:
             raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
         if self.truncation not in ("prompt", "error"):
