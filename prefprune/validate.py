@@ -50,7 +50,7 @@ from prefprune import train as train_mod
 from prefprune._io import jsonable
 from prefprune.data import pairs_digest
 from prefprune.ensemble import average_tables
-from prefprune.experiment.results import score_fingerprint, score_result_table
+from prefprune.experiment.scoresteps import score_fingerprint, score_result_table
 from prefprune.experiment.steps import StepStore, read_json, write_json
 from prefprune.influence.plan import damping_column_names
 from prefprune.prune import (

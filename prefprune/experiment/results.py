@@ -17,35 +17,16 @@ from prefprune.experiment.certainty import arm_flags, interval_note
 from prefprune.experiment.config import ExperimentConfig
 from prefprune.experiment.profile import removed_profile
 from prefprune.experiment.scoresteps import (
-    ScoreSteps,
     ensemble_table,
     find_score_steps,
     merge_tables,
     needs_influence,
-    score_fingerprint,
-    score_result_table,
-    score_step_name,
-    step_dampings,
-    with_ensemble_columns,
 )
 from prefprune.experiment.steps import StepStore, arm_step_name
 from prefprune.metrics import detection_auc, mean_std, precision_at_k
 from prefprune.prune import MODES, ScoreTable, higher_is_suspect
 
-# The score-step helpers moved to experiment.scoresteps; importable from here as before.
-__all__ = [
-    "ScoreSteps",
-    "collect_results",
-    "ensemble_table",
-    "find_score_steps",
-    "merge_tables",
-    "needs_influence",
-    "score_fingerprint",
-    "score_result_table",
-    "score_step_name",
-    "step_dampings",
-    "with_ensemble_columns",
-]
+__all__ = ["collect_results"]  # the score-step helpers are in experiment.scoresteps
 
 #: Columns whose noise-detection quality is always reported when scores exist.
 DETECTION_COLUMNS = ("grad_dot", "grad_cos", "train_loss")
