@@ -188,14 +188,14 @@ def test_an_empty_config_file_is_refused(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here yet\n")
     called = []
-    from prefprune import cli
+    from prefprune import cli_protocol
 
-    real = cli.run_experiment
-    cli.run_experiment = lambda cfg: called.append(cfg)
+    real = cli_protocol.run_experiment
+    cli_protocol.run_experiment = lambda cfg: called.append(cfg)
     try:
         assert main(["experiment", "--config", str(path)]) == 2
     finally:
-        cli.run_experiment = real
+        cli_protocol.run_experiment = real
     assert called == []
 
 
