@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GaussNewtonEigen"]
+from prefprune.ops.woodbury import GRAM_CHUNK_COLS, gram_eigh
 
-# Columns of U cast to float64 at a time while forming the Gram (bounds the float64 scratch of fp32 rows).
-_GRAM_CHUNK_COLS = 1 << 16
+__all__ = ["GaussNewtonEigen"]
 
 
 @dataclass
@@ -74,20 +73,13 @@ class GaussNewtonEigen:
         U = rows * scale
         if form == "primal":
             H = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
-            for c0 in range(0, n, _GRAM_CHUNK_COLS):
-                u = U[c0 : c0 + _GRAM_CHUNK_COLS].double()
+            for c0 in range(0, n, GRAM_CHUNK_COLS):
+                u = U[c0 : c0 + GRAM_CHUNK_COLS].double()
                 H += u.T @ u
             return cls._from_symmetric(H, n_rows=n, psd=True)
-        K = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
-        for c0 in range(0, d, _GRAM_CHUNK_COLS):
-            u = U[:, c0 : c0 + _GRAM_CHUNK_COLS].double()
-            K += u @ u.T
-        s, V = torch.linalg.eigh(K)
         # W = Vᵀ U in float64 chunks, stored in the rows' dtype (the memory the plan budgeted).
-        W = torch.empty_like(U)
-        for c0 in range(0, d, _GRAM_CHUNK_COLS):
-            W[:, c0 : c0 + _GRAM_CHUNK_COLS] = (V.T @ U[:, c0 : c0 + _GRAM_CHUNK_COLS].double()).to(U.dtype)
-        return cls("gram", d, s.clamp(min=0.0), W, n)
+        s, W = gram_eigh(lambda cols: U[:, cols].double(), n, d, like=U)
+        return cls("gram", d, s, W, n)
 
     @classmethod
     def from_matrix(cls, H: Tensor, *, psd: bool = False) -> GaussNewtonEigen:

@@ -27,7 +27,23 @@ from torch import Tensor
 __all__ = ["DampedSystems", "GaussNewtonWoodbury", "damped_systems"]
 
 # Columns of U cast to float64 at a time while forming the Gram (bounds the float64 scratch of fp32 rows).
-_GRAM_CHUNK_COLS = 1 << 16
+GRAM_CHUNK_COLS = 1 << 16
+
+
+def gram_eigh(columns: Callable[[slice], Tensor], n: int, d: int, *, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the Gram K = U Uᵀ of (n, d) scaled rows U, built and decomposed in float64 a
+    block of columns at a time (`columns(slice)` gives U[:, slice] in float64, so U itself is never held in
+    float64). Returns the eigenvalues s (n,), clamped at 0 (K is PSD: negatives are rounding), and
+    W = Vᵀ U (n, d) in `like`'s dtype and device, so that U = V W and UᵀU = Wᵀ W."""
+    K = torch.zeros(n, n, dtype=torch.float64, device=like.device)
+    for c0 in range(0, d, GRAM_CHUNK_COLS):
+        u = columns(slice(c0, c0 + GRAM_CHUNK_COLS))
+        K += u @ u.T
+    s, V = torch.linalg.eigh(K)
+    W = torch.empty(n, d, dtype=like.dtype, device=like.device)
+    for c0 in range(0, d, GRAM_CHUNK_COLS):
+        W[:, c0 : c0 + GRAM_CHUNK_COLS] = (V.T @ columns(slice(c0, c0 + GRAM_CHUNK_COLS))).to(like.dtype)
+    return s.clamp(min=0.0), W
 
 
 def _check_shifts(shifts: Tensor, what: str) -> None:
@@ -87,17 +103,8 @@ class GaussNewtonWoodbury:
             raise ValueError(f"Gauss–Newton weights must be finite and >= 0, got min {float(weights.min())}, "
                              f"max {float(weights.max())}")
         scale = (weights.to(torch.float64) / n).sqrt().unsqueeze(1)
-        K = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
-        for c0 in range(0, p, _GRAM_CHUNK_COLS):
-            u = rows[:, c0 : c0 + _GRAM_CHUNK_COLS].to(torch.float64) * scale
-            K += u @ u.T
-        s, V = torch.linalg.eigh(K)
-        W = torch.empty_like(rows)
-        for c0 in range(0, p, _GRAM_CHUNK_COLS):
-            u = rows[:, c0 : c0 + _GRAM_CHUNK_COLS].to(torch.float64) * scale
-            W[:, c0 : c0 + _GRAM_CHUNK_COLS] = (V.T @ u).to(rows.dtype)
-        # K is positive semidefinite by construction: negative eigenvalues are rounding.
-        return cls(s.clamp(min=0.0), W)
+        s, W = gram_eigh(lambda cols: rows[:, cols].to(torch.float64) * scale, n, p, like=rows)
+        return cls(s, W)
 
     @property
     def dim(self) -> int:
