@@ -29,12 +29,10 @@ from torch import Tensor, nn
 from prefprune.data import PairBatches
 from prefprune.distributed import cat_over_ranks, sum_over_ranks
 from prefprune.influence.capture import pair_margins
-from prefprune.influence.eigen import GaussNewtonEigen
 from prefprune.influence.layout import ParameterLayout, flatten_site_matrices
 from prefprune.influence.reducers import pair_gradient_rows, stream_pair_dots
 from prefprune.model import eager_attention
 from prefprune.ops.projection import KroneckerProjector
-from prefprune.ops.woodbury import GaussNewtonWoodbury
 
 __all__ = [
     "CURVATURES",
@@ -182,73 +180,42 @@ class ExactHessian(Curvature):
     same), and the columns of V take one second backward each through the chunk's retained graph, so the
     peak does not grow with the number of columns (damping values, probes).
 
-    **Residual sample** (`residual_batches`, Martens' curvature mini-batch): H = H_GN + R, R = mean_i
-    ℓ'(m_i) ∇²m_i (ℓ = softplus(−m), ℓ' = −σ(−m)). With a subsample S of the curvature set, products use
-    H̃ = H_GN + R_S: the Gauss–Newton part over the whole set from its eigendecomposition (H_GN V = Wᵀ W V, no
-    pass; `gauss_newton_eigen`, the pcg preconditioner's factors, kept), the second-order part by double
-    backward of mean_{i∈S} c_i m_i with c_i = ℓ'(m_i) held constant (its Hessian is R_S). R_S is an
-    unbiased estimate of R, and a product costs |S|/n of a full one. Every user of `matvec` (pcg, trace
-    probes, the explicit `matrix`) sees the same H̃.
-
     Args:
         hvp_batch_size: pairs per double-backward chunk (None: a quarter of the batch, `hvp_chunk_size`).
-        residual_batches: a subsample of `batches` (None: every pair, H itself).
     """
 
     name = "exact"
 
     def __init__(self, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
-                 impl: str | None = None, hvp_batch_size: int | None = None,
-                 residual_batches: PairBatches | None = None):
+                 impl: str | None = None, hvp_batch_size: int | None = None):
         super().__init__(model, layout, batches, impl=impl)
         self.hvp_batch_size = hvp_chunk_size(batches.batch_size if batches is not None else 1, hvp_batch_size)
-        self.residual_batches = residual_batches
-        self._kept_eigen: GaussNewtonEigen | None = None
-        self._kept_woodbury: GaussNewtonWoodbury | None = None
 
     def context(self) -> contextlib.AbstractContextManager:
         return eager_attention(self.model)
 
     def settings(self) -> dict:
-        n = self.batches.n_pairs if self.batches is not None else 0
-        residual = self.residual_batches.n_pairs if self.residual_batches is not None else n
-        return {"hvp_batch_size": self.hvp_batch_size, "residual_samples": residual}
+        return {"hvp_batch_size": self.hvp_batch_size}
 
     def matvec(self, V: Tensor, *, column_block: int = 1) -> Tensor:
-        """H V (H̃ V with a residual sample): per chunk of pairs, one forward, one graph-building backward
-        and one second backward per `column_block` columns of V (a vmapped one when > 1: faster for many
-        columns, its memory grows with the block)."""
-        if self.residual_batches is None:
-            return self._products(self.batches, V, column_block, residual=False)
-        if self._kept_woodbury is None:
-            self._kept_woodbury = self.gauss_newton_eigen().woodbury()
-        gauss_newton = self._kept_woodbury.matvec(V)
-        return gauss_newton + self._products(self.residual_batches, V, column_block, residual=True)
-
-    def _products(self, batches: PairBatches, V: Tensor, column_block: int, *, residual: bool) -> Tensor:
-        """Σ over `batches`' chunks of their share of the product, summed over ranks (one pass)."""
-        batches = batches.with_padding("right")
+        """H V: per chunk of pairs, one forward, one graph-building backward and one second backward per
+        `column_block` columns of V (a vmapped one when > 1: faster for many columns, its memory grows with
+        the block)."""
+        batches = self.batches.with_padding("right")
         out = torch.zeros_like(V)
         device = batches.device
         for batch in batches.on("cpu"):
             for chunk in split_pair_batch(batch, self.hvp_batch_size):
                 chunk = {k: v.to(device) for k, v in chunk.items()}
-                out += self._chunk_product(chunk, V, batches.n_pairs, column_block, residual=residual)
+                out += self._chunk_product(chunk, V, batches.n_pairs, column_block)
         self.passes += 1
         return sum_over_ranks(batches, out)
 
-    def _chunk_product(self, chunk: dict[str, Tensor], V: Tensor, n: int, column_block: int, *,
-                       residual: bool = False) -> Tensor:
-        """One chunk's share of H V (of R V when `residual`); its graph is freed when this returns, before
-        the next chunk's forward."""
+    def _chunk_product(self, chunk: dict[str, Tensor], V: Tensor, n: int, column_block: int) -> Tensor:
+        """One chunk's share of H V; its graph is freed when this returns, before the next chunk's forward."""
         params, layout = self.layout.params, self.layout
         with torch.enable_grad():
-            margins = pair_margins(self.model, chunk)
-            if residual:  # c_i m_i with c_i = ℓ'(m_i) constant: its Hessian is Σ ℓ'(m_i) ∇²m_i alone
-                loss = (-torch.sigmoid(-margins.detach()) * margins).sum() / n
-            else:
-                loss = F.softplus(-margins).sum() / n
-            del margins
+            loss = F.softplus(-pair_margins(self.model, chunk)).sum() / n
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             gflat = layout.flatten_grads(grads)
         del loss, grads
@@ -274,19 +241,6 @@ class ExactHessian(Curvature):
         rows, weights = gauss_newton.rows()
         self.passes += gauss_newton.passes
         return rows, weights
-
-    def gauss_newton_eigen(self, form: str = "auto") -> GaussNewtonEigen:
-        """The eigendecomposition of H_GN over the curvature set (one rows pass). Kept when there is a
-        residual sample (its products need H_GN), so later calls make no pass; otherwise made afresh, so
-        that its memory goes with the solve that used it."""
-        if self._kept_eigen is not None:
-            return self._kept_eigen
-        rows, weights = self.gauss_newton_rows()
-        eigen = GaussNewtonEigen.from_rows(rows, weights, form=form)
-        del rows
-        if self.residual_batches is not None:
-            self._kept_eigen = eigen
-        return eigen
 
     def matrix(self) -> Tensor:
         """The explicit (p, p) Hessian from p product columns in one pass (self-influence, when it fits).
@@ -371,20 +325,14 @@ CURVATURE_TYPES: dict[str, type[Curvature]] = {
 
 def make_curvature(name: str, model: nn.Module, layout: ParameterLayout, batches: PairBatches | None, *,
                    impl: str | None = None, projection_k: int = 16, projection_seed: int = 0,
-                   hvp_batch_size: int | None = None,
-                   residual_batches: PairBatches | None = None) -> Curvature:
+                   hvp_batch_size: int | None = None) -> Curvature:
     """The curvature called `name` over `batches` (None for identity); `hvp_batch_size`: exact's
-    double-backward chunk (`hvp_chunk_size`); `residual_batches`: exact's residual sample
-    (`ExactHessian`)."""
-    if residual_batches is not None and name != "exact":
-        raise ValueError(f"a residual sample subsamples the exact Hessian's second-order term; curvature "
-                         f"{name!r} has none")
+    double-backward chunk (`hvp_chunk_size`)."""
     if name not in CURVATURE_TYPES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {name!r}")
     if name == "projected_ggn":
         return ProjectedGaussNewton(model, layout, batches, impl=impl, projection_k=projection_k,
                                     projection_seed=projection_seed)
     if name == "exact":
-        return ExactHessian(model, layout, batches, impl=impl, hvp_batch_size=hvp_batch_size,
-                            residual_batches=residual_batches)
+        return ExactHessian(model, layout, batches, impl=impl, hvp_batch_size=hvp_batch_size)
     return CURVATURE_TYPES[name](model, layout, batches, impl=impl)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prefprune.ops.woodbury import GRAM_CHUNK_COLS, GaussNewtonWoodbury, gram_eigh
+from prefprune.ops.woodbury import GRAM_CHUNK_COLS, gram_eigh
 
 __all__ = ["GaussNewtonEigen"]
 
@@ -97,13 +97,6 @@ class GaussNewtonEigen:
     # -----------------------------------------------------------------------------------------
     # Queries
     # -----------------------------------------------------------------------------------------
-
-    def woodbury(self) -> GaussNewtonWoodbury:
-        """The same factors as a `GaussNewtonWoodbury` (no second decomposition): the gram form's (s, W) as
-        they are; a primal H = E diag(s) Eᵀ (basis rows E) as W = diag(√s) E, so H = Wᵀ W either way."""
-        if self.form == "gram":
-            return GaussNewtonWoodbury(self.evals, self.basis)
-        return GaussNewtonWoodbury(self.evals, self.evals.sqrt().unsqueeze(1) * self.basis)
 
     @property
     def trace(self) -> float:

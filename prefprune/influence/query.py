@@ -114,8 +114,6 @@ class SolveInfo:
         damping_scale: trace(H)/d that relative damping multiplies (None when not computed).
         preconditioner: "gauss_newton_woodbury" (method pcg) or None.
         hvp_batch_size: exact: the pairs per double-backward chunk its products used (None otherwise).
-        residual_samples: exact: the pairs whose second-order term entered the products (n_curvature for
-            the exact Hessian; fewer with a residual sample, `ExactHessian`); None otherwise.
     """
 
     curvature: str
@@ -137,7 +135,6 @@ class SolveInfo:
     damping_scale: float | None = None
     preconditioner: str | None = None
     hvp_batch_size: int | None = None
-    residual_samples: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +154,6 @@ class SolveInfo:
             damping_factor=None if rec.damping_factors is None else rec.damping_factors[0],
             damping_scale=rec.damping_scale, preconditioner=rec.preconditioner,
             hvp_batch_size=rec.extra.get("hvp_batch_size"),
-            residual_samples=rec.extra.get("residual_samples"),
         )
 
 

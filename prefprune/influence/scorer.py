@@ -130,14 +130,6 @@ class InfluenceScorer:
             )
         n_curv = 0 if config.curvature == "identity" else (n_h or len(train))
         self.plan = plan_for_config(config, self.layout, n_curvature=n_curv)
-        m_res = config.residual_samples
-        if m_res is not None and m_res > n_curv:
-            raise ValueError(f"residual_samples={m_res} exceeds the {n_curv} pairs of the curvature set "
-                             "(hessian_samples, or every training pair)")
-        if m_res is not None and self.plan.method != "pcg":
-            raise ValueError(f"residual_samples needs the pcg solve's Gauss–Newton factors, but the plan is "
-                             f"{self.plan.method!r} ({self.plan.reason}); raise memory_budget_mb or lower "
-                             "hessian_samples")
         t0 = time.perf_counter()
         self.val_enc = _encode_validation(val, self.tokenizer, config.max_length)
         self.train_enc = encode_pairs(train, self.tokenizer, max_length=config.max_length,
@@ -168,34 +160,16 @@ class InfluenceScorer:
                             padding_side=self.padding_side, device=self.device)
         return distributed.ShardedBatches(whole, what=what) if self.many and what else whole
 
-    def _curvature_encoded(self) -> list:
-        """The curvature set's pairs: every training pair, or a seeded subsample of `hessian_samples`."""
+    def _curvature_batches(self) -> PairBatches | None:
+        """The curvature sample: every training pair, or a seeded subsample of `hessian_samples`."""
         config, enc = self.config, self.train_enc
+        if config.curvature == "identity":
+            return None
         if config.hessian_samples is not None and config.hessian_samples != len(enc):
             gen = torch.Generator().manual_seed(int(config.seed))
             pick = torch.randperm(len(enc), generator=gen)[: config.hessian_samples].sort().values
             enc = [enc[int(i)] for i in pick]
-        return list(enc)
-
-    def _curvature_batches(self) -> PairBatches | None:
-        """The curvature sample's batches (None for identity)."""
-        if self.config.curvature == "identity":
-            return None
-        return self._batches(self._curvature_encoded(), "curvature set")
-
-    def _residual_batches(self, curvature_batches: PairBatches | None) -> PairBatches | None:
-        """exact with `residual_samples` below the curvature set: a seeded subsample of the curvature set
-        (by the same rule as `hessian_samples`'), whose second-order term enters the products."""
-        config = self.config
-        m = config.residual_samples
-        if curvature_batches is None or m is None:
-            return None
-        enc = self._curvature_encoded()
-        if m >= len(enc):
-            return None
-        gen = torch.Generator().manual_seed(int(config.seed) + 1)
-        pick = torch.randperm(len(enc), generator=gen)[:m].sort().values
-        return self._batches([enc[int(i)] for i in pick], "residual sample")
+        return self._batches(enc, "curvature set")
 
     def _query(self, work, curvature) -> tuple[InfluenceQuery, bool, float]:
         """Pass 1 and the solve, or the query a previous attempt saved. Returns it, whether it was reused,
@@ -248,11 +222,9 @@ class InfluenceScorer:
         was_training = model.training
         model.eval()
         try:
-            curvature_batches = self._curvature_batches()
-            curvature = make_curvature(config.curvature, model, self.layout, curvature_batches,
+            curvature = make_curvature(config.curvature, model, self.layout, self._curvature_batches(),
                                        impl=config.impl, projection_k=config.projection_k,
-                                       projection_seed=config.seed, hvp_batch_size=config.hvp_batch_size,
-                                       residual_batches=self._residual_batches(curvature_batches))
+                                       projection_seed=config.seed, hvp_batch_size=config.hvp_batch_size)
             query, reused, t_pass1 = self._query(work, curvature)
             t0 = time.perf_counter()
             cols, order, train_batches = self._pass2(query, work)

@@ -93,18 +93,8 @@ class ScoreConfig:
         metadata={"help": "Curvature set size: a seeded uniform subsample of the training pairs "
                           "(None: every training pair)."},
     )
-    residual_samples: int | None = field(
-        default=None,
-        metadata={"help": "exact: pairs of the curvature set whose second-order term enters each "
-                          "Hessian–vector product (Martens' curvature mini-batch): H ≈ H_GN(curvature set) + "
-                          "(H − H_GN)(a seeded subsample of this many pairs). The Gauss–Newton part stays "
-                          "exact, from the pcg preconditioner's factors; each CG iteration then costs "
-                          "residual_samples / curvature-set pairs of a full product. Needs the pcg solver. "
-                          "None: every pair (the curvature set's exact Hessian)."},
-    )
     seed: int = field(
-        default=0, metadata={"help": "Seed of the hessian_samples and residual_samples subsamples and of "
-                                     "the projections."}
+        default=0, metadata={"help": "Seed of the hessian_samples subsample and of the projections."}
     )
     projection_k: int = field(
         default=16,
@@ -188,18 +178,6 @@ class ScoreConfig:
             int(self.hessian_samples) != self.hessian_samples or self.hessian_samples < 1
         ):
             raise ValueError(f"hessian_samples must be None or an integer >= 1, got {self.hessian_samples!r}")
-        m_res = self.residual_samples
-        if m_res is not None:
-            if isinstance(m_res, bool) or int(m_res) != m_res or m_res < 1:
-                raise ValueError(f"residual_samples must be None or an integer >= 1, got {m_res!r}")
-            if self.curvature != "exact":
-                raise ValueError(f"residual_samples subsamples the exact Hessian's second-order term; it has "
-                                 f"no effect with curvature={self.curvature!r} (use curvature='exact' or "
-                                 "leave it unset)")
-            if self.solver not in ("auto", "pcg"):
-                raise ValueError(f"residual_samples takes the Gauss–Newton part from the pcg "
-                                 f"preconditioner's factors, so it needs solver='pcg' or 'auto', got "
-                                 f"solver={self.solver!r}")
         if int(self.projection_k) != self.projection_k or self.projection_k < 1:
             raise ValueError(f"projection_k must be an integer >= 1, got {self.projection_k!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:

@@ -40,7 +40,7 @@ from prefprune.influence.eigen import GaussNewtonEigen
 from prefprune.influence.multishift import multishift_cg
 from prefprune.influence.plan import CurvatureSolve, SolvePlan, check_dampings, damping_column_names
 from prefprune.ops.reference import CG_STATUS_NAMES
-from prefprune.ops.woodbury import damped_systems
+from prefprune.ops.woodbury import GaussNewtonWoodbury, damped_systems
 
 __all__ = ["METHODS", "DirectFactors", "Solution", "solve"]
 
@@ -178,15 +178,23 @@ def _solve_cg(curvature, B, lam, *, plan, relative, tol, max_iter, impl, progres
     return _Outcome(res.x.reshape(p, L, m).permute(1, 0, 2), cols, res.impl, passes_per_iteration=1)
 
 
+def _woodbury(eigen: GaussNewtonEigen) -> GaussNewtonWoodbury:
+    """The preconditioner from the direct solve's factors (no second decomposition): the gram form's
+    (s, W) as they are; a primal H_GN = Eᵀ diag(s) E as W = diag(√s) E (so H_GN = Wᵀ W either way)."""
+    if eigen.form == "gram":
+        return GaussNewtonWoodbury(eigen.evals, eigen.basis)
+    return GaussNewtonWoodbury(eigen.evals, eigen.evals.sqrt().unsqueeze(1) * eigen.basis)
+
+
 def _solve_pcg(curvature, B, vals, *, plan, relative, tol, max_iter, impl, progress, **_) -> _Outcome:
     """Exact Hessian by CG preconditioned with (H_GN + λ_l I)⁻¹, every (damping, query) one column."""
-    passes0 = curvature.passes
-    eigen = curvature.gauss_newton_eigen(form=plan.form or "auto")  # one rows pass (none when kept)
-    setup = curvature.passes - passes0
+    rows, weights = curvature.gauss_newton_rows()  # one pass, counted in curvature.passes
+    eigen = GaussNewtonEigen.from_rows(rows, weights, form=plan.form or "auto")
+    del rows
     scale = eigen.mean_eigenvalue  # relative damping's trace(H_GN)/d, free from the factors
     lam = [v * scale for v in vals] if relative else vals
     product, bar = _counted(curvature, plan, max_iter, progress)
-    systems = damped_systems(product, B, lam, preconditioner=eigen.woodbury())
+    systems = damped_systems(product, B, lam, preconditioner=_woodbury(eigen))
     try:
         with curvature.context():
             res = cg.solve(systems.apply_A, systems.B, precond=systems.precond, tol=tol, max_iter=max_iter,
@@ -197,7 +205,7 @@ def _solve_pcg(curvature, B, vals, *, plan, relative, tol, max_iter, impl, progr
     st = res.status_names()
     cols = [_column_record([st[c] for c in block.tolist()], res.iterations[block], res.residual[block],
                            res.curvature[block]) for block in blocks]
-    return _Outcome(systems.split(res.x), cols, res.impl, scale, setup_passes=setup, passes_per_iteration=1,
+    return _Outcome(systems.split(res.x), cols, res.impl, scale, setup_passes=1, passes_per_iteration=1,
                     preconditioner="gauss_newton_woodbury", scale_source="gauss_newton_factors")
 
 

@@ -123,13 +123,6 @@ class GaussNewtonWoodbury:
         C = (W @ R) / (s.unsqueeze(1) + shifts.unsqueeze(0))
         return (R - W.T @ C) / shifts.unsqueeze(0)
 
-    def matvec(self, V: Tensor) -> Tensor:
-        """H_GN V = Wᵀ (W V) for a (p, m) block, in V's dtype (two (r, p)-by-(p, m) GEMMs)."""
-        if V.dim() != 2 or V.shape[0] != self.dim:
-            raise ValueError(f"V must be ({self.dim}, m), got shape {tuple(V.shape)}")
-        W, _ = self._factors(V.dtype, V.device)
-        return W.T @ (W @ V)
-
     def apply(self, R: Tensor, shifts: Tensor | Sequence[float] | float) -> Tensor:
         """(H_GN + λ_j I)⁻¹ R[:, j] for every column j.
 
