@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,10 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dampings", type=float, nargs="+", default=list(DAMPINGS))
     p.add_argument("--solvers", nargs="+", default=["cg", "pcg"], choices=["cg", "pcg"])
     p.add_argument("--baselines", action="store_true", help="also run identity and ggn (issue 22's memory)")
+    p.add_argument("--hessian-samples", type=int, default=None,
+                   help="score.hessian_samples: the curvature set's size (default: every training pair)")
     p.add_argument("--hvp-batch-size", type=int, default=None,
                    help="exact: pairs per double-backward chunk (default: the library's, batch_size // 4)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of every run, interleaved; medians shown")
-    p.add_argument("--model-dir", default=None, help="reuse a trained model folder (skips training)")
+    p.add_argument("--model-dir", default=None,
+                   help="a trained model folder to reuse (skips training), or where to train one if missing")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     return p
@@ -146,9 +150,10 @@ def _score(args, curvature: str, solver: str, damping: float) -> dict:
     model, tok = _load(args)
     train, val = _data(args, tok)
     chunk = {} if args.hvp_batch_size is None else {"hvp_batch_size": args.hvp_batch_size}
+    hessian = {} if curvature == "identity" else {"hessian_samples": args.hessian_samples}
     cfg = ScoreConfig(curvature=curvature, damping=damping, solver=solver, tol=args.tol,
                       max_iter=args.max_iter, batch_size=args.batch_size, max_length=args.max_length,
-                      progress=False, on_nonpositive="nan", **chunk)
+                      progress=False, on_nonpositive="nan", **hessian, **chunk)
     t0 = time.process_time()
     res = score_pairs(model, tok, train, val, config=cfg)
     seconds = time.process_time() - t0
@@ -156,7 +161,8 @@ def _score(args, curvature: str, solver: str, damping: float) -> dict:
     return {"seconds": seconds, "iterations": info["iterations"], "passes": info["curvature_passes"],
             "status": info["status"], "residual": info["residual"], "method": info["method"],
             "preconditioner": info["preconditioner"], "solve_seconds": info["seconds"],
-            "hvp_batch_size": info.get("hvp_batch_size"), "timings": res.metadata["timings_s"]}
+            "hvp_batch_size": info.get("hvp_batch_size"), "n_curvature": info["n_curvature"],
+            "timings": res.metadata["timings_s"]}
 
 
 def _child(args) -> None:
@@ -189,12 +195,19 @@ def main() -> None:
     if args.mode is not None:
         _child(args)
         return
+    scratch = tempfile.mkdtemp(prefix="bench_pcg_")  # the trained model, unless --model-dir names a folder
+    try:
+        _bench(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench(args, scratch: str) -> None:
     base = list(sys.argv[1:])
-    tmp = None
-    if args.model_dir is None:
-        tmp = tempfile.mkdtemp(prefix="bench_pcg_")
-        args.model_dir = os.path.join(tmp, "model")
-        base += ["--model-dir", args.model_dir]
+    if args.model_dir is None or not os.path.exists(args.model_dir):  # train (into --model-dir when named)
+        if args.model_dir is None:
+            args.model_dir = os.path.join(scratch, "model")
+            base += ["--model-dir", args.model_dir]
         t0 = time.perf_counter()
         print("training:", _run_child(base, "train") or "", f"({time.perf_counter() - t0:.0f} s)", flush=True)
     import torch
@@ -214,13 +227,14 @@ def main() -> None:
     print(f"\nMiniLM + LoRA r {args.rank} (query, value), {args.train_pairs} train / {args.val_pairs} val "
           f"pairs, max length {args.max_length}, tol {args.tol:g}, max_iter {args.max_iter}; torch "
           f"{torch.__version__}, 1 thread; CPU: {_cpu_name()}")
-    print("| run | iterations | passes | status | hvp chunk | CPU s | solve s | × floor | max RSS MB "
-          "| × floor's |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | curvature pairs | iterations | passes | status | hvp chunk | CPU s | solve s | × floor "
+          "| max RSS MB | × floor's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         solve_s = f"{r['solve_seconds']:.1f}" if "solve_seconds" in r else ""
-        print(f"| {r['run']} | {r.get('iterations', '')} | {r.get('passes', '')} | {r.get('status', '')} | "
-              f"{r.get('hvp_batch_size') or ''} | {r['seconds']:.1f} | {solve_s} | "
+        print(f"| {r['run']} | {r.get('n_curvature') or ''} | {r.get('iterations', '')} | "
+              f"{r.get('passes', '')} | {r.get('status', '')} | {r.get('hvp_batch_size') or ''} | "
+              f"{r['seconds']:.1f} | {solve_s} | "
               f"{r['seconds'] / floor['seconds']:.2f} | {r['max_rss_mb']:.0f} | "
               f"{r['max_rss_mb'] / floor['max_rss_mb']:.2f} |")
     if args.json:
