@@ -9,6 +9,8 @@ at a time) and the whole-batch product. Eager attention computes softmax in floa
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import weakref
 
 import pytest
@@ -16,8 +18,8 @@ import torch
 from _scoring_helpers import PAD, make_pairs, rel_err, tiny_model, tokenizer
 from test_curvature import _setup
 
-from prefprune.data import PairBatches, encode_pairs
-from prefprune.influence.curvature import ExactHessian, GaussNewton, make_curvature
+from prefprune.data import PairBatches, encode_pairs, length_order
+from prefprune.influence.curvature import ExactHessian, GaussNewton, gauss_newton_weights, make_curvature
 from prefprune.influence.layout import ParameterLayout
 from prefprune.influence.reducers import pair_gradient_rows
 from prefprune.score import ScoreConfig, score_pairs
@@ -144,3 +146,44 @@ def test_gauss_newton_rows_are_written_into_one_tensor():
     assert torch.equal(rows, separate) and w.shape == (7,)
     with pytest.raises(ValueError, match=r"out must be \(7, \d+\)"):
         next(pair_gradient_rows(model, layout, batches, objective=lambda m: m, out=out[:6]))
+
+
+def _own_mapping(t: torch.Tensor) -> bool:
+    """Whether `t`'s memory starts a page outside the allocator's heap, per /proc/self/maps (a mapping of its
+    own; the kernel may merge it with a neighbouring anonymous one, so its bounds are not checked)."""
+    ptr = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return ptr % mmap.PAGESIZE == 0 and not line.rstrip().endswith("[heap]")
+    return False
+
+
+def test_gauss_newton_rows_pass_runs_its_largest_batch_first_beside_no_other_rows():
+    """The rows pass runs the batch with the most tokens first, into rows held in a mapping of their own (on
+    the CPU: pages count once written), so its largest forward + backward runs beside one batch's rows, not
+    beside most of the sample's (before: batches in length order, the longest last, rows a heap block whose
+    pages were already resident; `ggn` peaked 3-4% above the floor, docs/benchmarks.md). The rows and
+    weights equal the batch-order ones bitwise, in sample order."""
+    model, tok = tiny_model("gpt_neox"), tokenizer()
+    enc = encode_pairs(make_pairs(7, seed=5), tok, max_length=512)
+    enc = [enc[i] for i in length_order(enc)]  # what group_by_length gives: the longest batch last
+    layout = ParameterLayout.of(model)
+    batches = PairBatches(enc, batch_size=3, pad_token_id=PAD)
+    ref = list(pair_gradient_rows(model, layout, batches, objective=lambda m: m))
+    tokens = [b["input_ids"].numel() for b in batches]
+    assert tokens.index(max(tokens)) != 0
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].numel()),
+                                           with_kwargs=True)
+    try:
+        rows, w = GaussNewton(model, layout, batches).rows()
+    finally:
+        hook.remove()
+    assert seen[0] == max(tokens), f"rows pass forwards (tokens): {seen}; batches: {tokens}"
+    assert sorted(seen) == sorted(tokens)
+    assert torch.equal(rows, torch.cat([r for _, r in ref]))
+    assert torch.equal(w, torch.cat([gauss_newton_weights(m).to(rows.dtype) for m, _ in ref]))
+    if os.path.exists("/proc/self/maps"):
+        assert _own_mapping(rows), "the rows are a block of the allocator's heap"

@@ -17,6 +17,8 @@ plus its entry in `CURVATURE_TYPES`.
 from __future__ import annotations
 
 import contextlib
+import math
+import mmap
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -278,13 +280,48 @@ class GaussNewton(Curvature):
 
     def rows(self) -> tuple[Tensor, Tensor]:
         """The rows are written into one (n, dim) tensor as the pass makes them (no per-batch copies to
-        concatenate: the factors' memory once, not twice)."""
+        concatenate: the factors' memory once, not twice).
+
+        Memory: the pass holds a batch's forward + backward and the rows written so far, so it runs the
+        batch with the most tokens first, and (on the CPU) the rows live in an anonymous mapping of their own
+        (`_untouched_empty`) whose pages count only once written: the largest batch runs beside one batch's
+        rows, not beside the sample's (before: the longest batch came last, beside 3/4 of the rows, 43 MB
+        for MiniLM's 64-pair sample at batch 16, docs/benchmarks.md). Every batch holds the same pairs,
+        padded the same, as in batch order, and its rows land in the same places: the rows are the same.
+        """
         batches = self.batches
-        rows = torch.empty(len(batches.encoded), self.dim, dtype=self.layout.wide, device=batches.device)
-        weights = torch.cat([w for w, _ in self._row_batches(out=rows)])
+        n, bs = len(batches.encoded), batches.batch_size
+        rows = _untouched_empty((n, self.dim), self.layout.wide, batches.device)
+        weights = torch.empty(n, dtype=self.layout.wide, device=batches.device)
+        for a, b in _largest_batches_first(batches):
+            one = PairBatches(batches.encoded[a:b], batch_size=bs, pad_token_id=batches.pad_token_id,
+                              padding_side=batches.padding_side, device=batches.device)
+            for margins, _ in pair_gradient_rows(self.model, self.layout, one, objective=lambda m: m,
+                                                 projector=self.projector, impl=self.impl, out=rows[a:b]):
+                weights[a:b] = gauss_newton_weights(margins).to(rows.dtype)
+        self.passes += 1
         # Every rank holds the rows of its shard of the curvature sample: gather them in sample order.
         w = cat_over_ranks(self.batches, weights)
         return cat_over_ranks(self.batches, rows), w
+
+
+def _largest_batches_first(batches: PairBatches) -> list[tuple[int, int]]:
+    """The [start, stop) pair ranges of `batches`' batches, most padded tokens first (ties in batch order)."""
+    enc, bs = batches.encoded, batches.batch_size
+    spans = [(a, min(len(enc), a + bs)) for a in range(0, len(enc), bs)]
+    tokens = [(b - a) * max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in enc[a:b]) for a, b in spans]
+    return [spans[i] for i in sorted(range(len(spans)), key=lambda i: -tokens[i])]
+
+
+def _untouched_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialised tensor; on the CPU in an anonymous memory mapping of its own, not the allocator's
+    heap: a page counts in the process's memory only once written, and the mapping goes back to the system
+    when the tensor is freed (a heap block of the same size would reuse pages that are already resident and
+    stay with the process)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 class ProjectedGaussNewton(GaussNewton):
