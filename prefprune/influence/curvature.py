@@ -264,9 +264,9 @@ class GaussNewton(Curvature):
 
     name = "ggn"
 
-    def _row_batches(self, out: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def _row_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         for margins, rows in pair_gradient_rows(self.model, self.layout, self.batches, objective=lambda m: m,
-                                                projector=self.projector, impl=self.impl, out=out):
+                                                projector=self.projector, impl=self.impl):
             yield gauss_newton_weights(margins).to(rows.dtype), rows
         self.passes += 1
 
