@@ -186,3 +186,27 @@ def test_pcg_relative_damping_takes_its_scale_from_the_preconditioner_factors():
     assert abs(rec.damping_scale - scale) <= 1e-9 * scale, (rec.damping_scale, scale)
     assert rec.curvature_passes == 1 + rec.columns[0]["iterations"]  # no extra trace pass
     assert rel_err(sol.Q[0], _inv(H, factor * scale, B[:, :1])) <= 1e-6
+
+
+def test_exact_over_a_whole_large_training_set_warns_of_its_cost(monkeypatch, caplog):
+    """exact with no hessian_samples on a large training set: a warning names the setting that bounds its
+    cost (each CG iteration is a Hessian–vector pass over every training pair); none with a subsample."""
+    import logging
+
+    from prefprune.influence import scorer
+
+    monkeypatch.setattr(scorer, "EXACT_WHOLE_SET_WARNING", 6, raising=False)  # 6 pairs: a large set
+    model = tiny_model("gpt_neox")
+    train, val = make_pairs(6, seed=1), make_pairs(2, seed=9, prefix="v")
+
+    def run(**kw):
+        caplog.clear()
+        cfg = ScoreConfig(curvature="exact", damping=10.0, batch_size=4, progress=False, **kw)
+        with caplog.at_level(logging.WARNING, logger="prefprune.influence.scorer"):
+            score_pairs(model, tokenizer(), train, val, config=cfg)
+        return [r.getMessage() for r in caplog.records if "Hessian–vector pass over all" in r.getMessage()]
+
+    warned = run()
+    assert len(warned) == 1 and "every one of the 6 training pairs" in warned[0], warned
+    assert "--hessian-samples / score.hessian_samples" in warned[0]
+    assert run(hessian_samples=4) == []

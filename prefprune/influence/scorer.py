@@ -38,6 +38,10 @@ from prefprune.scorefile import COLUMNS
 
 logger = logging.getLogger(__name__)
 
+#: `exact` over a whole training set of at least this many pairs is warned about (its cost:
+#: docs/benchmarks.md).
+EXACT_WHOLE_SET_WARNING = 1000
+
 __all__ = ["InfluenceScorer"]
 
 # Sequence classifiers of these families pool the first position, so left padding would feed a pad
@@ -130,6 +134,12 @@ class InfluenceScorer:
             )
         n_curv = 0 if config.curvature == "identity" else (n_h or len(train))
         self.plan = plan_for_config(config, self.layout, n_curvature=n_curv)
+        if config.curvature == "exact" and n_curv == len(train) >= EXACT_WHOLE_SET_WARNING:
+            logger.warning(
+                "curvature='exact' over every one of the %d training pairs: each CG iteration is a "
+                "Hessian–vector pass over all of them (2–2.5 forward + backward passes), and CG takes "
+                "10–15 at λ = 1 on MiniLM, about 20× one pass over the training set (docs/benchmarks.md); "
+                "set --hessian-samples / score.hessian_samples (the experiment configs use 100)", n_curv)
         t0 = time.perf_counter()
         self.val_enc = _encode_validation(val, self.tokenizer, config.max_length)
         self.train_enc = encode_pairs(train, self.tokenizer, max_length=config.max_length,
