@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefprune.data import PairBatches
-from prefprune.distributed import cat_over_ranks, sum_over_ranks
+from prefprune.distributed import batch_costs, cat_over_ranks, sum_over_ranks
 from prefprune.influence.capture import pair_margins
 from prefprune.influence.layout import ParameterLayout, flatten_site_matrices
 from prefprune.influence.reducers import pair_gradient_rows, stream_pair_dots
@@ -307,9 +307,9 @@ class GaussNewton(Curvature):
 
 def _largest_batches_first(batches: PairBatches) -> list[tuple[int, int]]:
     """The [start, stop) pair ranges of `batches`' batches, most padded tokens first (ties in batch order)."""
-    enc, bs = batches.encoded, batches.batch_size
-    spans = [(a, min(len(enc), a + bs)) for a in range(0, len(enc), bs)]
-    tokens = [(b - a) * max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in enc[a:b]) for a, b in spans]
+    n, bs = len(batches.encoded), batches.batch_size
+    spans = [(a, min(n, a + bs)) for a in range(0, n, bs)]
+    tokens = batch_costs(batches)
     return [spans[i] for i in sorted(range(len(spans)), key=lambda i: -tokens[i])]
 
 
